@@ -1,0 +1,400 @@
+//! The `lossc` command line: the only place that reads files, prints, and
+//! decides exit codes (0 success, 1 diagnostics or runtime errors, 2 usage).
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use lossc::elab::Program;
+use lossc::syntax::{diag::render_all, Diagnostic, FileId};
+use lossc::tensor_io::{self, TensorMap};
+use lossc::{bind, interp, ir, Params};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "lossc",
+    version,
+    about = "A compiler for loss functions: write a loss as a .loss file, check it, evaluate it.",
+    long_about = "lossc reads loss functions written in index notation (.loss files), checks names and \
+tensor shapes, and evaluates them. The standard library ships the sentence-transformers losses \
+(`--loss MultipleNegativesRankingLoss`).\n\nExamples:\n  lossc check losses/\n  lossc run --loss MultipleNegativesRankingLoss\n  \
+lossc run my_loss.loss --inputs batch.safetensors --dtype f32 --format json\n  lossc ir --loss TripletLoss --set distance_metric=cosine"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check .loss files (or directories of them) for syntax, name, type and shape errors.
+    ///
+    /// Every loss is elaborated with its default parameters. Exit status: 0 when clean,
+    /// 1 when there are diagnostics, 2 on usage errors.
+    Check {
+        /// Files or directories (searched recursively for *.loss).
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<PathBuf>,
+    },
+    /// Evaluate a loss on tensors from a file, or on seeded random inputs.
+    Run(RunArgs),
+    /// Print the graph IR of a loss for the given parameters.
+    Ir(LossArgs),
+}
+
+#[derive(Args, Clone)]
+struct LossArgs {
+    /// A .loss file. Without it, --loss names a standard-library loss.
+    #[arg(value_name = "FILE")]
+    file: Option<PathBuf>,
+    /// The loss to use: a sentence-transformers class name (e.g. MultipleNegativesRankingLoss),
+    /// or, with FILE, one of the losses the file defines.
+    #[arg(long, value_name = "NAME")]
+    loss: Option<String>,
+    /// Parameters as a JSON object, or @FILE.json (e.g. a fixture manifest's `params`).
+    #[arg(long, value_name = "JSON|@FILE")]
+    params: Option<String>,
+    /// Override one parameter: KEY=VALUE, VALUE parsed as JSON when it is JSON, else as a string.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    loss: LossArgs,
+    /// Input tensors: .safetensors (keys `input.<name>` or `<name>`), .npz, .npy or .json.
+    /// Without it, lossc draws seeded random inputs of small dims.
+    #[arg(long, value_name = "FILE")]
+    inputs: Option<PathBuf>,
+    /// The backend that evaluates the loss.
+    #[arg(long, value_enum, default_value_t = Backend::Interp)]
+    backend: Backend,
+    /// Floating-point precision of the evaluation.
+    #[arg(long, value_enum, default_value_t = DTypeArg::F64)]
+    dtype: DTypeArg,
+    /// Write gradients as safetensors (`grad.<input>`); arrives with symbolic gradients.
+    #[arg(long, value_name = "FILE")]
+    grads_out: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+    /// Seed for random inputs (used without --inputs).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Dims of random inputs, e.g. B=32,D=64 (used without --inputs).
+    #[arg(long, value_name = "NAME=SIZE,...")]
+    dims: Option<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Backend {
+    /// The reference interpreter (ndarray).
+    Interp,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum DTypeArg {
+    F32,
+    F64,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum Format {
+    Text,
+    Json,
+}
+
+/// How a command failed.
+enum Failure {
+    /// Diagnostics already rendered to stderr: exit 1.
+    Diagnostics,
+    /// A usage problem (bad flag value, unreadable path): exit 2.
+    Usage(String),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Check { paths } => check(&paths),
+        Command::Run(args) => run(&args),
+        Command::Ir(args) => print_ir(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Diagnostics) => ExitCode::from(1),
+        Err(Failure::Usage(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn read_source(path: &Path) -> std::io::Result<String> {
+    std::fs::read_to_string(path)
+}
+
+fn load(program: &mut Program, path: &Path) -> Result<FileId, Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::Usage(format!("cannot read `{}`: {e}", path.display())))?;
+    let dir = path.parent().map(Path::to_path_buf);
+    Ok(program.add_file(&path.display().to_string(), dir, &text, &read_source))
+}
+
+fn report(program: &Program, diags: &[Diagnostic]) {
+    if !diags.is_empty() {
+        eprint!("{}", render_all(diags, &program.sources));
+    }
+}
+
+fn check(paths: &[PathBuf]) -> Result<(), Failure> {
+    let mut files = Vec::new();
+    for p in paths {
+        collect_loss_files(p, &mut files)?;
+    }
+    let mut program = Program::new();
+    let mut errors = 0;
+    let mut warnings = 0;
+    for f in &files {
+        let id = load(&mut program, f)?;
+        let diags = lossc::check_file(&program, id);
+        errors += diags.iter().filter(|d| d.is_error()).count();
+        warnings += diags.iter().filter(|d| !d.is_error()).count();
+        report(&program, &diags);
+    }
+    let plural = |n: usize| if n == 1 { "" } else { "s" };
+    eprintln!(
+        "checked {} file{}: {errors} error{}, {warnings} warning{}",
+        files.len(),
+        plural(files.len()),
+        plural(errors),
+        plural(warnings)
+    );
+    if errors > 0 {
+        Err(Failure::Diagnostics)
+    } else {
+        Ok(())
+    }
+}
+
+fn collect_loss_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), Failure> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| Failure::Usage(format!("cannot read `{}`: {e}", path.display())))?;
+    if meta.is_file() {
+        out.push(path.to_path_buf());
+        return Ok(());
+    }
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(|e| Failure::Usage(format!("cannot list `{}`: {e}", path.display())))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    entries.sort();
+    for e in entries {
+        if e.is_dir() {
+            collect_loss_files(&e, out)?;
+        } else if e.extension().is_some_and(|x| x == "loss") {
+            out.push(e);
+        }
+    }
+    Ok(())
+}
+
+/// Parses --params and --set into one JSON object.
+fn parse_params(args: &LossArgs) -> Result<Params, Failure> {
+    let mut params = match &args.params {
+        None => Params::new(),
+        Some(text) => {
+            let (source, json) = match text.strip_prefix('@') {
+                Some(path) => {
+                    let t = std::fs::read_to_string(path).map_err(|e| {
+                        Failure::Usage(format!("--params: cannot read `{path}`: {e}"))
+                    })?;
+                    (format!("`{path}`"), t)
+                }
+                None => ("--params".to_string(), text.clone()),
+            };
+            match serde_json::from_str::<serde_json::Value>(&json) {
+                Ok(serde_json::Value::Object(m)) => m,
+                Ok(other) => {
+                    return Err(Failure::Usage(format!(
+                        "{source} must be a JSON object like {{\"scale\": 20}}, got {other}"
+                    )))
+                }
+                Err(e) => return Err(Failure::Usage(format!("{source} is not valid JSON: {e}"))),
+            }
+        }
+    };
+    for kv in &args.set {
+        let Some((k, v)) = kv.split_once('=') else {
+            return Err(Failure::Usage(format!(
+                "--set expects KEY=VALUE, got `{kv}`"
+            )));
+        };
+        let value =
+            serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.to_string()));
+        params.insert(k.trim().to_string(), value);
+    }
+    Ok(params)
+}
+
+/// Loads the program, picks the loss and compiles it.
+fn compile(args: &LossArgs) -> Result<(Program, ir::Graph), Failure> {
+    let params = parse_params(args)?;
+    let mut program = Program::new();
+    let file = match &args.file {
+        Some(p) => Some(load(&mut program, p)?),
+        None => None,
+    };
+    if file.is_none() && args.loss.is_none() {
+        return Err(Failure::Usage(
+            "give a .loss FILE or --loss NAME (e.g. --loss MultipleNegativesRankingLoss)".into(),
+        ));
+    }
+    let load_errors = program.load_errors(file);
+    if !load_errors.is_empty() {
+        report(&program, &load_errors);
+        return Err(Failure::Diagnostics);
+    }
+    let (fid, decl) = match lossc::select_loss(&program, file, args.loss.as_deref()) {
+        Ok(x) => x,
+        Err(d) => {
+            report(&program, &[d]);
+            return Err(Failure::Diagnostics);
+        }
+    };
+    match lossc::compile(&program, fid, decl, &params) {
+        Ok(g) => Ok((program, g)),
+        Err(diags) => {
+            report(&program, &diags);
+            Err(Failure::Diagnostics)
+        }
+    }
+}
+
+fn print_ir(args: &LossArgs) -> Result<(), Failure> {
+    let (_, graph) = compile(args)?;
+    print!("{}", ir::print::print_graph(&graph));
+    Ok(())
+}
+
+fn parse_dims(spec: &Option<String>) -> Result<BTreeMap<String, i64>, Failure> {
+    let mut dims = BTreeMap::new();
+    let Some(spec) = spec else { return Ok(dims) };
+    for part in spec.split(',').filter(|p| !p.trim().is_empty()) {
+        let parsed = part.split_once('=').and_then(|(k, v)| {
+            v.trim()
+                .parse::<i64>()
+                .ok()
+                .filter(|n| *n >= 0)
+                .map(|n| (k.trim().to_string(), n))
+        });
+        match parsed {
+            Some((k, n)) => {
+                dims.insert(k, n);
+            }
+            None => {
+                return Err(Failure::Usage(format!(
+                    "--dims expects NAME=SIZE,... with sizes >= 0, got `{part}`"
+                )))
+            }
+        }
+    }
+    Ok(dims)
+}
+
+fn run(args: &RunArgs) -> Result<(), Failure> {
+    if args.grads_out.is_some() {
+        return Err(Failure::Usage(
+            "--grads-out needs symbolic gradients, which this build of lossc does not have yet"
+                .into(),
+        ));
+    }
+    let dims = parse_dims(&args.dims)?;
+    let (program, graph) = compile(&args.loss)?;
+    let tensors: TensorMap = match &args.inputs {
+        Some(path) => match tensor_io::read_tensors(path) {
+            Ok(t) => t,
+            Err(e) => {
+                report(
+                    &program,
+                    &[Diagnostic::error(
+                        lossc::syntax::codes::TENSOR_FILE,
+                        e.to_string(),
+                    )],
+                );
+                return Err(Failure::Diagnostics);
+            }
+        },
+        None => match bind::random_inputs(&graph, args.seed, &dims) {
+            Ok(t) => t,
+            Err(d) => {
+                report(&program, &[d]);
+                return Err(Failure::Diagnostics);
+            }
+        },
+    };
+    let bound = match bind::bind(&graph, &tensors) {
+        Ok(b) => b,
+        Err(diags) => {
+            report(&program, &diags);
+            return Err(Failure::Diagnostics);
+        }
+    };
+    let outputs: Vec<(String, f64)> = match args.dtype {
+        DTypeArg::F64 => interp::evaluate::<f64>(&graph, &bound).map(|e| e.outputs),
+        DTypeArg::F32 => interp::evaluate::<f32>(&graph, &bound)
+            .map(|e| e.outputs.into_iter().map(|(n, x)| (n, x as f64)).collect()),
+    }
+    .map_err(|d| {
+        report(&program, &[d]);
+        Failure::Diagnostics
+    })?;
+    let dtype = if args.dtype == DTypeArg::F32 {
+        "f32"
+    } else {
+        "f64"
+    };
+    match args.format {
+        Format::Json => {
+            let components: serde_json::Map<String, serde_json::Value> = outputs[1..]
+                .iter()
+                .map(|(n, x)| (n.clone(), json_number(*x)))
+                .collect();
+            let out = serde_json::json!({
+                "loss": json_number(outputs[0].1),
+                "grads": {},
+                "components": components,
+                "backend": "interp",
+                "dtype": dtype,
+                "dims": bound.sizes,
+            });
+            println!("{out}");
+        }
+        Format::Text => {
+            println!("{} = {}", graph.name, outputs[0].1);
+            for (n, x) in &outputs[1..] {
+                println!("  {n} = {x}");
+            }
+            let dims: Vec<String> = bound
+                .sizes
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            let source = if args.inputs.is_some() {
+                "inputs from file".to_string()
+            } else {
+                format!("random inputs, seed {}", args.seed)
+            };
+            println!("(backend interp, {dtype}, {}; {source})", dims.join(" "));
+        }
+    }
+    Ok(())
+}
+
+/// JSON has no NaN or infinity; those are written as strings.
+fn json_number(x: f64) -> serde_json::Value {
+    serde_json::Number::from_f64(x).map_or_else(
+        || serde_json::Value::String(x.to_string()),
+        serde_json::Value::Number,
+    )
+}

@@ -1,0 +1,374 @@
+//! Elaboration: AST + parameter values → graph IR.
+//!
+//! This is where names are resolved, static parameters are substituted (so
+//! `if`/`match` over them vanish), functions are inlined, index extents and
+//! shapes are inferred, and every tensor expression becomes IR nodes.
+//!
+//! The central idea: while elaborating, a tensor-valued expression is a `Val`,
+//! a scalar IR expression over the enclosing index variables plus its own
+//! anonymous axes (`anchor[i]` is `anchor[i, d]` with a free axis `d`).
+//! Indexing substitutes axes; elementwise operations broadcast by unifying
+//! axes; a reduction becomes its own comprehension node over exactly the index
+//! variables its body uses (so `norm(anchor[i])` is computed once per row, not
+//! once per pair); `let` at loss level materialises a node. Nothing here
+//! evaluates tensors, and no diagnostic is fatal to the file: statements after
+//! an error are still checked.
+
+mod call;
+mod expr;
+pub mod params;
+pub mod program;
+mod value;
+
+use crate::ir::{self, DType, Dim, Graph, Node, NodeKind};
+use crate::syntax::ast::{self, DimExpr, ElemTy, LossDecl, Stmt};
+use crate::syntax::{codes, Diagnostic, FileId, Span};
+pub use params::Static;
+pub use program::Program;
+use std::collections::HashMap;
+use value::{Binding, Val, Value};
+
+/// Raised after a diagnostic has been recorded; the caller skips the rest of
+/// the current statement.
+#[derive(Debug)]
+pub(crate) struct Reported;
+pub(crate) type R<T> = Result<T, Reported>;
+
+/// Which loss to elaborate, and with what parameters.
+pub struct LossRequest<'a> {
+    pub file: FileId,
+    pub decl: &'a LossDecl,
+    pub params: Vec<(String, Static)>,
+}
+
+/// Elaborates one loss with bound parameters into a verified graph.
+pub fn elaborate(program: &Program, req: &LossRequest) -> Result<Graph, Vec<Diagnostic>> {
+    let mut el = Elab::new(program, req.file);
+    el.graph.name = req.decl.name.name.clone();
+    let result = el.loss_body(req.decl, &req.params);
+    if el.diags.iter().any(|d| d.is_error()) || result.is_err() {
+        if el.diags.is_empty() {
+            el.diags.push(
+                Diagnostic::error(codes::MISSING_RESULT, "the loss could not be elaborated")
+                    .at(req.decl.name.span, ""),
+            );
+        }
+        return Err(el.diags);
+    }
+    if let Err(e) = ir::verify::verify(&el.graph) {
+        panic!(
+            "internal error: elaboration produced an invalid graph: {e}\n{}",
+            ir::print::print_graph(&el.graph)
+        );
+    }
+    Ok(el.graph)
+}
+
+pub(crate) struct Elab<'p> {
+    program: &'p Program,
+    graph: Graph,
+    diags: Vec<Diagnostic>,
+    /// Innermost last. Function bodies get a fresh stack (functions are closed).
+    scopes: Vec<HashMap<String, Binding>>,
+    /// Index variables in scope, outermost first.
+    ambient: Vec<ir::IdxVar>,
+    extents: HashMap<ir::IdxVar, Dim>,
+    /// Symbolic dims declared by inputs; usable as int values.
+    dims: Vec<String>,
+    /// The file whose functions are visible (changes while inlining).
+    module: FileId,
+    call_stack: Vec<String>,
+}
+
+impl<'p> Elab<'p> {
+    fn new(program: &'p Program, module: FileId) -> Elab<'p> {
+        Elab {
+            program,
+            graph: Graph::default(),
+            diags: Vec::new(),
+            scopes: vec![HashMap::new()],
+            ambient: Vec::new(),
+            extents: HashMap::new(),
+            dims: Vec::new(),
+            module,
+            call_stack: Vec::new(),
+        }
+    }
+
+    pub(crate) fn error(&mut self, d: Diagnostic) -> Reported {
+        self.diags.push(d);
+        Reported
+    }
+
+    fn bind(&mut self, name: &str, b: Binding) {
+        if let Some(s) = self.scopes.last_mut() {
+            s.insert(name.to_string(), b);
+        }
+    }
+
+    fn lookup(&self, name: &str) -> Option<&Binding> {
+        self.scopes.iter().rev().find_map(|s| s.get(name))
+    }
+
+    fn loss_body(&mut self, decl: &LossDecl, params: &[(String, Static)]) -> R<()> {
+        for (name, v) in params {
+            self.bind(name, Binding::Static(v.clone()));
+            if name == "mini_batch_size" {
+                if let Static::Int(n) = v {
+                    self.graph.hints.insert(name.clone(), *n);
+                }
+            }
+        }
+        let mut failed = false;
+        for stmt in &decl.body.stmts {
+            failed |= self.loss_stmt(stmt).is_err();
+        }
+        let result = &decl.body.result;
+        let value = self.expr(result);
+        let id = match value {
+            Ok(v) => self.scalar_output(v, result.span, "the loss")?,
+            Err(r) => return Err(r),
+        };
+        self.graph.outputs.insert(0, ("loss".into(), id));
+        if failed {
+            Err(Reported)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn loss_stmt(&mut self, stmt: &Stmt) -> R<()> {
+        match stmt {
+            Stmt::Input(input) => self.input(input),
+            Stmt::Let(l) => {
+                self.check_shadowing(&l.name)?;
+                let val = self.let_value(l)?;
+                let binding = match val {
+                    Value::Tensor(v) => {
+                        let id = self.materialize_named(v, Some(l.name.name.clone()), l.span)?;
+                        Binding::Node(id)
+                    }
+                    other => value::binding_of(other),
+                };
+                self.bind(&l.name.name, binding);
+                Ok(())
+            }
+            Stmt::Require {
+                cond,
+                message,
+                span,
+            } => self.require(cond, message, *span),
+            Stmt::Output { name, value } => {
+                let v = self.expr(value)?;
+                let id = self.scalar_output(v, value.span, &format!("output `{}`", name.name))?;
+                if self.graph.outputs.iter().any(|(n, _)| n == &name.name) || name.name == "loss" {
+                    return Err(self.error(
+                        Diagnostic::error(
+                            codes::DUPLICATE,
+                            format!("output `{}` is defined twice", name.name),
+                        )
+                        .at(name.span, "again here"),
+                    ));
+                }
+                self.graph.outputs.push((name.name.clone(), id));
+                Ok(())
+            }
+        }
+    }
+
+    /// A `let` may not reuse the name of an input, parameter or earlier `let`.
+    fn check_shadowing(&mut self, name: &ast::Ident) -> R<()> {
+        if self
+            .scopes
+            .last()
+            .is_some_and(|s| s.contains_key(&name.name))
+        {
+            return Err(self.error(
+                Diagnostic::error(
+                    codes::DUPLICATE,
+                    format!("`{}` is already defined in this loss", name.name),
+                )
+                .at(name.span, "defined again here")
+                .with_help("give the new definition its own name"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn require(&mut self, cond: &ast::Expr, message: &str, span: Span) -> R<()> {
+        match self.expr(cond)? {
+            Value::Static(Static::Bool(true)) => Ok(()),
+            Value::Static(Static::Bool(false)) => {
+                let mut d = Diagnostic::error(codes::REQUIRE_FAILED, message.to_string())
+                    .at(span, "this requirement does not hold");
+                let params = self.describe_params(cond);
+                if !params.is_empty() {
+                    d = d.with_help(format!("with {params}"));
+                }
+                Err(self.error(d))
+            }
+            _ => Err(self.error(
+                Diagnostic::error(
+                    codes::NOT_STATIC,
+                    "`require` needs a condition on parameters",
+                )
+                .at(cond.span, "this depends on tensor values")
+                .with_help(
+                    "requirements are checked when the loss is compiled, before any tensor exists",
+                ),
+            )),
+        }
+    }
+
+    /// `scale = 0, margin = 1` for the parameters a condition mentions.
+    fn describe_params(&self, e: &ast::Expr) -> String {
+        let mut names = Vec::new();
+        collect_names(e, &mut names);
+        let mut parts = Vec::new();
+        for n in names {
+            if let Some(Binding::Static(s)) = self.lookup(&n) {
+                let part = format!("{n} = {s}");
+                if !parts.contains(&part) {
+                    parts.push(part);
+                }
+            }
+        }
+        parts.join(", ")
+    }
+
+    fn input(&mut self, input: &ast::InputDecl) -> R<()> {
+        self.check_shadowing(&input.name)?;
+        let mut shape = Vec::new();
+        for d in &input.ty.dims {
+            shape.push(self.dim(d)?);
+        }
+        if input.variadic {
+            let leading_is_symbol = shape.first().and_then(|d| d.as_sym()).is_some();
+            if !leading_is_symbol {
+                return Err(self.error(
+                    Diagnostic::error(codes::TYPE_MISMATCH, "a column input needs a leading dim that counts the columns")
+                        .at(input.ty.span, "e.g. `[K, B, D] = []`")
+                        .with_help("`= []` means zero or more columns stacked along the first dim; name that dim (K)"),
+                ));
+            }
+        }
+        for d in &shape {
+            for s in d.symbols() {
+                if !self.dims.contains(&s) {
+                    self.dims.push(s);
+                }
+            }
+        }
+        let dtype = match input.ty.elem {
+            ElemTy::Float => DType::Float,
+            ElemTy::Int => DType::Int,
+            ElemTy::Bool => DType::Bool,
+        };
+        let kind = NodeKind::Input {
+            name: input.name.name.clone(),
+            variadic: input.variadic,
+        };
+        let id = self.graph.push(Node {
+            kind,
+            dtype,
+            shape,
+            name: Some(input.name.name.clone()),
+            span: Some(input.span),
+        });
+        self.bind(&input.name.name, Binding::Node(id));
+        Ok(())
+    }
+
+    /// A dim written in a type: names of int parameters are their values,
+    /// other names are symbolic sizes.
+    fn dim(&mut self, d: &DimExpr) -> R<Dim> {
+        Ok(match d {
+            DimExpr::Lit(n, span) => {
+                if *n < 0 || *n > i32::MAX as i64 {
+                    return Err(self.error(
+                        Diagnostic::error(
+                            codes::SHAPE_MISMATCH,
+                            "a dim must be a non-negative size",
+                        )
+                        .at(*span, "here"),
+                    ));
+                }
+                Dim::lit(*n)
+            }
+            DimExpr::Name(id) => match self.lookup(&id.name) {
+                Some(Binding::Static(Static::Int(n))) => Dim::lit(*n),
+                Some(Binding::Dim(d)) => d.clone(),
+                Some(Binding::Static(s)) => {
+                    let what = s.describe();
+                    return Err(self.error(
+                        Diagnostic::error(
+                            codes::TYPE_MISMATCH,
+                            format!("`{}` is {what}, not a size", id.name),
+                        )
+                        .at(id.span, "used as a dim here"),
+                    ));
+                }
+                _ => Dim::sym(&id.name),
+            },
+            DimExpr::Add(a, b) => self.dim(a)?.add(&self.dim(b)?),
+            DimExpr::Sub(a, b) => self.dim(a)?.sub(&self.dim(b)?),
+            DimExpr::Mul(a, b) => self.dim(a)?.mul(&self.dim(b)?),
+        })
+    }
+
+    /// Turns the value of the loss (or of an `output`) into a scalar node.
+    fn scalar_output(&mut self, v: Value, span: Span, what: &str) -> R<ir::NodeId> {
+        let val = self.to_val(v, span)?;
+        if !val.axes.is_empty() {
+            let shape =
+                ir::dim::shape_string(&val.axes.iter().map(|a| a.1.clone()).collect::<Vec<_>>());
+            return Err(self.error(
+                Diagnostic::error(
+                    codes::NOT_SCALAR,
+                    format!("{what} must be a scalar, this has shape {shape}"),
+                )
+                .at(span, "not a scalar")
+                .with_help("reduce it, e.g. `mean(i) x[i]` or `sum(i) x[i]`"),
+            ));
+        }
+        let val = match val.ty {
+            DType::Float => val,
+            DType::Int => Val {
+                expr: ir::Expr::unary(ir::UnOp::ToFloat, val.expr),
+                ty: DType::Float,
+                axes: vec![],
+            },
+            DType::Bool => {
+                return Err(self.error(
+                    Diagnostic::error(
+                        codes::TYPE_MISMATCH,
+                        format!("{what} must be a number, this is a bool"),
+                    )
+                    .at(span, "a condition")
+                    .with_help("turn a condition into 0/1 with `float(c)` or `if c then 1 else 0`"),
+                ))
+            }
+        };
+        self.materialize_named(val, None, span)
+    }
+}
+
+fn collect_names(e: &ast::Expr, out: &mut Vec<String>) {
+    use ast::ExprKind::*;
+    match &e.kind {
+        Name(n) => out.push(n.clone()),
+        Unary { operand, .. } => collect_names(operand, out),
+        Binary { lhs, rhs, .. } => {
+            collect_names(lhs, out);
+            collect_names(rhs, out);
+        }
+        Call { args, .. } => args.iter().for_each(|a| collect_names(&a.value, out)),
+        List(items) => items.iter().for_each(|i| collect_names(i, out)),
+        _ => {}
+    }
+}
+
+/// The name among `candidates` closest to `name`, for "did you mean" help.
+pub fn closest_name(name: &str, candidates: &[String]) -> Option<String> {
+    value::closest(name, candidates)
+}

@@ -1,0 +1,118 @@
+//! lossc: a compiler for loss functions.
+//!
+//! The pipeline on one screen:
+//!
+//! ```text
+//! .loss text ──syntax──▶ AST ──elab──▶ graph IR ──interp──▶ loss value
+//!             (pest)          names, static params,   (ndarray, f32/f64)
+//!                             inlining, shapes
+//! ```
+//!
+//! `Program` holds every parsed file (the user's and the embedded standard
+//! library); `compile` picks a loss, binds its parameters and elaborates it to
+//! a verified `ir::Graph`; `bind::bind` checks tensors against the graph's
+//! inputs; `interp::evaluate` runs it. Only the CLI (`src/bin/lossc.rs`) reads
+//! files and prints; everything here returns values or diagnostics.
+
+pub mod bind;
+pub mod elab;
+pub mod interp;
+pub mod ir;
+pub mod stdlib;
+pub mod syntax;
+pub mod tensor_io;
+
+use elab::params::{self, ParamContext};
+use elab::{LossRequest, Program};
+use syntax::{codes, Diagnostic, FileId};
+
+pub type Params = serde_json::Map<String, serde_json::Value>;
+
+/// Finds the loss to compile: `name` in `file` (or in the standard library
+/// when there is no file), or the only loss of `file`.
+pub fn select_loss<'p>(
+    program: &'p Program,
+    file: Option<FileId>,
+    name: Option<&str>,
+) -> Result<(FileId, &'p syntax::ast::LossDecl), Diagnostic> {
+    match (file, name) {
+        (Some(f), None) => {
+            let losses = &program.module(f).losses;
+            match losses.len() {
+                1 => Ok((f, &losses[0])),
+                0 => Err(Diagnostic::error(
+                    codes::NO_SUCH_LOSS,
+                    format!("`{}` defines no loss", program.sources.get(f).name),
+                )
+                .with_help("declare one: `loss Name(params) { ... }`")),
+                _ => {
+                    let names: Vec<&str> = losses.iter().map(|l| l.name.name.as_str()).collect();
+                    Err(Diagnostic::error(
+                        codes::AMBIGUOUS_LOSS,
+                        format!("`{}` defines several losses", program.sources.get(f).name),
+                    )
+                    .with_help(format!("pick one with --loss NAME: {}", names.join(", "))))
+                }
+            }
+        }
+        (f, Some(n)) => program.find_loss(f, n).ok_or_else(|| {
+            let mut known: Vec<String> = match f {
+                Some(f) => program
+                    .module(f)
+                    .losses
+                    .iter()
+                    .map(|l| l.name.name.clone())
+                    .collect(),
+                None => vec![],
+            };
+            known.extend(
+                program
+                    .std_losses()
+                    .iter()
+                    .map(|(_, l)| l.name.name.clone()),
+            );
+            known.sort();
+            known.dedup();
+            let close = elab::closest_name(n, &known);
+            let help = match close {
+                Some(c) => format!("did you mean `{c}`? Known losses: {}", known.join(", ")),
+                None => format!("known losses: {}", known.join(", ")),
+            };
+            Diagnostic::error(codes::NO_SUCH_LOSS, format!("no loss named `{n}`")).with_help(help)
+        }),
+        (None, None) => Err(Diagnostic::error(codes::NO_SUCH_LOSS, "no loss given")
+            .with_help("pass a .loss file or --loss NAME")),
+    }
+}
+
+/// Binds parameters and elaborates a loss into a verified graph.
+pub fn compile(
+    program: &Program,
+    file: FileId,
+    decl: &syntax::ast::LossDecl,
+    given: &Params,
+) -> Result<ir::Graph, Vec<Diagnostic>> {
+    let fns = program.visible_fns(file);
+    let cx = ParamContext { fns: &fns };
+    let params = params::bind(decl, file, given, &cx, false)?;
+    elab::elaborate(program, &LossRequest { file, decl, params })
+}
+
+/// Checks every loss of a file with its default parameters (placeholders
+/// where a parameter has none); returns every diagnostic found.
+pub fn check_file(program: &Program, file: FileId) -> Vec<Diagnostic> {
+    let mut diags = program.load_errors(Some(file));
+    let fns = program.visible_fns(file);
+    let cx = ParamContext { fns: &fns };
+    for decl in &program.module(file).losses {
+        match params::bind(decl, file, &Params::new(), &cx, true) {
+            Ok(params) => {
+                if let Err(mut d) = elab::elaborate(program, &LossRequest { file, decl, params }) {
+                    diags.append(&mut d);
+                }
+            }
+            Err(mut d) => diags.append(&mut d),
+        }
+    }
+    diags
+}

@@ -1,0 +1,69 @@
+//! Every fixture case of the standard losses reproduces the reference value:
+//! f64 to 1e-9 relative and f32 to 1e-4 (the real sentence-transformers
+//! numbers, computed in float64; see tests/fixtures/README.md).
+
+mod common;
+use common::*;
+
+/// The classes whose loss values this suite checks. Growing this list is how a
+/// loss joins the standard library; a listed class without cases fails.
+const CLASSES: &[&str] = &[
+    "CosineSimilarityLoss",
+    "MultipleNegativesRankingLoss",
+    "TripletLoss",
+    "CoSENTLoss",
+    "ContrastiveLoss",
+];
+
+#[test]
+fn fixture_losses_match_reference_in_f64_and_f32() {
+    let cases = manifest();
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for class in CLASSES {
+        let of_class: Vec<&Case> = cases.iter().filter(|c| c.class == *class).collect();
+        assert!(!of_class.is_empty(), "no fixture case for {class}");
+        for case in of_class {
+            let graph = match compile_std(&case.class, &case.params) {
+                Ok(g) => g,
+                Err(e) => {
+                    failures.push(format!("{}: compile failed:\n{e}", case.id));
+                    continue;
+                }
+            };
+            let tensors = read_case(case);
+            let reference: f64 = tensors["loss"].to_f64_vec()[0];
+            assert!(
+                close(case.loss, reference, 1e-14),
+                "{}: manifest and file disagree",
+                case.id
+            );
+            match eval64(&graph, &tensors) {
+                Ok(out) if close(out[0].1, reference, 1e-9) => {}
+                Ok(out) => failures.push(format!(
+                    "{}: f64 loss {} vs reference {reference} (rel {:.2e})",
+                    case.id,
+                    out[0].1,
+                    (out[0].1 - reference).abs() / reference.abs()
+                )),
+                Err(e) => failures.push(format!("{}: f64 evaluation failed: {e}", case.id)),
+            }
+            match eval32(&graph, &tensors) {
+                Ok(out) if close(out[0].1, reference, 1e-4) => {}
+                Ok(out) => failures.push(format!(
+                    "{}: f32 loss {} vs reference {reference}",
+                    case.id, out[0].1
+                )),
+                Err(e) => failures.push(format!("{}: f32 evaluation failed: {e}", case.id)),
+            }
+            checked += 1;
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {checked} cases failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    eprintln!("{checked} fixture cases match in f64 and f32");
+}
