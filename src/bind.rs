@@ -20,6 +20,8 @@ pub struct BoundInput {
     pub columns: Vec<String>,
     /// Row-major data: f64 for float inputs, i64 for int, bool for bool.
     pub tensor: HostTensor,
+    /// A variadic input given column by column: its gradient is split the same way.
+    pub split_columns: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -61,6 +63,8 @@ pub fn bind(graph: &Graph, tensors: &TensorMap) -> Result<Bound, Vec<Diagnostic>
         Vec<Dim>,
         bool,
     )> = Vec::new();
+    // Keys that held a whole stacked [K, ...] tensor for a variadic input.
+    let mut stacked_keys: Vec<String> = Vec::new();
     for (id, node, name, variadic) in graph.inputs() {
         let gathered = if variadic {
             gather_columns(tensors, name, node.shape.len())
@@ -69,6 +73,14 @@ pub fn bind(graph: &Graph, tensors: &TensorMap) -> Result<Bound, Vec<Diagnostic>
         };
         match gathered {
             Some(Ok((keys, t))) => {
+                if variadic
+                    && keys.len() == 1
+                    && tensors
+                        .get(&keys[0])
+                        .is_some_and(|orig| orig.shape.len() == node.shape.len())
+                {
+                    stacked_keys.push(keys[0].clone());
+                }
                 used.extend(keys.iter().cloned());
                 raw.push((
                     id,
@@ -123,14 +135,19 @@ pub fn bind(graph: &Graph, tensors: &TensorMap) -> Result<Bound, Vec<Diagnostic>
         }
     }
     let mut inputs = Vec::new();
-    for (node, name, columns, tensor, dtype, _, _) in &raw {
+    for (node, name, columns, tensor, dtype, _, variadic) in &raw {
         match convert(name, tensor, *dtype) {
-            Ok(t) => inputs.push(BoundInput {
-                node: *node,
-                name: name.clone(),
-                columns: columns.clone(),
-                tensor: t,
-            }),
+            Ok(t) => {
+                let split_columns = *variadic
+                    && !stacked_keys.contains(&columns.first().cloned().unwrap_or_default());
+                inputs.push(BoundInput {
+                    node: *node,
+                    name: name.clone(),
+                    columns: columns.clone(),
+                    tensor: t,
+                    split_columns,
+                })
+            }
             Err(d) => diags.push(d),
         }
     }
@@ -350,14 +367,19 @@ fn solve_sizes(graph: &Graph, raw: &[Raw]) -> Result<BTreeMap<String, i64>, Vec<
                 .collect::<std::collections::BTreeSet<_>>()
                 .into_iter()
                 .collect();
+            // Spell out the concrete shape when every dim is known: the
+            // symbolic one alone leaves the reader to do the arithmetic.
+            let concrete: Option<Vec<i64>> = expected.iter().copied().collect();
+            let want = match concrete {
+                Some(c) if shape.iter().any(|d| !d.symbols().is_empty()) => {
+                    format!("{} = {c:?}", shape_string(shape))
+                }
+                _ => shape_string(shape),
+            };
             diags.push(
                 Diagnostic::error(
                     codes::TENSOR_SHAPE,
-                    format!(
-                        "input `{name}` has shape {:?}, expected {}",
-                        t.shape,
-                        shape_string(shape)
-                    ),
+                    format!("input `{name}` has shape {:?}, expected {want}", t.shape),
                 )
                 .with_help(if explain.is_empty() {
                     "check the tensor's shape".to_string()
@@ -396,6 +418,9 @@ fn solve_sizes(graph: &Graph, raw: &[Raw]) -> Result<BTreeMap<String, i64>, Vec<
     }
 }
 
+/// The most elements one random input may have (2^28: 2 GiB of f64).
+pub const MAX_RANDOM_ELEMENTS: usize = 1 << 28;
+
 /// Seeded random inputs for a graph: normal floats, small non-negative ints,
 /// bools; dims from `dims` or small defaults (B = 8, D = 16, K = 1, others 4).
 pub fn random_inputs(
@@ -419,9 +444,14 @@ pub fn random_inputs(
         let mut shape = Vec::new();
         for d in &node.shape {
             let v = d.eval(&sizes).ok_or_else(|| {
+                let why = if d.symbols().iter().all(|s| sizes.contains_key(s)) {
+                    "does not fit in 64 bits"
+                } else {
+                    "is unknown"
+                };
                 Diagnostic::error(
                     codes::TENSOR_SHAPE,
-                    format!("cannot size input `{name}`: {d} is unknown"),
+                    format!("cannot size input `{name}`: {d} {why}"),
                 )
             })?;
             if v < 0 {
@@ -432,7 +462,21 @@ pub fn random_inputs(
             }
             shape.push(v as usize);
         }
-        let n: usize = shape.iter().product();
+        // The dims come from the command line: refuse sizes whose element
+        // count overflows or that no machine could hold, instead of panicking.
+        let n = crate::tensor_io::element_count(&shape)
+            .filter(|n| *n <= MAX_RANDOM_ELEMENTS)
+            .ok_or_else(|| {
+                Diagnostic::error(
+                    codes::TENSOR_SHAPE,
+                    format!(
+                        "random input `{name}` of shape {} = {shape:?} is too large \
+                         (at most {MAX_RANDOM_ELEMENTS} elements)",
+                        shape_string(&node.shape)
+                    ),
+                )
+                .with_help("choose smaller dims, or give real tensors with --inputs")
+            })?;
         let t = match node.dtype {
             DType::Float if name.contains("label") || name.contains("score") => {
                 HostTensor::f64(shape, (0..n).map(|_| rng.uniform()).collect())

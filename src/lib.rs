@@ -16,6 +16,7 @@
 
 pub mod bind;
 pub mod elab;
+pub mod grad;
 pub mod interp;
 pub mod ir;
 pub mod stdlib;
@@ -115,4 +116,70 @@ pub fn check_file(program: &Program, file: FileId) -> Vec<Diagnostic> {
         }
     }
     diags
+}
+
+/// The gradients of an evaluation as named tensors, one per input the user
+/// gave: `anchor`, and for a variadic input one per column it was given as
+/// (`negative_1`, `negative_2`, ...). Values are in the evaluated dtype.
+pub fn gradient_tensors<F: interp::Real>(
+    graph: &ir::Graph,
+    bound: &bind::Bound,
+    eval: &interp::Evaluation<F>,
+) -> Vec<(String, tensor_io::HostTensor)> {
+    let mut out = Vec::new();
+    for (name, node) in &graph.grads {
+        let Some(input) = bound.inputs.iter().find(|i| &i.name == name) else {
+            continue;
+        };
+        let interp::Tensor::F(values) = &eval.values[node.index()] else {
+            continue;
+        };
+        let data: Vec<F> = values.iter().copied().collect();
+        let shape = values.shape().to_vec();
+        let keys: Vec<String> = input
+            .columns
+            .iter()
+            .map(|k| k.strip_prefix("input.").unwrap_or(k).to_string())
+            .collect();
+        let pieces: Vec<(String, Vec<usize>, &[F])> =
+            if input.split_columns && shape.first() == Some(&keys.len()) && !keys.is_empty() {
+                let per = data.len() / keys.len();
+                keys.iter()
+                    .enumerate()
+                    .map(|(c, k)| {
+                        (
+                            k.clone(),
+                            shape[1..].to_vec(),
+                            &data[c * per..(c + 1) * per],
+                        )
+                    })
+                    .collect()
+            } else if let Some(key) = keys.first() {
+                vec![(key.clone(), shape.clone(), &data[..])]
+            } else {
+                continue;
+            };
+        for (key, shape, slice) in pieces {
+            out.push((key, host_tensor(shape, slice)));
+        }
+    }
+    out
+}
+
+fn host_tensor<F: interp::Real>(shape: Vec<usize>, data: &[F]) -> tensor_io::HostTensor {
+    if std::mem::size_of::<F>() == 4 {
+        tensor_io::HostTensor::f32(
+            shape,
+            data.iter()
+                .map(|x| x.to_f32().unwrap_or(f32::NAN))
+                .collect(),
+        )
+    } else {
+        tensor_io::HostTensor::f64(
+            shape,
+            data.iter()
+                .map(|x| x.to_f64().unwrap_or(f64::NAN))
+                .collect(),
+        )
+    }
 }

@@ -245,8 +245,17 @@ impl Elab<'_> {
             }
             "clamp" => {
                 let [(_, x, _), (_, lo, _), (_, hi, _)] = self.fixed::<3>(name, args, span)?;
-                let low = self.elementwise2(IB::Max, x, lo, span)?;
-                self.elementwise2(IB::Min, low, hi, span)
+                let low = self.elementwise2(IB::ClampMin, x, lo, span)?;
+                self.elementwise2(IB::ClampMax, low, hi, span)
+            }
+            "clamp_min" | "clamp_max" => {
+                let [(_, x, _), (_, bound, _)] = self.fixed::<2>(name, args, span)?;
+                let op = if name == "clamp_min" {
+                    IB::ClampMin
+                } else {
+                    IB::ClampMax
+                };
+                self.elementwise2(op, x, bound, span)
             }
             "concat" => self.concat(args, span),
             "stack" => self.stack(args, span),

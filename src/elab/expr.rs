@@ -25,6 +25,8 @@ pub(crate) const BUILTINS: &[&str] = &[
     "maximum",
     "minimum",
     "clamp",
+    "clamp_min",
+    "clamp_max",
     "concat",
     "flatten",
     "stack",
@@ -1010,7 +1012,11 @@ impl Elab<'_> {
     pub(crate) fn elementwise2(&mut self, op: IB, a: Value, b: Value, span: Span) -> R<Value> {
         if let (Value::Static(x), Value::Static(y)) = (&a, &b) {
             if let (Some(p), Some(q)) = (x.as_f64(), y.as_f64()) {
-                let r = if op == IB::Max { p.max(q) } else { p.min(q) };
+                let r = if matches!(op, IB::Max | IB::ClampMin) {
+                    p.max(q)
+                } else {
+                    p.min(q)
+                };
                 return Ok(Value::Static(match (x, y) {
                     (Static::Int(_), Static::Int(_)) => Static::Int(r as i64),
                     _ => Static::Float(r),

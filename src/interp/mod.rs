@@ -481,8 +481,8 @@ fn binary<F: Real>(op: BinOp, a: S<F>, b: S<F>) -> Rt<S<F>> {
                 }
                 S::I(x.rem_euclid(y))
             }
-            BinOp::Max => S::I(x.max(y)),
-            BinOp::Min => S::I(x.min(y)),
+            BinOp::Max | BinOp::ClampMin => S::I(x.max(y)),
+            BinOp::Min | BinOp::ClampMax => S::I(x.min(y)),
             BinOp::Eq => S::B(x == y),
             BinOp::Ne => S::B(x != y),
             BinOp::Lt => S::B(x < y),
@@ -503,8 +503,8 @@ fn binary<F: Real>(op: BinOp, a: S<F>, b: S<F>) -> Rt<S<F>> {
             BinOp::Mul => S::F(x * y),
             BinOp::Div => S::F(x / y),
             BinOp::Pow => S::F(x.powf(y)),
-            BinOp::Max => S::F(nan_max(x, y)),
-            BinOp::Min => S::F(nan_min(x, y)),
+            BinOp::Max | BinOp::ClampMin => S::F(nan_max(x, y)),
+            BinOp::Min | BinOp::ClampMax => S::F(nan_min(x, y)),
             BinOp::Eq => S::B(x == y),
             BinOp::Ne => S::B(x != y),
             BinOp::Lt => S::B(x < y),

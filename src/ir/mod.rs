@@ -217,8 +217,15 @@ pub enum BinOp {
     /// Integer remainder (ints only).
     Rem,
     Pow,
+    /// `torch.maximum`: a tie sends half the gradient to each side.
     Max,
+    /// `torch.minimum`: a tie sends half the gradient to each side.
     Min,
+    /// `clamp_min(x, lo)`: the value of `maximum`, but the gradient goes to `x`
+    /// wherever `x >= lo` (as torch's clamp and F.normalize do).
+    ClampMin,
+    /// `clamp_max(x, hi)`: gradient to `x` wherever `x <= hi`.
+    ClampMax,
     Eq,
     Ne,
     Lt,
@@ -240,6 +247,8 @@ impl BinOp {
             BinOp::Pow => "^",
             BinOp::Max => "maximum",
             BinOp::Min => "minimum",
+            BinOp::ClampMin => "clamp_min",
+            BinOp::ClampMax => "clamp_max",
             BinOp::Eq => "==",
             BinOp::Ne => "!=",
             BinOp::Lt => "<",
@@ -287,6 +296,14 @@ pub enum Expr {
 impl Expr {
     pub fn read(node: NodeId, at: Vec<Expr>) -> Expr {
         Expr::Read { node, at }
+    }
+
+    /// The runtime value of a dim: a constant, or `size(..)`.
+    pub fn dim(d: &Dim) -> Expr {
+        match d.as_lit() {
+            Some(n) => Expr::Int(n),
+            None => Expr::Size(d.clone()),
+        }
     }
 
     pub fn unary(op: UnOp, e: Expr) -> Expr {
@@ -398,6 +415,8 @@ pub struct Graph {
     pub nodes: Vec<Node>,
     /// `("loss", id)` first, then named components (`output name = ...`).
     pub outputs: Vec<(String, NodeId)>,
+    /// `(input name, node)`: d loss / d input, once `grad` has run.
+    pub grads: Vec<(String, NodeId)>,
     /// Source names of index variables, by `IdxVar`.
     pub index_names: Vec<String>,
     pub hints: Hints,

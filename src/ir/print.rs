@@ -24,6 +24,9 @@ pub fn print_graph(graph: &Graph) -> String {
     for (name, id) in &graph.outputs {
         let _ = writeln!(out, "{name} = %{}", id.0);
     }
+    for (name, id) in &graph.grads {
+        let _ = writeln!(out, "grad {name} = %{}", id.0);
+    }
     out
 }
 
@@ -167,7 +170,7 @@ pub fn expr_string(e: &Expr, names: &VarNames, ctx: u8) -> String {
         Expr::Unary(UnOp::Neg, a) => (PREC_NEG, format!("-{}", expr_string(a, names, PREC_NEG))),
         Expr::Unary(UnOp::Not, a) => (PREC_NOT, format!("not {}", expr_string(a, names, PREC_NOT))),
         Expr::Unary(op, a) => (9, format!("{}({})", op.name(), expr_string(a, names, 0))),
-        Expr::Binary(op @ (BinOp::Max | BinOp::Min), a, b) => (
+        Expr::Binary(op @ (BinOp::Max | BinOp::Min | BinOp::ClampMin | BinOp::ClampMax), a, b) => (
             9,
             format!(
                 "{}({}, {})",

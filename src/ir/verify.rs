@@ -25,6 +25,21 @@ pub fn verify(graph: &Graph) -> Result<(), String> {
             return Err(format!("output {name} must be a float scalar"));
         }
     }
+    for (name, id) in &graph.grads {
+        let node = graph
+            .nodes
+            .get(id.index())
+            .ok_or_else(|| format!("grad {name} names a missing node"))?;
+        let input = graph
+            .inputs()
+            .find(|i| i.2 == name)
+            .ok_or_else(|| format!("grad {name} names no input"))?;
+        if node.shape != input.1.shape || node.dtype != DType::Float {
+            return Err(format!(
+                "grad {name} must be a float tensor of the input's shape"
+            ));
+        }
+    }
     Ok(())
 }
 

@@ -100,3 +100,61 @@ pub fn read_case(case: &Case) -> TensorMap {
 pub fn close(got: f64, want: f64, rtol: f64) -> bool {
     (got - want).abs() <= rtol * want.abs().max(1e-300)
 }
+
+/// The gradient tensors (`name` → values as f64) of a graph on fixture tensors.
+pub fn grads_of<F: lossc::interp::Real>(
+    graph: &ir::Graph,
+    tensors: &TensorMap,
+) -> Result<(f64, Vec<(String, Vec<usize>, Vec<f64>)>), String> {
+    let with_grads = lossc::grad::grad(graph);
+    ir::verify::verify(&with_grads).map_err(|e| format!("verifier: {e}"))?;
+    let bound = bind::bind(&with_grads, tensors).map_err(|d| {
+        d.iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    })?;
+    let eval = interp::evaluate::<F>(&with_grads, &bound).map_err(|d| d.to_string())?;
+    let loss = num_traits::ToPrimitive::to_f64(&eval.outputs[0].1).unwrap_or(f64::NAN);
+    let grads = lossc::gradient_tensors(&with_grads, &bound, &eval)
+        .into_iter()
+        .map(|(k, t)| (k, t.shape.clone(), t.to_f64_vec()))
+        .collect();
+    Ok((loss, grads))
+}
+
+/// Compares a gradient with its reference: |got - want| <= rtol * (|want| + max|want|)
+/// per element. With `by_row` (zero-vector cases), a zero row's gradient (of
+/// order 1/eps) would dwarf the others, so each such outlier row is compared
+/// against its own maximum, and the other rows against the largest ordinary
+/// row. Returns the worst ratio of error to allowance (<= 1 passes).
+pub fn grad_error(got: &[f64], want: &[f64], shape: &[usize], rtol: f64, by_row: bool) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let row = if by_row && shape.len() >= 2 {
+        shape[shape.len() - 1]
+    } else {
+        want.len().max(1)
+    };
+    let row_max: Vec<f64> = want
+        .chunks(row)
+        .map(|w| w.iter().fold(0.0f64, |m, x| m.max(x.abs())))
+        .collect();
+    let mut sorted = row_max.clone();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
+    let ordinary = row_max
+        .iter()
+        .copied()
+        .filter(|m| *m <= 1e3 * median.max(1e-300))
+        .fold(0.0f64, f64::max);
+    let mut worst: f64 = 0.0;
+    for (r, (g, w)) in got.chunks(row).zip(want.chunks(row)).enumerate() {
+        let scale = row_max[r].max(ordinary);
+        for (a, b) in g.iter().zip(w) {
+            let allowed = rtol * (b.abs() + scale) + 1e-300;
+            let err = (a - b).abs() / allowed;
+            worst = worst.max(if err.is_nan() { f64::INFINITY } else { err });
+        }
+    }
+    worst
+}
