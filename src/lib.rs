@@ -17,8 +17,10 @@
 pub mod bind;
 pub mod elab;
 pub mod grad;
+pub mod gradcheck;
 pub mod interp;
 pub mod ir;
+pub mod opt;
 pub mod stdlib;
 pub mod syntax;
 pub mod tensor_io;
@@ -182,4 +184,14 @@ fn host_tensor<F: interp::Real>(shape: Vec<usize>, data: &[F]) -> tensor_io::Hos
                 .collect(),
         )
     }
+}
+
+/// The optimised forward-plus-gradient program of a forward graph.
+pub fn differentiate(forward: &ir::Graph) -> (ir::Graph, opt::Report) {
+    let (fwd, mut report) = opt::optimize(forward);
+    let (full, r2) = opt::optimize(&grad::grad(&fwd));
+    for (k, v) in r2.fired {
+        *report.fired.entry(k).or_insert(0) += v;
+    }
+    (full, report)
 }

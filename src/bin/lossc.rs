@@ -36,10 +36,65 @@ enum Command {
         #[arg(required = true, value_name = "PATH")]
         paths: Vec<PathBuf>,
     },
-    /// Evaluate a loss on tensors from a file, or on seeded random inputs.
+    /// Evaluate a loss and its gradients on tensors from a file, or on seeded random inputs.
     Run(RunArgs),
-    /// Print the graph IR of a loss for the given parameters.
-    Ir(LossArgs),
+    /// Print the optimised graph IR of a loss for the given parameters.
+    Ir(IrArgs),
+    /// Print the optimised forward-plus-gradient program of a loss.
+    ///
+    /// Every gradient node can say which source expression it differentiates (--spans).
+    Grad(GradArgs),
+    /// Compare the symbolic gradient with central finite differences (f64).
+    ///
+    /// Checks several random directions per input, and every coordinate of small inputs.
+    /// Prints the worst relative error per input; exits 1 above --tol. Points on a kink
+    /// (ties, hinges at exactly zero) are detected and reported, not counted as errors.
+    Gradcheck(GradcheckArgs),
+}
+
+#[derive(Args)]
+struct IrArgs {
+    #[command(flatten)]
+    loss: LossArgs,
+    /// Print the IR as elaborated, before optimisation.
+    #[arg(long)]
+    no_opt: bool,
+    /// List the optimisation rules that fired, and how often (on stderr).
+    #[arg(long)]
+    explain: bool,
+}
+
+#[derive(Args)]
+struct GradArgs {
+    #[command(flatten)]
+    loss: LossArgs,
+    /// Show, after each node, the source span it comes from.
+    #[arg(long)]
+    spans: bool,
+    /// List the optimisation rules that fired, and how often (on stderr).
+    #[arg(long)]
+    explain: bool,
+}
+
+#[derive(Args)]
+struct GradcheckArgs {
+    #[command(flatten)]
+    loss: LossArgs,
+    /// Input tensors (as for `run`); without it, seeded random inputs.
+    #[arg(long, value_name = "FILE")]
+    inputs: Option<PathBuf>,
+    /// Seed for random inputs and random directions.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Dims of random inputs, e.g. B=4,D=8.
+    #[arg(long, value_name = "NAME=SIZE,...")]
+    dims: Option<String>,
+    /// Largest accepted error, relative to max(|analytic|, |numeric|, 1e-3 * |gradient|).
+    #[arg(long, default_value_t = 1e-5)]
+    tol: f64,
+    /// Random directions per input.
+    #[arg(long, default_value_t = 6)]
+    directions: usize,
 }
 
 #[derive(Args, Clone)]
@@ -73,7 +128,8 @@ struct RunArgs {
     /// Floating-point precision of the evaluation.
     #[arg(long, value_enum, default_value_t = DTypeArg::F64)]
     dtype: DTypeArg,
-    /// Write gradients as safetensors (`grad.<input>`); arrives with symbolic gradients.
+    /// Write the gradients as safetensors, keys `grad.<input>` (variadic inputs by column,
+    /// e.g. `grad.negative_2`), in the evaluated dtype. Written atomically.
     #[arg(long, value_name = "FILE")]
     grads_out: Option<PathBuf>,
     /// Output format.
@@ -119,6 +175,8 @@ fn main() -> ExitCode {
         Command::Check { paths } => check(&paths),
         Command::Run(args) => run(&args),
         Command::Ir(args) => print_ir(&args),
+        Command::Grad(args) => print_grad(&args),
+        Command::Gradcheck(args) => gradcheck(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -151,6 +209,11 @@ fn check(paths: &[PathBuf]) -> Result<(), Failure> {
     let mut files = Vec::new();
     for p in paths {
         collect_loss_files(p, &mut files)?;
+    }
+    if files.is_empty() {
+        return Err(Failure::Usage(
+            "no .loss files found in the given paths".into(),
+        ));
     }
     let mut program = Program::new();
     let mut errors = 0;
@@ -271,9 +334,143 @@ fn compile(args: &LossArgs) -> Result<(Program, ir::Graph), Failure> {
     }
 }
 
-fn print_ir(args: &LossArgs) -> Result<(), Failure> {
-    let (_, graph) = compile(args)?;
+fn print_ir(args: &IrArgs) -> Result<(), Failure> {
+    let (_, graph) = compile(&args.loss)?;
+    if args.no_opt {
+        print!("{}", ir::print::print_graph(&graph));
+        return Ok(());
+    }
+    let (graph, report) = lossc::opt::optimize(&graph);
     print!("{}", ir::print::print_graph(&graph));
+    if args.explain {
+        explain(&report);
+    }
+    Ok(())
+}
+
+fn explain(report: &lossc::opt::Report) {
+    eprintln!("rules fired:");
+    for line in report.lines() {
+        eprintln!("  {line}");
+    }
+}
+
+fn print_grad(args: &GradArgs) -> Result<(), Failure> {
+    let (program, graph) = compile(&args.loss)?;
+    let (full, report) = lossc::differentiate(&graph);
+    let annotate = |_: ir::NodeId, node: &ir::Node| -> Option<String> {
+        if !args.spans {
+            return None;
+        }
+        let span = node.span?;
+        let (line, col) = program.sources.line_col(span.file, span.start);
+        let text: String = program
+            .sources
+            .snippet(span)
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        let short: String = text.chars().take(48).collect();
+        let dots = if text.chars().count() > 48 { "…" } else { "" };
+        Some(format!(
+            "{}:{line}:{col} `{short}{dots}`",
+            program.sources.get(span.file).name
+        ))
+    };
+    print!("{}", ir::print::print_graph_annotated(&full, &annotate));
+    eprintln!(
+        "{} nodes: forward {}, forward + gradient {}",
+        graph.name,
+        lossc::opt::optimize(&graph).0.nodes.len(),
+        full.nodes.len()
+    );
+    if args.explain {
+        explain(&report);
+    }
+    Ok(())
+}
+
+/// Tensors from --inputs, or seeded random ones.
+fn input_tensors(
+    program: &Program,
+    graph: &ir::Graph,
+    inputs: &Option<PathBuf>,
+    seed: u64,
+    dims: &Option<String>,
+) -> Result<TensorMap, Failure> {
+    let dims = parse_dims(dims)?;
+    if let Some(path) = inputs {
+        if !dims.is_empty() {
+            return Err(Failure::Usage(
+                "--dims sizes random inputs; the shapes of --inputs come from the file".into(),
+            ));
+        }
+        return tensor_io::read_tensors(path).map_err(|e| {
+            report(
+                program,
+                &[Diagnostic::error(
+                    lossc::syntax::codes::TENSOR_FILE,
+                    e.to_string(),
+                )],
+            );
+            Failure::Diagnostics
+        });
+    }
+    let known = graph.dim_names();
+    if let Some(unknown) = dims.keys().find(|k| !known.contains(k)) {
+        return Err(Failure::Usage(format!(
+            "--dims: `{}` has no dim `{unknown}`; its dims are {}",
+            graph.name,
+            known.join(", ")
+        )));
+    }
+    bind::random_inputs(graph, seed, &dims).map_err(|d| {
+        report(program, &[d]);
+        Failure::Diagnostics
+    })
+}
+
+fn gradcheck(args: &GradcheckArgs) -> Result<(), Failure> {
+    let (program, graph) = compile(&args.loss)?;
+    let tensors = input_tensors(&program, &graph, &args.inputs, args.seed, &args.dims)?;
+    let (full, _) = lossc::differentiate(&graph);
+    let opts = lossc::gradcheck::Options {
+        directions: args.directions,
+        seed: args.seed,
+        ..Default::default()
+    };
+    let result = lossc::gradcheck::check(&graph, &full, &tensors, &opts).map_err(|d| {
+        report(&program, &d);
+        Failure::Diagnostics
+    })?;
+    println!("{} = {} (f64)", graph.name, result.loss);
+    if result.frozen_detach {
+        println!("detached terms are held at their values at this point (the gradient autograd computes)");
+    }
+    let mut failed = false;
+    for r in &result.inputs {
+        let verdict = if r.worst <= args.tol { "ok" } else { "FAILED" };
+        failed |= r.worst > args.tol;
+        let kinks = if r.kinks > 0 {
+            format!(
+                ", {} on a kink (one-sided derivatives differ; not compared)",
+                r.kinks
+            )
+        } else {
+            String::new()
+        };
+        println!(
+            "  {:<20} worst relative error {:.2e} over {} checks{kinks}  {verdict}",
+            r.name, r.worst, r.checks
+        );
+    }
+    if failed {
+        eprintln!(
+            "error: the symbolic gradient disagrees with finite differences above --tol {:e}",
+            args.tol
+        );
+        return Err(Failure::Diagnostics);
+    }
     Ok(())
 }
 
@@ -303,66 +500,86 @@ fn parse_dims(spec: &Option<String>) -> Result<BTreeMap<String, i64>, Failure> {
 }
 
 fn run(args: &RunArgs) -> Result<(), Failure> {
-    if args.grads_out.is_some() {
-        return Err(Failure::Usage(
-            "--grads-out needs symbolic gradients, which this build of lossc does not have yet"
-                .into(),
-        ));
-    }
-    let dims = parse_dims(&args.dims)?;
     let (program, graph) = compile(&args.loss)?;
-    let tensors: TensorMap = match &args.inputs {
-        Some(path) => match tensor_io::read_tensors(path) {
-            Ok(t) => t,
-            Err(e) => {
-                report(
-                    &program,
-                    &[Diagnostic::error(
-                        lossc::syntax::codes::TENSOR_FILE,
-                        e.to_string(),
-                    )],
-                );
-                return Err(Failure::Diagnostics);
-            }
-        },
-        None => match bind::random_inputs(&graph, args.seed, &dims) {
-            Ok(t) => t,
-            Err(d) => {
-                report(&program, &[d]);
-                return Err(Failure::Diagnostics);
-            }
-        },
-    };
-    let bound = match bind::bind(&graph, &tensors) {
-        Ok(b) => b,
-        Err(diags) => {
-            report(&program, &diags);
-            return Err(Failure::Diagnostics);
-        }
-    };
-    let outputs: Vec<(String, f64)> = match args.dtype {
-        DTypeArg::F64 => interp::evaluate::<f64>(&graph, &bound).map(|e| e.outputs),
-        DTypeArg::F32 => interp::evaluate::<f32>(&graph, &bound)
-            .map(|e| e.outputs.into_iter().map(|(n, x)| (n, x as f64)).collect()),
-    }
-    .map_err(|d| {
-        report(&program, &[d]);
+    let tensors = input_tensors(&program, &graph, &args.inputs, args.seed, &args.dims)?;
+    let (full, _) = lossc::differentiate(&graph);
+    let bound = bind::bind(&full, &tensors).map_err(|diags| {
+        report(&program, &diags);
         Failure::Diagnostics
     })?;
+    let fail = |d: Diagnostic| {
+        report(&program, &[d]);
+        Failure::Diagnostics
+    };
+    let (outputs, grads): (Vec<(String, f64)>, Vec<(String, tensor_io::HostTensor)>) =
+        match args.dtype {
+            DTypeArg::F64 => {
+                let e = interp::evaluate::<f64>(&full, &bound).map_err(fail)?;
+                (
+                    e.outputs.clone(),
+                    lossc::gradient_tensors(&full, &bound, &e),
+                )
+            }
+            DTypeArg::F32 => {
+                let e = interp::evaluate::<f32>(&full, &bound).map_err(fail)?;
+                (
+                    e.outputs
+                        .iter()
+                        .map(|(n, x)| (n.clone(), *x as f64))
+                        .collect(),
+                    lossc::gradient_tensors(&full, &bound, &e),
+                )
+            }
+        };
+    let loss = outputs[0].1;
+    if !loss.is_finite() {
+        report(
+            &program,
+            &[Diagnostic::error(lossc::syntax::codes::NON_FINITE, format!("the loss evaluated to {loss}"))
+                .with_help("the inputs are finite, so an operation of the loss left its domain (log of a non-positive number, 0/0, ...); `lossc ir` shows the program")],
+        );
+        return Err(Failure::Diagnostics);
+    }
+    if let Some(path) = &args.grads_out {
+        let map: TensorMap = grads
+            .iter()
+            .map(|(k, t)| (format!("grad.{k}"), t.clone()))
+            .collect();
+        if let Err(e) = tensor_io::write_safetensors(path, &map) {
+            report(
+                &program,
+                &[Diagnostic::error(
+                    lossc::syntax::codes::TENSOR_FILE,
+                    e.to_string(),
+                )],
+            );
+            return Err(Failure::Diagnostics);
+        }
+    }
     let dtype = if args.dtype == DTypeArg::F32 {
         "f32"
     } else {
         "f64"
     };
+    let l2 = |t: &tensor_io::HostTensor| t.to_f64_vec().iter().map(|x| x * x).sum::<f64>().sqrt();
     match args.format {
         Format::Json => {
             let components: serde_json::Map<String, serde_json::Value> = outputs[1..]
                 .iter()
                 .map(|(n, x)| (n.clone(), json_number(*x)))
                 .collect();
+            let grads_json: serde_json::Map<String, serde_json::Value> = grads
+                .iter()
+                .map(|(k, t)| {
+                    (
+                        k.clone(),
+                        serde_json::json!({"shape": t.shape, "l2": json_number(l2(t))}),
+                    )
+                })
+                .collect();
             let out = serde_json::json!({
-                "loss": json_number(outputs[0].1),
-                "grads": {},
+                "loss": json_number(loss),
+                "grads": grads_json,
                 "components": components,
                 "backend": "interp",
                 "dtype": dtype,
@@ -371,9 +588,12 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
             println!("{out}");
         }
         Format::Text => {
-            println!("{} = {}", graph.name, outputs[0].1);
+            println!("{} = {loss}", graph.name);
             for (n, x) in &outputs[1..] {
                 println!("  {n} = {x}");
+            }
+            for (k, t) in &grads {
+                println!("  d/d {k:<16} shape {:?}  l2 {:.6e}", t.shape, l2(t));
             }
             let dims: Vec<String> = bound
                 .sizes

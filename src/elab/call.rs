@@ -5,7 +5,7 @@
 //! function sees only its parameters, other functions and builtins. Recursion
 //! is reported, never followed.
 
-use super::expr::{dim_value, to_float};
+use super::expr::{dim_value, static_dim_of, to_float};
 use super::value::{Binding, Val, Value};
 use super::{Elab, Static, R};
 use crate::ir::{self, BinOp as IB, DType, Dim, Expr, IdxVar, Node, NodeKind, UnOp as IU};
@@ -405,17 +405,12 @@ impl Elab<'_> {
     }
 
     fn size_arg(&mut self, v: Value, span: Span) -> R<Dim> {
-        match v {
-            Value::Static(Static::Int(n)) if n >= 0 => Ok(Dim::lit(n)),
-            Value::Tensor(Val {
-                expr: Expr::Size(d),
-                axes,
-                ..
-            }) if axes.is_empty() => Ok(d),
+        match static_dim_of(&v) {
+            Some(d) if d.as_lit().is_none_or(|n| n >= 0) => Ok(d),
             _ => Err(self.error(
                 Diagnostic::error(
                     codes::NOT_STATIC,
-                    "a size must be a dim name or an int constant",
+                    "a size must be a dim name, an int constant, or `+ - *` of those",
                 )
                 .at(span, "not a size"),
             )),

@@ -119,6 +119,7 @@ impl Elab<'_> {
                 Binding::Index(v) => Value::Tensor(Val::scalar(Expr::Index(v), DType::Int)),
                 Binding::Func(m, f) => Value::Func(Some(m), f),
                 Binding::Dim(d) => Value::Tensor(Val::scalar(dim_value(&d), DType::Int)),
+                Binding::Failed => return Err(Reported),
             });
         }
         if self.dims.iter().any(|d| d == n) {
@@ -287,14 +288,10 @@ impl Elab<'_> {
 
     /// A slice bound: an int parameter, literal, dim name or sum of those.
     fn static_dim(&mut self, e: &ast::Expr) -> R<Dim> {
-        match self.expr(e)? {
-            Value::Static(Static::Int(n)) => Ok(Dim::lit(n)),
-            Value::Tensor(Val {
-                expr: Expr::Size(d),
-                axes,
-                ..
-            }) if axes.is_empty() => Ok(d),
-            _ => Err(self.error(
+        let v = self.expr(e)?;
+        match static_dim_of(&v) {
+            Some(d) => Ok(d),
+            None => Err(self.error(
                 Diagnostic::error(
                     codes::NOT_STATIC,
                     "a slice bound must be known when the loss is compiled",
@@ -1103,6 +1100,33 @@ pub(crate) fn dim_value(d: &Dim) -> Expr {
     match d.as_lit() {
         Some(n) => Expr::Int(n),
         None => Expr::Size(d.clone()),
+    }
+}
+
+/// The dim a compile-time size stands for: an int constant, a dim name, or
+/// `+ - *` of those (`D - 1`, `B + C`). Dim names elaborate to `size(..)`
+/// expressions, so arithmetic on them is read back from the IR expression.
+pub(crate) fn static_dim_of(v: &Value) -> Option<Dim> {
+    fn of(e: &Expr) -> Option<Dim> {
+        match e {
+            Expr::Int(n) => Some(Dim::lit(*n)),
+            Expr::Size(d) => Some(d.clone()),
+            Expr::Binary(op, a, b) => {
+                let (a, b) = (of(a)?, of(b)?);
+                match op {
+                    IB::Add => Some(a.add(&b)),
+                    IB::Sub => Some(a.sub(&b)),
+                    IB::Mul => Some(a.mul(&b)),
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
+    }
+    match v {
+        Value::Static(Static::Int(n)) => Some(Dim::lit(*n)),
+        Value::Tensor(t) if t.axes.is_empty() && t.ty == DType::Int => of(&t.expr),
+        _ => None,
     }
 }
 

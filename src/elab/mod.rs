@@ -138,6 +138,23 @@ impl<'p> Elab<'p> {
     }
 
     fn loss_stmt(&mut self, stmt: &Stmt) -> R<()> {
+        let result = self.loss_stmt_inner(stmt);
+        // A failed `let` or `input` still defines its name (unless an earlier
+        // definition holds it), so later uses add no "unknown name" errors.
+        let defined = match stmt {
+            Stmt::Let(l) => Some(&l.name.name),
+            Stmt::Input(i) => Some(&i.name.name),
+            _ => None,
+        };
+        if let (Err(_), Some(name)) = (&result, defined) {
+            if self.scopes.last().is_some_and(|s| !s.contains_key(name)) {
+                self.bind(name, Binding::Failed);
+            }
+        }
+        result
+    }
+
+    fn loss_stmt_inner(&mut self, stmt: &Stmt) -> R<()> {
         match stmt {
             Stmt::Input(input) => self.input(input),
             Stmt::Let(l) => {

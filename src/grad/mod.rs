@@ -51,6 +51,7 @@ pub fn grad(forward: &Graph) -> Graph {
         if !active[x] || contributions[x].is_empty() {
             continue;
         }
+        let first_new = g.nodes.len();
         let adj = sum_nodes(&mut g, xid, &contributions[x]);
         let node = g.nodes[x].clone();
         match &node.kind {
@@ -93,6 +94,10 @@ pub fn grad(forward: &Graph) -> Graph {
                 });
                 contributions[src.index()].push(r);
             }
+        }
+        // Gradient nodes point at the source expression they differentiate.
+        for n in &mut g.nodes[first_new..] {
+            n.span = n.span.or(node.span);
         }
     }
     // Inputs the loss does not depend on get an explicit zero gradient.

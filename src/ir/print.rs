@@ -13,13 +13,29 @@ use std::collections::HashMap;
 use std::fmt::Write;
 
 pub fn print_graph(graph: &Graph) -> String {
+    print_graph_annotated(graph, &|_, _| None)
+}
+
+/// The text form with a note after chosen nodes (e.g. their source span).
+pub fn print_graph_annotated(
+    graph: &Graph,
+    annotate: &dyn Fn(NodeId, &Node) -> Option<String>,
+) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "loss {}", graph.name);
     for (k, v) in &graph.hints {
         let _ = writeln!(out, "hint {k} = {v}");
     }
     for (i, node) in graph.nodes.iter().enumerate() {
-        let _ = writeln!(out, "{}", print_node(graph, NodeId(i as u32), node));
+        let id = NodeId(i as u32);
+        match annotate(id, node) {
+            Some(note) => {
+                let _ = writeln!(out, "{}  @ {note}", print_node(graph, id, node));
+            }
+            None => {
+                let _ = writeln!(out, "{}", print_node(graph, id, node));
+            }
+        }
     }
     for (name, id) in &graph.outputs {
         let _ = writeln!(out, "{name} = %{}", id.0);

@@ -1,0 +1,377 @@
+//! Optimisation passes over the graph IR. Each pass is a named function from
+//! graph to graph that keeps every value; the pipeline runs them in order and
+//! (in debug builds) the verifier after each.
+//!
+//! - `simplify`: algebraic rules and constant folding (`rules::SIMPLIFY`);
+//! - `stability`: log∘exp, log∘sigmoid, log(1 + exp), and log∘sum∘exp →
+//!   logsumexp across nodes;
+//! - `cse`: nodes equal up to renaming of index variables are merged;
+//! - `inline`: an elementwise node read once, at no amplification, is
+//!   substituted into its reader;
+//! - `dce`: nodes no output or gradient needs are dropped, ids renumbered.
+
+pub mod rules;
+
+use crate::ir::{verify, Comp, Expr, Graph, IdxVar, Node, NodeId, NodeKind, RedOp};
+use std::collections::{BTreeMap, HashMap};
+
+/// Which rules and passes fired, for `lossc ir --explain`.
+#[derive(Debug, Default, Clone)]
+pub struct Report {
+    pub fired: BTreeMap<&'static str, usize>,
+}
+
+impl Report {
+    pub fn lines(&self) -> Vec<String> {
+        self.fired
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect()
+    }
+}
+
+/// The standard pipeline.
+pub fn optimize(graph: &Graph) -> (Graph, Report) {
+    let mut report = Report::default();
+    let mut g = graph.clone();
+    let passes: &[(&str, fn(&Graph, &mut Report) -> Graph)] = &[
+        ("simplify", simplify),
+        ("stability", stability),
+        ("cse", cse),
+        ("inline", inline),
+        ("simplify", simplify),
+        ("cse", cse),
+        ("dce", dce),
+    ];
+    for (name, pass) in passes {
+        g = pass(&g, &mut report);
+        if cfg!(debug_assertions) {
+            if let Err(e) = verify::verify(&g) {
+                panic!("internal error: pass `{name}` broke the IR: {e}");
+            }
+        }
+    }
+    (g, report)
+}
+
+fn map_exprs(g: &Graph, f: &mut impl FnMut(&Expr) -> Expr) -> Graph {
+    let mut out = g.clone();
+    for node in &mut out.nodes {
+        if let NodeKind::Comp(c) = &mut node.kind {
+            c.body = f(&c.body);
+            if let Some(r) = &mut c.reduce {
+                r.filter = r
+                    .filter
+                    .as_ref()
+                    .map(|x| f(x))
+                    .filter(|x| *x != Expr::Bool(true));
+            }
+        }
+    }
+    out
+}
+
+pub fn simplify(g: &Graph, report: &mut Report) -> Graph {
+    map_exprs(g, &mut |e| {
+        rules::rewrite(e, rules::SIMPLIFY, &mut report.fired)
+    })
+}
+
+pub fn stability(g: &Graph, report: &mut Report) -> Graph {
+    let g = map_exprs(g, &mut |e| {
+        rules::rewrite(e, rules::STABILITY, &mut report.fired)
+    });
+    log_sum_exp(&g, report)
+}
+
+/// `s[i] = sum(j) exp(b)` read only as `log(s[..])` becomes `logsumexp(j) b`.
+fn log_sum_exp(g: &Graph, report: &mut Report) -> Graph {
+    let mut out = g.clone();
+    for (i, node) in g.nodes.iter().enumerate() {
+        let id = NodeId(i as u32);
+        let NodeKind::Comp(Comp {
+            reduce: Some(r),
+            body: Expr::Unary(crate::ir::UnOp::Exp, inner),
+            indices,
+        }) = &node.kind
+        else {
+            continue;
+        };
+        if r.op != RedOp::Sum || r.filter.is_some() || is_output(g, id) {
+            continue;
+        }
+        let mut only_under_log = true;
+        let mut any = false;
+        for other in &g.nodes {
+            if let NodeKind::Comp(c) = &other.kind {
+                let mut exprs = vec![&c.body];
+                if let Some(f) = c.reduce.as_ref().and_then(|r| r.filter.as_ref()) {
+                    exprs.push(f);
+                }
+                for e in exprs {
+                    let (under, bare) = count_log_reads(e, id);
+                    any |= under > 0;
+                    only_under_log &= bare == 0;
+                }
+            } else if other_reads(other, id) {
+                only_under_log = false;
+            }
+        }
+        if !(any && only_under_log) {
+            continue;
+        }
+        let mut reduce = r.clone();
+        reduce.op = RedOp::LogSumExp;
+        reduce.empty = f64::NEG_INFINITY;
+        out.nodes[i].kind = NodeKind::Comp(Comp {
+            indices: indices.clone(),
+            reduce: Some(reduce),
+            body: inner.as_ref().clone(),
+        });
+        for n in &mut out.nodes {
+            if let NodeKind::Comp(c) = &mut n.kind {
+                c.body = strip_log(&c.body, id);
+                if let Some(f) = c.reduce.as_mut().and_then(|r| r.filter.as_mut()) {
+                    *f = strip_log(f, id);
+                }
+            }
+        }
+        *report.fired.entry("log-sum-exp").or_insert(0) += 1;
+    }
+    out
+}
+
+fn other_reads(node: &Node, id: NodeId) -> bool {
+    match &node.kind {
+        NodeKind::Concat { parts, .. } => parts.contains(&id),
+        NodeKind::Slice { src, .. } | NodeKind::Reshape { src } => *src == id,
+        _ => false,
+    }
+}
+
+fn is_output(g: &Graph, id: NodeId) -> bool {
+    g.outputs.iter().any(|(_, o)| *o == id) || g.grads.iter().any(|(_, o)| *o == id)
+}
+
+/// (reads of `id` directly under `log`, other reads of `id`).
+fn count_log_reads(e: &Expr, id: NodeId) -> (usize, usize) {
+    match e {
+        Expr::Unary(crate::ir::UnOp::Log, x) if matches!(x.as_ref(), Expr::Read { node, .. } if *node == id) => {
+            (1, 0)
+        }
+        Expr::Read { node, at } => {
+            let inner = at
+                .iter()
+                .map(|a| count_log_reads(a, id))
+                .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+            (inner.0, inner.1 + usize::from(*node == id))
+        }
+        Expr::Unary(_, a) => count_log_reads(a, id),
+        Expr::Binary(_, a, b) => {
+            let (x, y) = (count_log_reads(a, id), count_log_reads(b, id));
+            (x.0 + y.0, x.1 + y.1)
+        }
+        Expr::Select(c, a, b) => {
+            let (x, y, z) = (
+                count_log_reads(c, id),
+                count_log_reads(a, id),
+                count_log_reads(b, id),
+            );
+            (x.0 + y.0 + z.0, x.1 + y.1 + z.1)
+        }
+        _ => (0, 0),
+    }
+}
+
+fn strip_log(e: &Expr, id: NodeId) -> Expr {
+    e.map(&mut |x| match x {
+        Expr::Unary(crate::ir::UnOp::Log, inner) if matches!(inner.as_ref(), Expr::Read { node, .. } if *node == id) => *inner,
+        other => other,
+    })
+}
+
+/// Rewrites every node reference through `map`.
+fn remap(node: &mut Node, map: &[NodeId]) {
+    let re = |e: &Expr| {
+        e.map(&mut |x| match x {
+            Expr::Read { node, at } => Expr::Read {
+                node: map[node.index()],
+                at,
+            },
+            other => other,
+        })
+    };
+    match &mut node.kind {
+        NodeKind::Input { .. } => {}
+        NodeKind::Comp(c) => {
+            c.body = re(&c.body);
+            if let Some(f) = c.reduce.as_mut().and_then(|r| r.filter.as_mut()) {
+                *f = re(f);
+            }
+        }
+        NodeKind::Concat { parts, .. } => parts.iter_mut().for_each(|p| *p = map[p.index()]),
+        NodeKind::Slice { src, .. } | NodeKind::Reshape { src } => *src = map[src.index()],
+    }
+}
+
+/// A key equal for nodes equal up to renaming of index variables.
+fn canonical_key(node: &Node) -> String {
+    let NodeKind::Comp(c) = &node.kind else {
+        return match &node.kind {
+            NodeKind::Input { name, .. } => format!("input {name}"),
+            other => format!("{other:?} {:?} {:?}", node.dtype, node.shape),
+        };
+    };
+    let mut order: Vec<IdxVar> = c.indices.clone();
+    if let Some(r) = &c.reduce {
+        order.extend(r.over.iter().map(|(v, _)| *v));
+    }
+    let mut map = BTreeMap::new();
+    for (k, v) in order.iter().enumerate() {
+        map.insert(*v, Expr::Index(IdxVar(k as u32)));
+    }
+    let body = c.body.subst(&map);
+    let reduce = c.reduce.as_ref().map(|r| {
+        let over: Vec<_> = r.over.iter().map(|(_, d)| d.clone()).collect();
+        (
+            r.op,
+            over,
+            r.filter.as_ref().map(|f| f.subst(&map)),
+            r.empty.to_bits(),
+        )
+    });
+    format!("{:?}|{:?}|{:?}|{:?}", node.dtype, node.shape, reduce, body)
+}
+
+pub fn cse(g: &Graph, report: &mut Report) -> Graph {
+    let mut out = g.clone();
+    let mut seen: HashMap<String, NodeId> = HashMap::new();
+    let mut map: Vec<NodeId> = (0..g.nodes.len() as u32).map(NodeId).collect();
+    for i in 0..out.nodes.len() {
+        remap(&mut out.nodes[i], &map);
+        let key = canonical_key(&out.nodes[i]);
+        match seen.get(&key) {
+            Some(first) => {
+                map[i] = *first;
+                *report.fired.entry("cse").or_insert(0) += 1;
+                if out.nodes[first.index()].name.is_none() {
+                    out.nodes[first.index()].name = out.nodes[i].name.clone();
+                }
+            }
+            None => {
+                seen.insert(key, NodeId(i as u32));
+            }
+        }
+    }
+    for (_, id) in out.outputs.iter_mut().chain(out.grads.iter_mut()) {
+        *id = map[id.index()];
+    }
+    dce(&out, &mut Report::default())
+}
+
+/// How many times each node is read (by any node), and where.
+fn readers(g: &Graph) -> Vec<Vec<NodeId>> {
+    let mut out = vec![Vec::new(); g.nodes.len()];
+    for i in 0..g.nodes.len() {
+        for op in g.operands(NodeId(i as u32)) {
+            out[op.index()].push(NodeId(i as u32));
+        }
+    }
+    out
+}
+
+fn count_reads(e: &Expr, id: NodeId) -> usize {
+    let mut n = 0;
+    e.walk(&mut |x| {
+        if matches!(x, Expr::Read { node, .. } if *node == id) {
+            n += 1;
+        }
+    });
+    n
+}
+
+/// Substitutes an elementwise node (no reduction) that is read exactly once,
+/// by a comprehension whose iteration space is no larger than the node's
+/// shape (so inlining never multiplies work).
+pub fn inline(g: &Graph, report: &mut Report) -> Graph {
+    let mut out = g.clone();
+    let rd = readers(g);
+    for i in 0..g.nodes.len() {
+        let id = NodeId(i as u32);
+        let NodeKind::Comp(Comp {
+            reduce: None,
+            body,
+            indices,
+        }) = out.nodes[i].kind.clone()
+        else {
+            continue;
+        };
+        if is_output(&out, id) || rd[i].len() != 1 {
+            continue;
+        }
+        let consumer = rd[i][0].index();
+        let NodeKind::Comp(c) = &out.nodes[consumer].kind else {
+            continue;
+        };
+        let filter_reads = c
+            .reduce
+            .as_ref()
+            .and_then(|r| r.filter.as_ref())
+            .map_or(0, |f| count_reads(f, id));
+        let space = c.indices.len() + c.reduce.as_ref().map_or(0, |r| r.over.len());
+        if count_reads(&c.body, id) != 1 || filter_reads != 0 || space > indices.len() {
+            continue;
+        }
+        let new_body = c.body.map(&mut |x| match x {
+            Expr::Read { node, at } if node == id => {
+                let map: BTreeMap<IdxVar, Expr> = indices.iter().copied().zip(at).collect();
+                body.subst(&map)
+            }
+            other => other,
+        });
+        if let NodeKind::Comp(c) = &mut out.nodes[consumer].kind {
+            c.body = new_body;
+        }
+        *report.fired.entry("inline").or_insert(0) += 1;
+    }
+    dce(&out, &mut Report::default())
+}
+
+/// Drops nodes that no output or gradient needs; inputs always stay.
+pub fn dce(g: &Graph, report: &mut Report) -> Graph {
+    let mut live = vec![false; g.nodes.len()];
+    let mut stack: Vec<NodeId> = g
+        .outputs
+        .iter()
+        .chain(g.grads.iter())
+        .map(|(_, id)| *id)
+        .collect();
+    for (id, ..) in g.inputs() {
+        stack.push(id);
+    }
+    while let Some(id) = stack.pop() {
+        if live[id.index()] {
+            continue;
+        }
+        live[id.index()] = true;
+        stack.extend(g.operands(id));
+    }
+    let mut map = vec![NodeId(u32::MAX); g.nodes.len()];
+    let mut out = Graph {
+        nodes: Vec::new(),
+        ..g.clone()
+    };
+    for (i, node) in g.nodes.iter().enumerate() {
+        if !live[i] {
+            *report.fired.entry("dce").or_insert(0) += 1;
+            continue;
+        }
+        let mut n = node.clone();
+        remap(&mut n, &map);
+        map[i] = out.push(n);
+    }
+    for (_, id) in out.outputs.iter_mut().chain(out.grads.iter_mut()) {
+        *id = map[id.index()];
+    }
+    out
+}
