@@ -635,6 +635,9 @@ impl Elab<'_> {
     ) -> R<Value> {
         let s = match self.expr(scrutinee)? {
             Value::Static(s) => s,
+            // A `fn` parameter names its function; match on that name.
+            Value::Func(_, name) => Static::Func(name),
+            Value::Symbol(name, s) => return Err(self.unknown_name(&name, s)),
             _ => {
                 return Err(self.error(
                     Diagnostic::error(codes::NOT_STATIC, "`match` chooses on a parameter")

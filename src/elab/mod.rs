@@ -313,7 +313,16 @@ impl<'p> Elab<'p> {
                 Dim::lit(*n)
             }
             DimExpr::Name(id) => match self.lookup(&id.name) {
-                Some(Binding::Static(Static::Int(n))) => Dim::lit(*n),
+                Some(Binding::Static(Static::Int(n))) if *n >= 0 => Dim::lit(*n),
+                Some(Binding::Static(Static::Int(n))) => {
+                    return Err(self.error(
+                        Diagnostic::error(
+                            codes::SHAPE_MISMATCH,
+                            format!("a dim must be a non-negative size, `{}` is {n}", id.name),
+                        )
+                        .at(id.span, "used as a dim here"),
+                    ))
+                }
                 Some(Binding::Dim(d)) => d.clone(),
                 Some(Binding::Static(s)) => {
                     let what = s.describe();
@@ -325,7 +334,20 @@ impl<'p> Elab<'p> {
                         .at(id.span, "used as a dim here"),
                     ));
                 }
-                _ => Dim::sym(&id.name),
+                Some(Binding::Failed) => return Err(Reported),
+                // A tensor, index or function name would otherwise become a
+                // fresh symbolic dim that no input fixes, failing only at run time.
+                Some(_) => {
+                    return Err(self.error(
+                        Diagnostic::error(
+                            codes::TYPE_MISMATCH,
+                            format!("`{}` is not a size", id.name),
+                        )
+                        .at(id.span, "used as a dim here")
+                        .with_help("a dim is a dim name (`B`), an int parameter, a number, or `+ - *` of those, e.g. `i: B + 1`"),
+                    ))
+                }
+                None => Dim::sym(&id.name),
             },
             DimExpr::Add(a, b) => self.dim(a)?.add(&self.dim(b)?),
             DimExpr::Sub(a, b) => self.dim(a)?.sub(&self.dim(b)?),

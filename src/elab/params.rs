@@ -265,8 +265,33 @@ pub fn bind(
         let name = &p.name.name;
         let value = match (given.get(name), &p.default) {
             (Some(v), _) => from_json(v, &p.ty, cx).map_err(|e| {
-                Diagnostic::error(codes::PARAM_TYPE, format!("parameter `{name}` expects {e}"))
-                    .at(p.span, format!("declared as {}", type_name(&p.ty)))
+                // A string for a choice parameter that is not one of its choices.
+                let base = match &p.ty {
+                    ParamTy::Optional(t) => t.as_ref(),
+                    t => t,
+                };
+                let choices = match base {
+                    ParamTy::Enum(c) => Some(c.clone()),
+                    ParamTy::Fn => Some(cx.fns.to_vec()),
+                    _ => None,
+                };
+                let mut d = match (v.as_str(), &choices) {
+                    (Some(_), Some(_)) => Diagnostic::error(
+                        codes::BAD_CHOICE,
+                        format!("parameter `{name}` expects {e}"),
+                    ),
+                    _ => Diagnostic::error(
+                        codes::PARAM_TYPE,
+                        format!("parameter `{name}` expects {e}"),
+                    ),
+                };
+                d = d.at(p.span, format!("declared as {}", type_name(&p.ty)));
+                if let (Some(given), Some(c)) = (v.as_str(), &choices) {
+                    if let Some(close) = crate::elab::closest_name(given, c) {
+                        d = d.with_help(format!("did you mean `{close}`?"));
+                    }
+                }
+                d
             }),
             (None, Some(d)) => default_value(d, &p.ty, cx).map_err(|e| {
                 Diagnostic::error(

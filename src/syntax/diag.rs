@@ -93,7 +93,11 @@ impl Diagnostic {
                 .with_context_lines(1);
             let mut body = String::new();
             if handler.render_report(&mut body, &report).is_ok() {
-                out.push_str(&body);
+                // Drop miette's empty title line (`×`); the header carries the message.
+                for line in body.lines().filter(|l| !matches!(l.trim(), "×" | "⚠" | "")) {
+                    out.push_str(line);
+                    out.push('\n');
+                }
             }
         } else if let Some(help) = &self.help {
             out.push_str(&format!("  help: {help}\n"));
@@ -121,19 +125,16 @@ impl fmt::Debug for Report<'_> {
     }
 }
 
+// The header line already states the message; miette draws only the excerpt.
 impl fmt::Display for Report<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.diag.message)
+    fn fmt(&self, _: &mut fmt::Formatter<'_>) -> fmt::Result {
+        Ok(())
     }
 }
 
 impl std::error::Error for Report<'_> {}
 
 impl miette::Diagnostic for Report<'_> {
-    fn code<'b>(&'b self) -> Option<Box<dyn fmt::Display + 'b>> {
-        Some(Box::new(self.diag.code))
-    }
-
     fn severity(&self) -> Option<miette::Severity> {
         Some(match self.diag.severity {
             Severity::Error => miette::Severity::Error,
