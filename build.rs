@@ -1,0 +1,28 @@
+//! Embeds the standard library: every `losses/*.loss` file, sorted by name,
+//! becomes an entry of `stdlib::FILES` (so adding a loss is adding a file).
+
+use std::fmt::Write;
+
+fn main() {
+    println!("cargo:rerun-if-changed=losses");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("losses");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .expect("losses/ exists")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".loss"))
+        .collect();
+    names.sort();
+    let mut out = String::from("pub const FILES: &[(&str, &str)] = &[\n");
+    for n in &names {
+        println!("cargo:rerun-if-changed=losses/{n}");
+        let _ = writeln!(
+            out,
+            "    ({n:?}, include_str!(concat!(env!(\"CARGO_MANIFEST_DIR\"), \"/losses/{n}\"))),"
+        );
+    }
+    out.push_str("];\n");
+    let dest =
+        std::path::Path::new(&std::env::var("OUT_DIR").expect("OUT_DIR")).join("stdlib_files.rs");
+    std::fs::write(dest, out).expect("write stdlib_files.rs");
+}
