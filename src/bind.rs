@@ -185,21 +185,27 @@ fn gather_columns(
         }
         return Some(Ok((vec![key], t.clone())));
     }
+    // Columns are `name_1, name_2, ...` or, as sentence-transformers names
+    // student columns, `name1, name2, ...`.
     let mut cols = Vec::new();
-    for n in 1.. {
-        match find(tensors, &format!("{name}_{n}")) {
-            Some(c) => cols.push(c),
-            None => break,
+    let mut sep = "_";
+    for candidate in ["_", ""] {
+        cols = (1..)
+            .map_while(|n| find(tensors, &format!("{name}{candidate}{n}")))
+            .collect();
+        if !cols.is_empty() {
+            sep = candidate;
+            break;
         }
     }
     let stray = tensors.keys().find(|k| {
         let bare = k.strip_prefix("input.").unwrap_or(k);
-        bare.strip_prefix(&format!("{name}_"))
+        bare.strip_prefix(&format!("{name}{sep}"))
             .and_then(|n| n.parse::<usize>().ok())
             .is_some_and(|n| n > cols.len())
     });
     if let Some(k) = stray {
-        return Some(Err(Diagnostic::error(codes::MISSING_TENSOR, format!("column `{k}` found, but the columns of `{name}` must be numbered {name}_1, {name}_2, ... without gaps"))
+        return Some(Err(Diagnostic::error(codes::MISSING_TENSOR, format!("column `{k}` found, but the columns of `{name}` must be numbered {name}{sep}1, {name}{sep}2, ... without gaps"))
             .with_help(format!("found {} consecutive columns before the gap", cols.len()))));
     }
     if cols.is_empty() {

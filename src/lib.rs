@@ -88,17 +88,52 @@ pub fn select_loss<'p>(
     }
 }
 
-/// Binds parameters and elaborates a loss into a verified graph.
+/// Binds parameters and elaborates a loss into a verified graph, for inputs
+/// of unknown shape (optional inputs absent, first shape alternatives).
 pub fn compile(
     program: &Program,
     file: FileId,
     decl: &syntax::ast::LossDecl,
     given: &Params,
 ) -> Result<ir::Graph, Vec<Diagnostic>> {
+    compile_for(program, file, decl, given, None)
+}
+
+/// As `compile`, specialised to the tensors it will run on: their shapes pick
+/// optional inputs (`present(x)`) and shape alternatives (`form(x)`).
+pub fn compile_for(
+    program: &Program,
+    file: FileId,
+    decl: &syntax::ast::LossDecl,
+    given: &Params,
+    tensors: Option<&tensor_io::TensorMap>,
+) -> Result<ir::Graph, Vec<Diagnostic>> {
     let fns = program.visible_fns(file);
     let cx = ParamContext { fns: &fns };
     let params = params::bind(decl, file, given, &cx, false)?;
-    elab::elaborate(program, &LossRequest { file, decl, params })
+    let shapes = tensors.map(input_shapes);
+    elab::elaborate(
+        program,
+        &LossRequest {
+            file,
+            decl,
+            params,
+            given: shapes.as_ref(),
+        },
+    )
+}
+
+/// The shape of every tensor of a file, by input name (`input.` stripped).
+pub fn input_shapes(tensors: &tensor_io::TensorMap) -> elab::GivenShapes {
+    tensors
+        .iter()
+        .map(|(k, t)| {
+            (
+                k.strip_prefix("input.").unwrap_or(k).to_string(),
+                t.shape.clone(),
+            )
+        })
+        .collect()
 }
 
 /// Checks every loss of a file with its default parameters (placeholders
@@ -110,7 +145,15 @@ pub fn check_file(program: &Program, file: FileId) -> Vec<Diagnostic> {
     for decl in &program.module(file).losses {
         match params::bind(decl, file, &Params::new(), &cx, true) {
             Ok(params) => {
-                if let Err(mut d) = elab::elaborate(program, &LossRequest { file, decl, params }) {
+                if let Err(mut d) = elab::elaborate(
+                    program,
+                    &LossRequest {
+                        file,
+                        decl,
+                        params,
+                        given: None,
+                    },
+                ) {
                     diags.append(&mut d);
                 }
             }

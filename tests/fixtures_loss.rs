@@ -36,14 +36,14 @@ fn fixture_losses_match_reference_in_f64_and_f32() {
         let of_class: Vec<&Case> = cases.iter().filter(|c| &c.class == class).collect();
         assert!(!of_class.is_empty(), "no fixture case for {class}");
         for case in of_class {
-            let graph = match compile_std(&case.class, &case.params) {
+            let tensors = read_case(case);
+            let graph = match compile_std_for(&case.class, &case.params, &tensors) {
                 Ok(g) => g,
                 Err(e) => {
                     failures.push(format!("{}: compile failed:\n{e}", case.id));
                     continue;
                 }
             };
-            let tensors = read_case(case);
             let reference: f64 = tensors["loss"].to_f64_vec()[0];
             assert!(
                 close(case.loss, reference, 1e-14),

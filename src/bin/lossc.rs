@@ -301,7 +301,7 @@ fn parse_params(args: &LossArgs) -> Result<Params, Failure> {
 }
 
 /// Loads the program, picks the loss and compiles it.
-fn compile(args: &LossArgs) -> Result<(Program, ir::Graph), Failure> {
+fn compile(args: &LossArgs, tensors: Option<&TensorMap>) -> Result<(Program, ir::Graph), Failure> {
     let params = parse_params(args)?;
     let mut program = Program::new();
     let file = match &args.file {
@@ -325,7 +325,7 @@ fn compile(args: &LossArgs) -> Result<(Program, ir::Graph), Failure> {
             return Err(Failure::Diagnostics);
         }
     };
-    match lossc::compile(&program, fid, decl, &params) {
+    match lossc::compile_for(&program, fid, decl, &params, tensors) {
         Ok(g) => Ok((program, g)),
         Err(diags) => {
             report(&program, &diags);
@@ -335,7 +335,7 @@ fn compile(args: &LossArgs) -> Result<(Program, ir::Graph), Failure> {
 }
 
 fn print_ir(args: &IrArgs) -> Result<(), Failure> {
-    let (_, graph) = compile(&args.loss)?;
+    let (_, graph) = compile(&args.loss, None)?;
     if args.no_opt {
         print!("{}", ir::print::print_graph(&graph));
         return Ok(());
@@ -356,7 +356,7 @@ fn explain(report: &lossc::opt::Report) {
 }
 
 fn print_grad(args: &GradArgs) -> Result<(), Failure> {
-    let (program, graph) = compile(&args.loss)?;
+    let (program, graph) = compile(&args.loss, None)?;
     let (full, report) = lossc::differentiate(&graph);
     let annotate = |_: ir::NodeId, node: &ir::Node| -> Option<String> {
         if !args.spans {
@@ -390,32 +390,37 @@ fn print_grad(args: &GradArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Tensors from --inputs, or seeded random ones.
-fn input_tensors(
+/// The tensors of --inputs, read before compiling (their shapes specialise the loss).
+fn read_inputs(
+    inputs: &Option<PathBuf>,
+    dims: &Option<String>,
+) -> Result<Option<TensorMap>, Failure> {
+    let Some(path) = inputs else { return Ok(None) };
+    if !parse_dims(dims)?.is_empty() {
+        return Err(Failure::Usage(
+            "--dims sizes random inputs; the shapes of --inputs come from the file".into(),
+        ));
+    }
+    tensor_io::read_tensors(path).map(Some).map_err(|e| {
+        report(
+            &Program::default(),
+            &[Diagnostic::error(
+                lossc::syntax::codes::TENSOR_FILE,
+                e.to_string(),
+            )],
+        );
+        Failure::Diagnostics
+    })
+}
+
+/// Seeded random inputs, sized by --dims and the defaults.
+fn random_tensors(
     program: &Program,
     graph: &ir::Graph,
-    inputs: &Option<PathBuf>,
     seed: u64,
     dims: &Option<String>,
 ) -> Result<TensorMap, Failure> {
     let dims = parse_dims(dims)?;
-    if let Some(path) = inputs {
-        if !dims.is_empty() {
-            return Err(Failure::Usage(
-                "--dims sizes random inputs; the shapes of --inputs come from the file".into(),
-            ));
-        }
-        return tensor_io::read_tensors(path).map_err(|e| {
-            report(
-                program,
-                &[Diagnostic::error(
-                    lossc::syntax::codes::TENSOR_FILE,
-                    e.to_string(),
-                )],
-            );
-            Failure::Diagnostics
-        });
-    }
     let known = graph.dim_names();
     if let Some(unknown) = dims.keys().find(|k| !known.contains(k)) {
         return Err(Failure::Usage(format!(
@@ -431,8 +436,12 @@ fn input_tensors(
 }
 
 fn gradcheck(args: &GradcheckArgs) -> Result<(), Failure> {
-    let (program, graph) = compile(&args.loss)?;
-    let tensors = input_tensors(&program, &graph, &args.inputs, args.seed, &args.dims)?;
+    let file_tensors = read_inputs(&args.inputs, &args.dims)?;
+    let (program, graph) = compile(&args.loss, file_tensors.as_ref())?;
+    let tensors = match file_tensors {
+        Some(t) => t,
+        None => random_tensors(&program, &graph, args.seed, &args.dims)?,
+    };
     let (full, _) = lossc::differentiate(&graph);
     let opts = lossc::gradcheck::Options {
         directions: args.directions,
@@ -500,8 +509,12 @@ fn parse_dims(spec: &Option<String>) -> Result<BTreeMap<String, i64>, Failure> {
 }
 
 fn run(args: &RunArgs) -> Result<(), Failure> {
-    let (program, graph) = compile(&args.loss)?;
-    let tensors = input_tensors(&program, &graph, &args.inputs, args.seed, &args.dims)?;
+    let file_tensors = read_inputs(&args.inputs, &args.dims)?;
+    let (program, graph) = compile(&args.loss, file_tensors.as_ref())?;
+    let tensors = match file_tensors {
+        Some(t) => t,
+        None => random_tensors(&program, &graph, args.seed, &args.dims)?,
+    };
     let (full, _) = lossc::differentiate(&graph);
     let bound = bind::bind(&full, &tensors).map_err(|diags| {
         report(&program, &diags);

@@ -17,6 +17,9 @@ type Args = Vec<(Option<ast::Ident>, Value, Span)>;
 
 impl Elab<'_> {
     pub(crate) fn call(&mut self, callee: &ast::Expr, args: &[Arg], span: Span) -> R<Value> {
+        if let Some(v) = self.input_query(callee, args, span)? {
+            return Ok(v);
+        }
         let f = match self.expr(callee)? {
             Value::Func(m, name) => (m, name),
             Value::Symbol(name, s) => return Err(self.unknown_name(&name, s)),
@@ -37,6 +40,59 @@ impl Elab<'_> {
         match f {
             (Some(module), name) => self.inline(module, &name, args, span),
             (None, name) => self.builtin(&name, args, span),
+        }
+    }
+
+    /// `present(x)` and `form(x)`: static facts about an input, answered
+    /// without evaluating it (an absent input has no value).
+    fn input_query(&mut self, callee: &ast::Expr, args: &[Arg], span: Span) -> R<Option<Value>> {
+        let ast::ExprKind::Name(f) = &callee.kind else {
+            return Ok(None);
+        };
+        if !matches!(f.as_str(), "present" | "form") || self.lookup(f).is_some() {
+            return Ok(None);
+        }
+        let [Arg {
+            name: None,
+            value:
+                ast::Expr {
+                    kind: ast::ExprKind::Name(input),
+                    span: ispan,
+                },
+        }] = args
+        else {
+            return Err(self.error(
+                Diagnostic::error(codes::ARITY, format!("`{f}` takes the name of one input"))
+                    .at(span, "here")
+                    .with_help(format!("`{f}(negative)`")),
+            ));
+        };
+        let binding = self.lookup(input).cloned();
+        let is_input =
+            |id: &ir::NodeId, el: &Self| matches!(el.graph.node(*id).kind, NodeKind::Input { .. });
+        match (f.as_str(), binding) {
+            ("present", Some(Binding::Absent(_))) => Ok(Some(Value::Static(Static::Bool(false)))),
+            ("present", Some(Binding::Node(id))) if is_input(&id, self) => {
+                Ok(Some(Value::Static(Static::Bool(true))))
+            }
+            ("form", Some(Binding::Node(id))) if is_input(&id, self) => Ok(Some(Value::Static(
+                Static::Int(self.forms.get(input).copied().unwrap_or(0) as i64),
+            ))),
+            ("form", Some(Binding::Absent(_))) => Err(self.error(
+                Diagnostic::error(
+                    codes::MISSING_TENSOR,
+                    format!("`{input}` is absent, so it has no form"),
+                )
+                .at(*ispan, "absent")
+                .with_help(format!("test `present({input})` first")),
+            )),
+            _ => Err(self.error(
+                Diagnostic::error(
+                    codes::TYPE_MISMATCH,
+                    format!("`{f}` asks about an input; `{input}` is not one"),
+                )
+                .at(*ispan, "not an input"),
+            )),
         }
     }
 

@@ -25,6 +25,8 @@ pub(crate) const BUILTINS: &[&str] = &[
     "maximum",
     "minimum",
     "clamp",
+    "present",
+    "form",
     "clamp_min",
     "clamp_max",
     "concat",
@@ -120,6 +122,19 @@ impl Elab<'_> {
                 Binding::Func(m, f) => Value::Func(Some(m), f),
                 Binding::Dim(d) => Value::Tensor(Val::scalar(dim_value(&d), DType::Int)),
                 Binding::Failed => return Err(Reported),
+                Binding::Absent(decl) => {
+                    return Err(self.error(
+                        Diagnostic::error(
+                            codes::MISSING_TENSOR,
+                            format!("the optional input `{n}` is absent here"),
+                        )
+                        .at(span, "used while absent")
+                        .with_related(decl, "declared optional here")
+                        .with_help(format!(
+                            "guard the use with `if present({n}) then ... else ...`"
+                        )),
+                    ))
+                }
             });
         }
         if self.dims.iter().any(|d| d == n) {
@@ -367,6 +382,7 @@ impl Elab<'_> {
             BinOp::Mul => IB::Mul,
             BinOp::Div => IB::Div,
             BinOp::Rem => IB::Rem,
+            BinOp::FloorDiv => IB::FloorDiv,
             BinOp::Pow => IB::Pow,
             BinOp::Eq => IB::Eq,
             BinOp::Ne => IB::Ne,
@@ -414,7 +430,7 @@ impl Elab<'_> {
             }
             BinOp::Eq | BinOp::Ne if a.ty == Bool && b.ty == Bool => Ok((a.expr, b.expr, Bool)),
             _ if a.ty == Bool || b.ty == Bool => bad(self, "needs numbers"),
-            BinOp::Rem => {
+            BinOp::Rem | BinOp::FloorDiv => {
                 if a.ty == Int && b.ty == Int {
                     Ok((a.expr, b.expr, Int))
                 } else {
@@ -475,6 +491,7 @@ impl Elab<'_> {
             (BinOp::Sub, Int(p), Int(q)) => Int(p.saturating_sub(*q)),
             (BinOp::Mul, Int(p), Int(q)) => Int(p.saturating_mul(*q)),
             (BinOp::Rem, Int(p), Int(q)) if *q != 0 => Int(p.rem_euclid(*q)),
+            (BinOp::FloorDiv, Int(p), Int(q)) if *q != 0 => Int(p.div_euclid(*q)),
             (op, _, _) if num(&x).is_some() && num(&y).is_some() => {
                 let (p, q) = (num(&x).unwrap_or(0.0), num(&y).unwrap_or(0.0));
                 match op {

@@ -25,6 +25,7 @@ use crate::syntax::ast::{self, DimExpr, ElemTy, LossDecl, Stmt};
 use crate::syntax::{codes, Diagnostic, FileId, Span};
 pub use params::Static;
 pub use program::Program;
+
 use std::collections::HashMap;
 use value::{Binding, Val, Value};
 
@@ -39,11 +40,14 @@ pub struct LossRequest<'a> {
     pub file: FileId,
     pub decl: &'a LossDecl,
     pub params: Vec<(String, Static)>,
+    /// The shapes of the tensors it will run on, if known.
+    pub given: Option<&'a GivenShapes>,
 }
 
 /// Elaborates one loss with bound parameters into a verified graph.
 pub fn elaborate(program: &Program, req: &LossRequest) -> Result<Graph, Vec<Diagnostic>> {
     let mut el = Elab::new(program, req.file);
+    el.given = req.given;
     el.graph.name = req.decl.name.name.clone();
     let result = el.loss_body(req.decl, &req.params);
     if el.diags.iter().any(|d| d.is_error()) || result.is_err() {
@@ -78,6 +82,72 @@ pub(crate) struct Elab<'p> {
     /// The file whose functions are visible (changes while inlining).
     module: FileId,
     call_stack: Vec<String>,
+    /// The shapes of the tensors the loss will run on, when known: they pick
+    /// optional inputs and shape alternatives.
+    given: Option<&'p GivenShapes>,
+    /// Sizes solved from `given` so far.
+    sizes: std::collections::BTreeMap<String, i64>,
+    /// The alternative each multi-shape input took (`form(x)`).
+    forms: HashMap<String, usize>,
+}
+
+/// Input name (without `input.`) → shape, of the tensors a loss will run on.
+pub type GivenShapes = std::collections::BTreeMap<String, Vec<usize>>;
+
+/// The shape a tensor map gives an input: the plain key, or a variadic input's
+/// columns (`name`, `name_1..`, `name1..`) stacked.
+fn given_shape(given: &GivenShapes, name: &str, variadic: bool) -> Option<Vec<usize>> {
+    if let Some(s) = given.get(name) {
+        return Some(s.clone());
+    }
+    if !variadic {
+        return None;
+    }
+    for sep in ["_", ""] {
+        let cols: Vec<&Vec<usize>> = (1..)
+            .map_while(|n| given.get(&format!("{name}{sep}{n}")))
+            .collect();
+        if let Some(first) = cols.first() {
+            let mut shape = vec![cols.len()];
+            shape.extend(first.iter());
+            return Some(shape);
+        }
+    }
+    None
+}
+
+/// The sizes under which `shape` equals `actual`, extending `sizes`; `None` if
+/// it cannot. A variadic input given as one unstacked column fits too.
+fn fits(
+    shape: &[Dim],
+    actual: &[usize],
+    sizes: &std::collections::BTreeMap<String, i64>,
+) -> Option<std::collections::BTreeMap<String, i64>> {
+    let padded: Vec<usize>;
+    let actual = if actual.len() + 1 == shape.len() {
+        padded = std::iter::once(1).chain(actual.iter().copied()).collect();
+        &padded
+    } else {
+        actual
+    };
+    if shape.len() != actual.len() {
+        return None;
+    }
+    let mut sizes = sizes.clone();
+    for _ in 0..2 {
+        for (d, n) in shape.iter().zip(actual) {
+            match d.eval(&sizes) {
+                Some(v) if v != *n as i64 => return None,
+                Some(_) => {}
+                None => {
+                    if let Some((sym, v)) = d.solve(*n as i64, &sizes) {
+                        sizes.insert(sym, v);
+                    }
+                }
+            }
+        }
+    }
+    Some(sizes)
 }
 
 impl<'p> Elab<'p> {
@@ -92,6 +162,9 @@ impl<'p> Elab<'p> {
             dims: Vec::new(),
             module,
             call_stack: Vec::new(),
+            given: None,
+            sizes: Default::default(),
+            forms: HashMap::new(),
         }
     }
 
@@ -255,19 +328,23 @@ impl<'p> Elab<'p> {
 
     fn input(&mut self, input: &ast::InputDecl) -> R<()> {
         self.check_shadowing(&input.name)?;
-        let mut shape = Vec::new();
-        for d in &input.ty.dims {
-            shape.push(self.dim(d)?);
+        let name = &input.name.name;
+        let given = self.given.map(|g| given_shape(g, name, input.variadic));
+        if input.optional && given.as_ref().is_none_or(|g| g.is_none()) {
+            self.bind(name, Binding::Absent(input.span));
+            return Ok(());
         }
-        if input.variadic {
-            let leading_is_symbol = shape.first().and_then(|d| d.as_sym()).is_some();
-            if !leading_is_symbol {
-                return Err(self.error(
-                    Diagnostic::error(codes::TYPE_MISMATCH, "a column input needs a leading dim that counts the columns")
-                        .at(input.ty.span, "e.g. `[K, B, D] = []`")
-                        .with_help("`= []` means zero or more columns stacked along the first dim; name that dim (K)"),
-                ));
-            }
+        let (form, shape) = self.choose_form(input, given.flatten())?;
+        let ty = &input.types[form];
+        if input.types.len() > 1 {
+            self.forms.insert(name.clone(), form);
+        }
+        if input.variadic && shape.first().and_then(|d| d.as_sym()).is_none() {
+            return Err(self.error(
+                Diagnostic::error(codes::TYPE_MISMATCH, "a column input needs a leading dim that counts the columns")
+                    .at(ty.span, "e.g. `[K, B, D] = []`")
+                    .with_help("`= []` means zero or more columns stacked along the first dim; name that dim (K)"),
+            ));
         }
         for d in &shape {
             for s in d.symbols() {
@@ -276,24 +353,76 @@ impl<'p> Elab<'p> {
                 }
             }
         }
-        let dtype = match input.ty.elem {
+        let dtype = match ty.elem {
             ElemTy::Float => DType::Float,
             ElemTy::Int => DType::Int,
             ElemTy::Bool => DType::Bool,
         };
         let kind = NodeKind::Input {
-            name: input.name.name.clone(),
+            name: name.clone(),
             variadic: input.variadic,
         };
         let id = self.graph.push(Node {
             kind,
             dtype,
             shape,
-            name: Some(input.name.name.clone()),
+            name: Some(name.clone()),
             span: Some(input.span),
         });
-        self.bind(&input.name.name, Binding::Node(id));
+        self.bind(name, Binding::Node(id));
         Ok(())
+    }
+
+    /// Picks the declared shape the given tensor fits (the first one when no
+    /// tensors are known), solving sizes from the tensors seen so far.
+    fn choose_form(
+        &mut self,
+        input: &ast::InputDecl,
+        given: Option<Vec<usize>>,
+    ) -> R<(usize, Vec<Dim>)> {
+        let mut shapes = Vec::new();
+        for ty in &input.types {
+            let mut shape = Vec::new();
+            for d in &ty.dims {
+                shape.push(self.dim(d)?);
+            }
+            shapes.push(shape);
+        }
+        let Some(actual) = given else {
+            return Ok((0, shapes.swap_remove(0)));
+        };
+        for (k, shape) in shapes.iter().enumerate() {
+            if let Some(sizes) = fits(shape, &actual, &self.sizes) {
+                self.sizes = sizes;
+                return Ok((k, shape.clone()));
+            }
+        }
+        if shapes.len() == 1 {
+            // Binding reports the mismatch with the tensor's details.
+            return Ok((0, shapes.swap_remove(0)));
+        }
+        let alts: Vec<String> = shapes.iter().map(|s| ir::dim::shape_string(s)).collect();
+        let known: Vec<String> = self
+            .sizes
+            .iter()
+            .map(|(k, v)| format!("{k} = {v}"))
+            .collect();
+        Err(self.error(
+            Diagnostic::error(
+                codes::TENSOR_SHAPE,
+                format!(
+                    "input `{}` has shape {actual:?}, which fits none of {}",
+                    input.name.name,
+                    alts.join(" | ")
+                ),
+            )
+            .at(input.span, "declared here")
+            .with_help(if known.is_empty() {
+                "give a tensor of one of these shapes".to_string()
+            } else {
+                format!("with {}", known.join(", "))
+            }),
+        ))
     }
 
     /// A dim written in a type: names of int parameters are their values,

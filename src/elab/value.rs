@@ -18,6 +18,8 @@ pub(crate) enum Binding {
     Func(FileId, String),
     /// A dim bound by a function parameter's type (`fn f(x: [D])`).
     Dim(Dim),
+    /// An optional input that was not given.
+    Absent(Span),
     /// A definition whose elaboration already reported an error: its uses
     /// fail quietly, so one mistake is not also reported as "unknown name".
     Failed,

@@ -133,6 +133,7 @@ pub fn binary(op: BinOp, a: &Expr, b: &Expr, y: &Expr, g: Expr) -> (Option<Expr>
         ),
         // comparisons, logic and integer remainder are piecewise constant
         BinOp::Rem
+        | BinOp::FloorDiv
         | BinOp::Eq
         | BinOp::Ne
         | BinOp::Lt

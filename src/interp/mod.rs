@@ -481,6 +481,15 @@ fn binary<F: Real>(op: BinOp, a: S<F>, b: S<F>) -> Rt<S<F>> {
                 }
                 S::I(x.rem_euclid(y))
             }
+            BinOp::FloorDiv => {
+                if y == 0 {
+                    return Err(Diagnostic::error(
+                        codes::INDEX_RANGE,
+                        "integer division by zero",
+                    ));
+                }
+                S::I(x.div_euclid(y))
+            }
             BinOp::Max | BinOp::ClampMin => S::I(x.max(y)),
             BinOp::Min | BinOp::ClampMax => S::I(x.min(y)),
             BinOp::Eq => S::B(x == y),
@@ -511,7 +520,7 @@ fn binary<F: Real>(op: BinOp, a: S<F>, b: S<F>) -> Rt<S<F>> {
             BinOp::Le => S::B(x <= y),
             BinOp::Gt => S::B(x > y),
             BinOp::Ge => S::B(x >= y),
-            BinOp::Rem | BinOp::And | BinOp::Or => S::F(F::nan()),
+            BinOp::Rem | BinOp::FloorDiv | BinOp::And | BinOp::Or => S::F(F::nan()),
         },
         _ => {
             return Err(Diagnostic::error(

@@ -216,6 +216,8 @@ pub enum BinOp {
     Div,
     /// Integer remainder (ints only).
     Rem,
+    /// Integer division rounding down (ints only).
+    FloorDiv,
     Pow,
     /// `torch.maximum`: a tie sends half the gradient to each side.
     Max,
@@ -244,6 +246,7 @@ impl BinOp {
             BinOp::Mul => "*",
             BinOp::Div => "/",
             BinOp::Rem => "%",
+            BinOp::FloorDiv => "//",
             BinOp::Pow => "^",
             BinOp::Max => "maximum",
             BinOp::Min => "minimum",

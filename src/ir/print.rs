@@ -200,7 +200,7 @@ pub fn expr_string(e: &Expr, names: &VarNames, ctx: u8) -> String {
                 BinOp::Or => PREC_OR,
                 BinOp::And => PREC_AND,
                 BinOp::Add | BinOp::Sub => PREC_ADD,
-                BinOp::Mul | BinOp::Div | BinOp::Rem => PREC_MUL,
+                BinOp::Mul | BinOp::Div | BinOp::Rem | BinOp::FloorDiv => PREC_MUL,
                 BinOp::Pow => PREC_POW,
                 _ => PREC_CMP,
             };

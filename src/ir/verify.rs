@@ -196,7 +196,7 @@ fn check_one(graph: &Graph, e: &Expr, bound: &[IdxVar]) -> Result<(), String> {
                 ta == DType::Bool && tb == DType::Bool
             } else if matches!(op, BinOp::Eq | BinOp::Ne) {
                 ta == tb
-            } else if *op == BinOp::Rem {
+            } else if matches!(op, BinOp::Rem | BinOp::FloorDiv) {
                 ta == DType::Int && tb == DType::Int
             } else {
                 ta == tb && ta != DType::Bool

@@ -113,9 +113,12 @@ pub struct TensorTy {
 #[derive(Clone, Debug)]
 pub struct InputDecl {
     pub name: Ident,
-    pub ty: TensorTy,
+    /// The declared shapes: one, or alternatives (`[B] | [B, K]`).
+    pub types: Vec<TensorTy>,
     /// `= []`: the leading dim counts columns, and zero columns is allowed.
     pub variadic: bool,
+    /// `?`: the input may be absent.
+    pub optional: bool,
     pub span: Span,
 }
 
@@ -172,6 +175,8 @@ pub enum BinOp {
     Sub,
     Mul,
     Div,
+    /// Integer division, rounding down (ints only).
+    FloorDiv,
     Rem,
     Pow,
     Eq,
@@ -192,6 +197,7 @@ impl BinOp {
             BinOp::Sub => "-",
             BinOp::Mul => "*",
             BinOp::Div => "/",
+            BinOp::FloorDiv => "//",
             BinOp::Rem => "%",
             BinOp::Pow => "^",
             BinOp::Eq => "==",

@@ -61,6 +61,18 @@ fn syntax_error(file: FileId, text: &str, e: pest::error::Error<Rule>) -> Diagno
         "" => "whitespace".to_string(),
         t => format!("`{}`", t.chars().take(24).collect::<String>()),
     };
+    let positives: &[Rule] = match &e.variant {
+        pest::error::ErrorVariant::ParsingError { positives, .. } => positives,
+        pest::error::ErrorVariant::CustomError { .. } => &[],
+    };
+    if let Some(r) = relocate(text, start, positives) {
+        let mut d = Diagnostic::error(codes::SYNTAX, r.message)
+            .at(Span::new(file, r.start, r.end), r.label);
+        if let Some(help) = r.help {
+            d = d.with_help(help);
+        }
+        return d;
+    }
     let expected = match &e.variant {
         pest::error::ErrorVariant::ParsingError { positives, .. } => describe_expected(positives),
         pest::error::ErrorVariant::CustomError { message } => message.clone(),
@@ -69,10 +81,289 @@ fn syntax_error(file: FileId, text: &str, e: pest::error::Error<Rule>) -> Diagno
         Span::new(file, start, tok_end),
         format!("expected {expected}"),
     );
-    if let Some(help) = syntax_help(text, start) {
+    if let Some(help) = syntax_help(text, start, positives) {
         d = d.with_help(help);
     }
     d
+}
+
+/// A syntax error told where its cause is, when that is not where pest
+/// stopped: pest fails at the first token it cannot use, which for an
+/// unclosed bracket, a line that runs into the next one, or `f (x)` is
+/// often a line or more after the mistake.
+struct Relocated {
+    start: usize,
+    end: usize,
+    message: String,
+    label: String,
+    help: Option<String>,
+}
+
+const REDUCTIONS: &[&str] = &[
+    "sum",
+    "mean",
+    "max",
+    "min",
+    "logsumexp",
+    "any",
+    "all",
+    "count",
+];
+
+const KEYWORDS: &[&str] = &[
+    "loss",
+    "fn",
+    "let",
+    "input",
+    "output",
+    "use",
+    "require",
+    "if",
+    "then",
+    "else",
+    "and",
+    "or",
+    "not",
+    "match",
+    "in",
+    "sum",
+    "mean",
+    "max",
+    "min",
+    "logsumexp",
+    "count",
+    "any",
+    "all",
+    "true",
+    "false",
+    "null",
+];
+
+fn is_ident_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_'
+}
+
+/// The text with comments and string contents blanked out (byte for byte,
+/// so offsets are kept), for scanning brackets and tokens.
+fn code_only(text: &str) -> Vec<u8> {
+    let mut out = text.as_bytes().to_vec();
+    let mut in_comment = false;
+    let mut in_string = false;
+    for b in out.iter_mut() {
+        match *b {
+            b'\n' => {
+                in_comment = false;
+                in_string = false;
+            }
+            b'"' if !in_comment => in_string = !in_string,
+            b'#' if !in_string => {
+                in_comment = true;
+                *b = b' ';
+            }
+            _ if in_comment || in_string => *b = b' ',
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The word (identifier or keyword) that ends at `end` in `code`, if any.
+fn word_before(code: &[u8], end: usize) -> Option<(usize, &str)> {
+    let mut start = end;
+    while start > 0 && is_ident_byte(code[start - 1]) {
+        start -= 1;
+    }
+    if start == end || code[start].is_ascii_digit() {
+        return None;
+    }
+    std::str::from_utf8(&code[start..end])
+        .ok()
+        .map(|w| (start, w))
+}
+
+fn relocate(text: &str, pos: usize, positives: &[Rule]) -> Option<Relocated> {
+    let code = code_only(text);
+    let pos = pos.min(code.len());
+    let line_end = |from: usize| text[from..].find('\n').map_or(text.len(), |i| from + i);
+
+    // An unterminated string: pest expected a string and found a `"`.
+    if text[pos..].starts_with('"') && !text[pos + 1..line_end(pos)].contains('"') {
+        return Some(Relocated {
+            start: pos,
+            end: line_end(pos),
+            message: "syntax error: this string is not closed".into(),
+            label: "no closing `\"` on this line".into(),
+            help: Some("a string ends with `\"` on the line where it starts".into()),
+        });
+    }
+
+    // Brackets still open where the parse failed.
+    let mut open: Vec<(u8, usize)> = Vec::new();
+    for (i, b) in code[..pos].iter().enumerate() {
+        match b {
+            b'(' | b'[' | b'{' => open.push((*b, i)),
+            b')' | b']' | b'}' => {
+                open.pop();
+            }
+            _ => {}
+        }
+    }
+    let rest = text[pos..].trim_start();
+    let closer = |b: u8| match b {
+        b'(' => ')',
+        b'[' => ']',
+        _ => '}',
+    };
+    if let Some(&(b, at)) = open.last() {
+        let unclosed = rest.is_empty() || (rest.starts_with('}') && b != b'{');
+        if unclosed {
+            let end_of = if rest.is_empty() {
+                "the file ends"
+            } else {
+                "the block ends"
+            };
+            return Some(Relocated {
+                start: at,
+                end: at + 1,
+                message: format!("syntax error: this `{}` is never closed", b as char),
+                label: format!("{end_of} before its `{}`", closer(b)),
+                help: None,
+            });
+        }
+    }
+
+    // A block without a result, because its last line was swallowed by the
+    // line before: a trailing operator, or a reduction head such as
+    // `max(a, b)` whose body is taken from the next line.
+    if let (Some(&(b'{', open_at)), true) = (open.last(), rest.starts_with('}')) {
+        let mut lines: Vec<(usize, usize)> = Vec::new();
+        let mut line_start = open_at + 1;
+        for i in open_at + 1..=pos {
+            if i == pos || code[i] == b'\n' {
+                if code[line_start..i].iter().any(|c| !c.is_ascii_whitespace()) {
+                    lines.push((line_start, i));
+                }
+                line_start = i + 1;
+            }
+        }
+        let no_result_help = "a block ends with the expression it computes (the loss value)";
+        if lines.len() >= 2 {
+            let (ls, le) = lines[lines.len() - 2];
+            let mut end = le;
+            while end > ls && code[end - 1].is_ascii_whitespace() {
+                end -= 1;
+            }
+            let line = &code[ls..end];
+            const OPS: &[&str] = &[
+                "==", "!=", "<=", ">=", "=>", "+", "-", "*", "/", "%", "^", "<", ">", "=", "|",
+            ];
+            let word_op = word_before(&code, end)
+                .filter(|(_, w)| ["and", "or", "not", "then", "else", "in"].contains(w));
+            let op = OPS
+                .iter()
+                .find(|op| line.ends_with(op.as_bytes()))
+                .map(|op| (end - op.len(), op.to_string()))
+                .or(word_op.map(|(s, w)| (s, w.to_string())));
+            if let Some((at, op)) = op {
+                return Some(Relocated {
+                    start: at,
+                    end,
+                    message: "syntax error: this block has no result".into(),
+                    label: format!("this `{op}` continues the expression onto the next line"),
+                    help: Some(format!("the next line was read as the operand of `{op}`, so no expression is left to be the block's result; {no_result_help}")),
+                });
+            }
+            if line.ends_with(b")") {
+                let mut depth = 0i32;
+                let mut open_paren = None;
+                for i in (ls..end).rev() {
+                    match code[i] {
+                        b')' => depth += 1,
+                        b'(' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                open_paren = Some(i);
+                                break;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                if let Some((ws, kw)) = open_paren.and_then(|p| word_before(&code, p)) {
+                    if REDUCTIONS.contains(&kw) {
+                        return Some(Relocated {
+                            start: ws,
+                            end,
+                            message: "syntax error: this block has no result".into(),
+                            label: format!(
+                                "a reduction: `{kw}(...)` takes the next line as its body"
+                            ),
+                            help: Some(reduction_help(kw)),
+                        });
+                    }
+                }
+            }
+        }
+        if positives
+            .iter()
+            .any(|r| matches!(r, Rule::stmt | Rule::let_stmt | Rule::input_stmt))
+            || positives.contains(&Rule::expr)
+                && lines.len() >= 1
+                && !text[..pos]
+                    .trim_end()
+                    .ends_with(|c: char| "+-*/%^<>=|".contains(c))
+        {
+            return Some(Relocated {
+                start: pos,
+                end: pos + 1,
+                message: "syntax error: this block has no result".into(),
+                label: "expected the expression the block computes before `}`".into(),
+                help: Some(no_result_help.into()),
+            });
+        }
+    }
+
+    // `f (x)`: a space between a name and `(` makes two expressions, and the
+    // parse fails a little later. Look on this line and the one before.
+    let line_start = |at: usize| text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let here = line_start(pos);
+    let from = if here > 0 { line_start(here - 1) } else { 0 };
+    let mut found = None;
+    for i in from..pos {
+        if code[i] != b'(' {
+            continue;
+        }
+        let mut j = i;
+        while j > from && (code[j - 1] == b' ' || code[j - 1] == b'\t') {
+            j -= 1;
+        }
+        if j == i {
+            continue;
+        }
+        if let Some((ws, w)) = word_before(&code, j) {
+            let after_decl = word_before(&code, ws.saturating_sub(1))
+                .is_some_and(|(_, p)| p == "fn" || p == "loss");
+            if !KEYWORDS.contains(&w) && !after_decl {
+                found = Some((ws, i, w.to_string()));
+            }
+        }
+    }
+    if let Some((ws, paren, name)) = found {
+        return Some(Relocated {
+            start: ws,
+            end: paren + 1,
+            message: "syntax error: a call's `(` must touch the function name".into(),
+            label: format!("read as `{name}` and then a separate `(...)`"),
+            help: Some(format!("write `{name}(...)`, without the space")),
+        });
+    }
+    None
+}
+
+fn reduction_help(kw: &str) -> String {
+    format!(
+        "`{kw}(...)` is a reduction over named indices, e.g. `{kw}(j) d[i, j]`; for the elementwise form of two values use `maximum(a, b)` / `minimum(a, b)`"
+    )
 }
 
 fn describe_expected(rules: &[Rule]) -> String {
@@ -130,7 +421,7 @@ fn rule_name(rule: Rule) -> &'static str {
     }
 }
 
-fn syntax_help(text: &str, pos: usize) -> Option<String> {
+fn syntax_help(text: &str, pos: usize, positives: &[Rule]) -> Option<String> {
     let rest = text[pos..].trim_start();
     let before = text[..pos].trim_end();
     if rest.starts_with('(') && before.ends_with(|c: char| c.is_alphanumeric() || c == '_') {
@@ -139,12 +430,52 @@ fn syntax_help(text: &str, pos: usize) -> Option<String> {
     if rest.starts_with("=") && !rest.starts_with("==") && before.ends_with(']') {
         return None;
     }
-    for kw in ["max", "min", "sum", "mean", "logsumexp"] {
+    let word: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect();
+    if positives.contains(&Rule::ident) && KEYWORDS.contains(&word.as_str()) {
+        return Some(format!(
+            "`{word}` is a keyword and cannot be a name; choose another"
+        ));
+    }
+    // Inside or right after a reduction's head on this line: `max(x[i], 0)`.
+    let code = code_only(text);
+    let line_start = text[..pos].rfind('\n').map_or(0, |i| i + 1);
+    for kw in REDUCTIONS {
         if before.ends_with(kw) || rest.starts_with(&format!("{kw}(")) {
-            return Some(format!(
-                "`{kw}(...)` is a reduction over named indices, e.g. `{kw}(j) d[i, j]`; for the elementwise form of two values use `maximum(a, b)` / `minimum(a, b)`"
-            ));
+            return Some(reduction_help(kw));
         }
+        let pat = format!("{kw}(");
+        let line = &text[line_start..pos];
+        if let Some(k) = line.rfind(&pat) {
+            let at = line_start + k;
+            let boundary = at == 0 || !is_ident_byte(code[at - 1]);
+            let mut depth = 0i32;
+            let mut closed_at = None;
+            for (i, b) in code[at + kw.len()..pos].iter().enumerate() {
+                match b {
+                    b'(' => depth += 1,
+                    b')' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            closed_at = Some(at + kw.len() + i);
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            // Still in the head, or the head closed just before the error.
+            let in_head = closed_at.is_none_or(|c| text[c + 1..pos].trim().is_empty());
+            if boundary && in_head {
+                return Some(reduction_help(kw));
+            }
+        }
+    }
+    let line = text[line_start..].lines().next().unwrap_or("").trim();
+    if line.starts_with("input") && !line.contains(':') {
+        return Some("an input needs a type: `input x: [B, D]`, `input labels: int[B]`".into());
     }
     if rest.starts_with('}') {
         return Some("a block ends with the expression it computes (the loss value)".into());
@@ -343,14 +674,21 @@ impl Cx<'_> {
         let span = self.span(&p);
         let mut it = p.into_inner();
         let name = self.ident(it.next().expect("grammar: input name"));
-        let ty = self.tensor_ty(it.next().expect("grammar: input type"));
-        let variadic = it.next().is_some();
-        InputDecl {
+        let mut decl = InputDecl {
             name,
-            ty,
-            variadic,
+            types: Vec::new(),
+            variadic: false,
+            optional: false,
             span,
+        };
+        for part in it {
+            match part.as_rule() {
+                Rule::tensor_ty => decl.types.push(self.tensor_ty(part)),
+                Rule::variadic => decl.variadic = true,
+                _ => decl.optional = true,
+            }
         }
+        decl
     }
 
     fn tensor_ty(&self, p: P) -> TensorTy {
@@ -564,6 +902,7 @@ impl Cx<'_> {
                 "-" => BinOp::Sub,
                 "*" => BinOp::Mul,
                 "/" => BinOp::Div,
+                "//" => BinOp::FloorDiv,
                 "%" => BinOp::Rem,
                 "==" => BinOp::Eq,
                 "!=" => BinOp::Ne,
@@ -594,7 +933,7 @@ impl Cx<'_> {
         for part in p.into_inner() {
             match part.as_rule() {
                 Rule::wildcard => patterns.push(None),
-                Rule::ident | Rule::true_lit | Rule::false_lit | Rule::null_lit => {
+                Rule::ident | Rule::int | Rule::true_lit | Rule::false_lit | Rule::null_lit => {
                     patterns.push(Some(self.ident(part)))
                 }
                 _ => body = Some(self.expr(part)),

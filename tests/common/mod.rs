@@ -53,6 +53,20 @@ pub fn compile_std(class: &str, params: &Params) -> Result<ir::Graph, String> {
         .map_err(|d| lossc::syntax::diag::render_all(&d, &program.sources))
 }
 
+/// Compiles a standard-library loss for the tensors it will run on (their
+/// shapes pick optional inputs and shape alternatives).
+pub fn compile_std_for(
+    class: &str,
+    params: &Params,
+    tensors: &TensorMap,
+) -> Result<ir::Graph, String> {
+    let program = Program::new();
+    let (file, decl) =
+        lossc::select_loss(&program, None, Some(class)).map_err(|d| d.render(&program.sources))?;
+    lossc::compile_for(&program, file, decl, params, Some(tensors))
+        .map_err(|d| lossc::syntax::diag::render_all(&d, &program.sources))
+}
+
 /// Compiles a loss from source text (the only loss of the text, or `name`).
 pub fn compile_src(src: &str, name: Option<&str>, params: &Params) -> Result<ir::Graph, String> {
     let mut program = Program::new();
@@ -106,7 +120,7 @@ pub fn grads_of<F: lossc::interp::Real>(
     graph: &ir::Graph,
     tensors: &TensorMap,
 ) -> Result<(f64, Vec<(String, Vec<usize>, Vec<f64>)>), String> {
-    let with_grads = lossc::grad::grad(graph);
+    let (with_grads, _) = lossc::differentiate(graph);
     ir::verify::verify(&with_grads).map_err(|e| format!("verifier: {e}"))?;
     let bound = bind::bind(&with_grads, tensors).map_err(|d| {
         d.iter()
@@ -157,4 +171,50 @@ pub fn grad_error(got: &[f64], want: &[f64], shape: &[usize], rtol: f64, by_row:
         }
     }
     worst
+}
+
+/// Parameters from a JSON object literal (`"{}"` for the defaults).
+pub fn params_of(json: &str) -> Params {
+    serde_json::from_str::<serde_json::Value>(json)
+        .unwrap_or_else(|e| panic!("params {json}: {e}"))
+        .as_object()
+        .cloned()
+        .unwrap_or_else(|| panic!("params {json}: not an object"))
+}
+
+/// Tensors from a JSON object literal (write float data with a decimal
+/// point: a list of JSON integers is read as an int tensor).
+pub fn tensors_of(json: &str) -> TensorMap {
+    lossc::tensor_io::read_json_str(json, "test").unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Central differences in f64 of the forward graph's loss with respect to
+/// every float tensor of `tensors` (keyed as given, `input.` stripped, like
+/// `grads_of`), one coordinate at a time with step `h`.
+pub fn fd_grads(graph: &ir::Graph, tensors: &TensorMap, h: f64) -> Vec<(String, Vec<f64>)> {
+    use lossc::tensor_io::HostTensor;
+    let loss_at = |t: &TensorMap| -> f64 {
+        eval64(graph, t).unwrap_or_else(|e| panic!("forward evaluation: {e}"))[0].1
+    };
+    let mut out = Vec::new();
+    for (key, t) in tensors {
+        if !t.is_float() {
+            continue;
+        }
+        let x0 = t.to_f64_vec();
+        let mut g = vec![0.0; x0.len()];
+        for j in 0..x0.len() {
+            let at = |d: f64| {
+                let mut x = x0.clone();
+                x[j] += d;
+                let mut m = tensors.clone();
+                m.insert(key.clone(), HostTensor::f64(t.shape.clone(), x));
+                loss_at(&m)
+            };
+            g[j] = (at(h) - at(-h)) / (2.0 * h);
+        }
+        let name = key.strip_prefix("input.").unwrap_or(key).to_string();
+        out.push((name, g));
+    }
+    out
 }
