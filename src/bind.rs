@@ -50,6 +50,17 @@ fn find<'t>(tensors: &'t TensorMap, name: &str) -> Option<(String, &'t HostTenso
     None
 }
 
+/// Whether `key` names a column of the variadic input `name`: `name_3`,
+/// `name3`, or either with the `input.` prefix.
+fn is_column_of(key: &str, name: &str) -> bool {
+    let bare = key.strip_prefix("input.").unwrap_or(key);
+    let Some(rest) = bare.strip_prefix(name) else {
+        return false;
+    };
+    let n = rest.strip_prefix('_').unwrap_or(rest);
+    !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+}
+
 /// Binds the tensors of a file (or of random generation) to the inputs.
 pub fn bind(graph: &Graph, tensors: &TensorMap) -> Result<Bound, Vec<Diagnostic>> {
     let mut diags = Vec::new();
@@ -65,6 +76,9 @@ pub fn bind(graph: &Graph, tensors: &TensorMap) -> Result<Bound, Vec<Diagnostic>
     )> = Vec::new();
     // Keys that held a whole stacked [K, ...] tensor for a variadic input.
     let mut stacked_keys: Vec<String> = Vec::new();
+    // Dims of inputs that could not be bound: calling them "not fixed by any
+    // input" would only repeat the error already reported for the input.
+    let mut unbound: Vec<String> = Vec::new();
     for (id, node, name, variadic) in graph.inputs() {
         let gathered = if variadic {
             gather_columns(tensors, name, node.shape.len())
@@ -92,7 +106,13 @@ pub fn bind(graph: &Graph, tensors: &TensorMap) -> Result<Bound, Vec<Diagnostic>
                     variadic,
                 ));
             }
-            Some(Err(d)) => diags.push(d),
+            Some(Err(d)) => {
+                // Misnumbered columns still belong to this input; they are
+                // not also unexpected tensors.
+                used.extend(tensors.keys().filter(|k| is_column_of(k, name)).cloned());
+                unbound.extend(node.shape.iter().flat_map(|d| d.symbols()));
+                diags.push(d)
+            }
             None if variadic => {
                 let mut shape = vec![0usize];
                 shape.extend(std::iter::repeat_n(0usize, node.shape.len() - 1));
@@ -106,7 +126,8 @@ pub fn bind(graph: &Graph, tensors: &TensorMap) -> Result<Bound, Vec<Diagnostic>
                     true,
                 ));
             }
-            None => diags.push(
+            None => diags.push({
+                unbound.extend(node.shape.iter().flat_map(|d| d.symbols()));
                 Diagnostic::error(
                     codes::MISSING_TENSOR,
                     format!(
@@ -115,8 +136,8 @@ pub fn bind(graph: &Graph, tensors: &TensorMap) -> Result<Bound, Vec<Diagnostic>
                         shape_string(&node.shape)
                     ),
                 )
-                .with_help(format!("give it under the key `{name}` or `input.{name}`")),
-            ),
+                .with_help(format!("give it under the key `{name}` or `input.{name}`"))
+            }),
         }
     }
     let input_names: Vec<&str> = graph.inputs().map(|i| i.2).collect();
@@ -151,7 +172,7 @@ pub fn bind(graph: &Graph, tensors: &TensorMap) -> Result<Bound, Vec<Diagnostic>
             Err(d) => diags.push(d),
         }
     }
-    let sizes = match solve_sizes(graph, &raw) {
+    let sizes = match solve_sizes(graph, &raw, &unbound) {
         Ok(s) => s,
         Err(mut d) => {
             diags.append(&mut d);
@@ -301,7 +322,11 @@ type Raw = (
 );
 
 /// Solves the symbolic dims from the inputs' shapes, then checks every dim.
-fn solve_sizes(graph: &Graph, raw: &[Raw]) -> Result<BTreeMap<String, i64>, Vec<Diagnostic>> {
+fn solve_sizes(
+    graph: &Graph,
+    raw: &[Raw],
+    unbound: &[String],
+) -> Result<BTreeMap<String, i64>, Vec<Diagnostic>> {
     let mut diags = Vec::new();
     let mut sizes: BTreeMap<String, i64> = BTreeMap::new();
     let mut origin: BTreeMap<String, String> = BTreeMap::new();
@@ -400,6 +425,7 @@ fn solve_sizes(graph: &Graph, raw: &[Raw]) -> Result<BTreeMap<String, i64>, Vec<
         for d in &node.shape {
             for s in d.symbols() {
                 if !sizes.contains_key(&s)
+                    && !unbound.contains(&s)
                     && !diags
                         .iter()
                         .any(|x| x.message.contains(&format!("dim `{s}`")))

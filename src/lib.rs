@@ -96,31 +96,43 @@ pub fn compile(
     decl: &syntax::ast::LossDecl,
     given: &Params,
 ) -> Result<ir::Graph, Vec<Diagnostic>> {
-    compile_for(program, file, decl, given, None)
+    compile_for(program, file, decl, given, &Specialize::default())
 }
 
-/// As `compile`, specialised to the tensors it will run on: their shapes pick
-/// optional inputs (`present(x)`) and shape alternatives (`form(x)`).
+/// What a loss is specialised to besides its parameters.
+#[derive(Clone, Debug, Default)]
+pub struct Specialize<'a> {
+    /// The tensors it will run on: their shapes pick optional inputs
+    /// (`present(x)`), shape alternatives (`form(x)`) and static sizes.
+    pub tensors: Option<&'a tensor_io::TensorMap>,
+    /// Seed of random choices in the program (`sample`, e.g. Matryoshka's
+    /// `n_dims_per_step`).
+    pub seed: u64,
+    /// Sizes assumed for static queries when no tensors are given (`--dims`).
+    pub dims: std::collections::BTreeMap<String, i64>,
+}
+
+/// As `compile`, specialised to the tensors it will run on, a seed and sizes.
 pub fn compile_for(
     program: &Program,
     file: FileId,
     decl: &syntax::ast::LossDecl,
     given: &Params,
-    tensors: Option<&tensor_io::TensorMap>,
+    spec: &Specialize,
 ) -> Result<ir::Graph, Vec<Diagnostic>> {
     let fns = program.visible_fns(file);
     let cx = ParamContext { fns: &fns };
     let params = params::bind(decl, file, given, &cx, false)?;
-    let shapes = tensors.map(input_shapes);
-    elab::elaborate(
-        program,
-        &LossRequest {
-            file,
-            decl,
-            params,
-            given: shapes.as_ref(),
-        },
-    )
+    let shapes = spec.tensors.map(input_shapes);
+    let req = LossRequest {
+        file,
+        decl,
+        params,
+        given: shapes.as_ref(),
+        seed: spec.seed,
+        default_sizes: spec.dims.clone(),
+    };
+    elab::elaborate(program, &req)
 }
 
 /// The shape of every tensor of a file, by input name (`input.` stripped).
@@ -152,6 +164,8 @@ pub fn check_file(program: &Program, file: FileId) -> Vec<Diagnostic> {
                         decl,
                         params,
                         given: None,
+                        seed: 0,
+                        default_sizes: Default::default(),
                     },
                 ) {
                     diags.append(&mut d);

@@ -28,8 +28,17 @@ fn run(json: &str) -> Result<f64, String> {
     let read = |p: &std::path::Path| std::fs::read_to_string(p);
     let file = program.add_file("forms.loss", None, SRC, &read);
     let (file, decl) = lossc::select_loss(&program, Some(file), None).map_err(|d| d.to_string())?;
-    let graph = lossc::compile_for(&program, file, decl, &Default::default(), Some(&tensors))
-        .map_err(|d| lossc::syntax::diag::render_all(&d, &program.sources))?;
+    let graph = lossc::compile_for(
+        &program,
+        file,
+        decl,
+        &Default::default(),
+        &lossc::Specialize {
+            tensors: Some(&tensors),
+            ..Default::default()
+        },
+    )
+    .map_err(|d| lossc::syntax::diag::render_all(&d, &program.sources))?;
     Ok(eval64(&graph, &tensors)?[0].1)
 }
 

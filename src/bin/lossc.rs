@@ -301,7 +301,7 @@ fn parse_params(args: &LossArgs) -> Result<Params, Failure> {
 }
 
 /// Loads the program, picks the loss and compiles it.
-fn compile(args: &LossArgs, tensors: Option<&TensorMap>) -> Result<(Program, ir::Graph), Failure> {
+fn compile(args: &LossArgs, spec: &lossc::Specialize) -> Result<(Program, ir::Graph), Failure> {
     let params = parse_params(args)?;
     let mut program = Program::new();
     let file = match &args.file {
@@ -325,7 +325,7 @@ fn compile(args: &LossArgs, tensors: Option<&TensorMap>) -> Result<(Program, ir:
             return Err(Failure::Diagnostics);
         }
     };
-    match lossc::compile_for(&program, fid, decl, &params, tensors) {
+    match lossc::compile_for(&program, fid, decl, &params, spec) {
         Ok(g) => Ok((program, g)),
         Err(diags) => {
             report(&program, &diags);
@@ -335,7 +335,7 @@ fn compile(args: &LossArgs, tensors: Option<&TensorMap>) -> Result<(Program, ir:
 }
 
 fn print_ir(args: &IrArgs) -> Result<(), Failure> {
-    let (_, graph) = compile(&args.loss, None)?;
+    let (_, graph) = compile(&args.loss, &lossc::Specialize::default())?;
     if args.no_opt {
         print!("{}", ir::print::print_graph(&graph));
         return Ok(());
@@ -356,7 +356,7 @@ fn explain(report: &lossc::opt::Report) {
 }
 
 fn print_grad(args: &GradArgs) -> Result<(), Failure> {
-    let (program, graph) = compile(&args.loss, None)?;
+    let (program, graph) = compile(&args.loss, &lossc::Specialize::default())?;
     let (full, report) = lossc::differentiate(&graph);
     let annotate = |_: ir::NodeId, node: &ir::Node| -> Option<String> {
         if !args.spans {
@@ -437,7 +437,12 @@ fn random_tensors(
 
 fn gradcheck(args: &GradcheckArgs) -> Result<(), Failure> {
     let file_tensors = read_inputs(&args.inputs, &args.dims)?;
-    let (program, graph) = compile(&args.loss, file_tensors.as_ref())?;
+    let spec = lossc::Specialize {
+        tensors: file_tensors.as_ref(),
+        seed: args.seed,
+        dims: parse_dims(&args.dims)?,
+    };
+    let (program, graph) = compile(&args.loss, &spec)?;
     let tensors = match file_tensors {
         Some(t) => t,
         None => random_tensors(&program, &graph, args.seed, &args.dims)?,
@@ -510,7 +515,12 @@ fn parse_dims(spec: &Option<String>) -> Result<BTreeMap<String, i64>, Failure> {
 
 fn run(args: &RunArgs) -> Result<(), Failure> {
     let file_tensors = read_inputs(&args.inputs, &args.dims)?;
-    let (program, graph) = compile(&args.loss, file_tensors.as_ref())?;
+    let spec = lossc::Specialize {
+        tensors: file_tensors.as_ref(),
+        seed: args.seed,
+        dims: parse_dims(&args.dims)?,
+    };
+    let (program, graph) = compile(&args.loss, &spec)?;
     let tensors = match file_tensors {
         Some(t) => t,
         None => random_tensors(&program, &graph, args.seed, &args.dims)?,

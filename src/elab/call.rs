@@ -23,17 +23,40 @@ impl Elab<'_> {
         let f = match self.expr(callee)? {
             Value::Func(m, name) => (m, name),
             Value::Symbol(name, s) => return Err(self.unknown_name(&name, s)),
-            Value::Static(Static::Loss { name, .. }) => {
-                return Err(self.error(
-                    Diagnostic::error(codes::NOT_CALLABLE, format!("calling the inner loss `{name}` is not supported yet"))
-                        .at(callee.span, "a loss parameter")
-                        .with_help("wrapper losses (Matryoshka, AdaptiveLayer) arrive with the standard-library work"),
-                ))
+            Value::Static(spec @ Static::Loss { .. }) => {
+                let args = self.args(args)?;
+                return self.call_loss(&spec, callee.span, args, span);
             }
-            _ => {
-                return Err(self.error(
-                    Diagnostic::error(codes::NOT_CALLABLE, "this is not a function").at(callee.span, "not callable").with_help("index a tensor with `x[i]`, not `x(i)`"),
-                ))
+            Value::Lambda(f) => {
+                let mut args = self.args(args)?;
+                if args.len() != 1 || args[0].0.is_some() {
+                    return Err(self.error(
+                        Diagnostic::error(codes::ARITY, "a function value takes one argument")
+                            .at(span, "here"),
+                    ));
+                }
+                let (_, v, _) = args.remove(0);
+                return self.apply_lambda(&f, v, span);
+            }
+            other => {
+                // Name what was called, and give the indexing advice only for tensors.
+                let what = match &other {
+                    Value::Tensor(_) => "a tensor",
+                    Value::Static(s) => s.describe(),
+                    _ => "a value",
+                };
+                let mut d = Diagnostic::error(
+                    codes::NOT_CALLABLE,
+                    format!(
+                        "`{}` is {what}, not a function",
+                        self.program.sources.snippet(callee.span)
+                    ),
+                )
+                .at(callee.span, "not callable");
+                if matches!(other, Value::Tensor(_)) {
+                    d = d.with_help("index a tensor with `x[i]`, not `x(i)`");
+                }
+                return Err(self.error(d));
             }
         };
         let args = self.args(args)?;
@@ -235,7 +258,7 @@ impl Elab<'_> {
                         return bad(
                             self,
                             format!(
-                                "has {} = {actual}, but {} = {prev} elsewhere",
+                                "has {} = {actual}, where an earlier argument has {} = {prev}",
                                 n.name, n.name
                             ),
                         )
@@ -267,6 +290,15 @@ impl Elab<'_> {
                     message,
                     span,
                 } => self.require(cond, message, *span)?,
+                Stmt::InputsOf { span, .. } => {
+                    return Err(self.error(
+                        Diagnostic::error(
+                            codes::TYPE_MISMATCH,
+                            "functions take their tensors as parameters, not inputs",
+                        )
+                        .at(*span, "`input ..` belongs in a `loss`"),
+                    ))
+                }
                 Stmt::Input(i) => {
                     return Err(self.error(
                         Diagnostic::error(
@@ -320,6 +352,17 @@ impl Elab<'_> {
                 let v = self.to_val(x, xs)?;
                 self.flatten(v, span)
             }
+            "flatten_rows" => {
+                let [(_, x, xs)] = self.fixed::<1>(name, args, span)?;
+                let v = self.to_val(x, xs)?;
+                if v.axes.is_empty() {
+                    return Err(self.error(
+                        Diagnostic::error(codes::SHAPE_MISMATCH, "`flatten_rows` needs a tensor")
+                            .at(xs, "a scalar"),
+                    ));
+                }
+                self.flatten_rows(v, span)
+            }
             "transpose" => {
                 let [(_, x, xs)] = self.fixed::<1>(name, args, span)?;
                 let mut v = self.to_val(x, xs)?;
@@ -360,12 +403,90 @@ impl Elab<'_> {
                     axes: vec![(i, d.clone()), (j, d)],
                 }))
             }
+            "range" => {
+                let [(_, n, ns)] = self.fixed::<1>(name, args, span)?;
+                let count = match n {
+                    Value::Static(Static::Int(k)) => Some(k),
+                    Value::Tensor(Val {
+                        expr,
+                        axes,
+                        ty: DType::Int,
+                    }) if axes.is_empty() => self.static_int(&expr),
+                    _ => None,
+                };
+                let Some(count) = count else {
+                    return Err(self.error(Diagnostic::error(codes::NOT_STATIC, "`range` takes an int known when compiling: a constant, or dims such as `L - 1`").at(ns, "not static")));
+                };
+                Ok(Value::Static(Static::List(
+                    (0..count.max(0)).map(Static::Int).collect(),
+                )))
+            }
+            "sample" => {
+                let [(_, l, ls), (_, n, ns)] = self.fixed::<2>(name, args, span)?;
+                match (l, n) {
+                    (Value::Static(Static::List(list)), Value::Static(Static::Int(k))) => {
+                        Ok(Value::Static(Static::List(self.sample(list, k))))
+                    }
+                    _ => Err(self.error(
+                        Diagnostic::error(
+                            codes::NOT_STATIC,
+                            "`sample(list, n)` takes a list and an int",
+                        )
+                        .at(ls.to(ns), "here"),
+                    )),
+                }
+            }
+            "truncate" => {
+                let [(_, x, xs), (_, d, ds)] = self.fixed::<2>(name, args, span)?;
+                let v = self.to_val(x, xs)?;
+                let Some((axis, dim)) = v.axes.last().cloned() else {
+                    return Err(self.error(
+                        Diagnostic::error(codes::SHAPE_MISMATCH, "`truncate` needs a tensor")
+                            .at(xs, "a scalar"),
+                    ));
+                };
+                let len = match d {
+                    Value::Static(Static::Int(k)) if k >= 0 => Dim::lit(k),
+                    _ => return Err(self.error(Diagnostic::error(codes::NOT_STATIC, "`truncate(x, d)` keeps the first d entries of the last dim; d must be an int constant").at(ds, "not an int constant"))),
+                };
+                if let (Some(k), Some(n)) = (len.as_lit(), dim.as_lit()) {
+                    if k > n {
+                        return Err(self.error(
+                            Diagnostic::error(
+                                codes::BAD_INDEX,
+                                format!("cannot truncate a dim of size {n} to {k}"),
+                            )
+                            .at(ds, "too large"),
+                        ));
+                    }
+                }
+                let v2 = self.fresh_axis(&len);
+                let map = std::collections::BTreeMap::from([(axis, Expr::Index(v2))]);
+                let mut axes = v.axes.clone();
+                let last = axes.len() - 1;
+                axes[last] = (v2, len);
+                Ok(Value::Tensor(Val {
+                    expr: v.expr.subst(&map),
+                    ty: v.ty,
+                    axes,
+                }))
+            }
+            "normalize_rows" => {
+                let [(_, x, xs)] = self.fixed::<1>(name, args, span)?;
+                let v = self.to_val(x, xs)?;
+                self.normalize_rows(v, xs)
+            }
+            "embeddings" => {
+                let [(_, _, _)] = self.fixed::<1>(name, args, span)?;
+                Ok(Value::Tensors(self.wrapped_embedding_values()))
+            }
             "len" => {
                 let [(_, x, xs)] = self.fixed::<1>(name, args, span)?;
                 match x {
                     Value::Static(Static::List(l)) => {
                         Ok(Value::Static(Static::Int(l.len() as i64)))
                     }
+                    Value::Tensors(ts) => Ok(Value::Static(Static::Int(ts.len() as i64))),
                     _ => Err(self.error(
                         Diagnostic::error(codes::TYPE_MISMATCH, "`len` takes a list parameter")
                             .at(xs, "not a list")
@@ -633,6 +754,31 @@ impl Elab<'_> {
     }
 
     /// `flatten(x)`: the first two dims become one (row-major).
+    /// `flatten_rows(x)`: every dim but the last merged into one (rows of vectors).
+    fn flatten_rows(&mut self, v: Val, span: Span) -> R<Value> {
+        if v.axes.len() <= 2 {
+            return Ok(Value::Tensor(v));
+        }
+        let dims = v.shape();
+        let rows = dims[..dims.len() - 1]
+            .iter()
+            .fold(Dim::lit(1), |a, d| a.mul(d));
+        let prefix = self.shared_prefix(std::slice::from_ref(&v));
+        let ty = v.ty;
+        let src = self.materialize_in_scope(v, span, &prefix)?;
+        let mut shape = self.prefix_shape(&prefix, span)?;
+        shape.push(rows);
+        shape.push(dims[dims.len() - 1].clone());
+        let id = self.graph.push(Node {
+            kind: NodeKind::Reshape { src },
+            dtype: ty,
+            shape,
+            name: None,
+            span: Some(span),
+        });
+        Ok(Value::Tensor(self.read_back(id, &prefix)))
+    }
+
     fn flatten(&mut self, v: Val, span: Span) -> R<Value> {
         if v.axes.len() < 2 {
             return Err(self.error(
@@ -735,6 +881,63 @@ impl Elab<'_> {
             expr: expr.unwrap_or(Expr::Float(0.0)),
             ty,
             axes: all_axes,
+        }))
+    }
+
+    /// An int expression free of index variables, evaluated when compiling
+    /// (dims take their given or assumed sizes).
+    fn static_int(&self, e: &Expr) -> Option<i64> {
+        Some(match e {
+            Expr::Int(n) => *n,
+            Expr::Size(d) => self.static_size(d),
+            Expr::Binary(op, a, b) => {
+                let (x, y) = (self.static_int(a)?, self.static_int(b)?);
+                match op {
+                    IB::Add => x + y,
+                    IB::Sub => x - y,
+                    IB::Mul => x * y,
+                    IB::FloorDiv if y != 0 => x.div_euclid(y),
+                    IB::Rem if y != 0 => x.rem_euclid(y),
+                    _ => return None,
+                }
+            }
+            _ => return None,
+        })
+    }
+
+    /// `normalize_rows(x)`: x / clamp_min(||x||, 1e-12) along the last dim
+    /// (F.normalize), for a tensor of any rank.
+    fn normalize_rows(&mut self, v: Val, span: Span) -> R<Value> {
+        let Some((last, dim)) = v.axes.last().cloned() else {
+            return Err(self.error(
+                Diagnostic::error(codes::SHAPE_MISMATCH, "`normalize_rows` needs a tensor")
+                    .at(span, "a scalar"),
+            ));
+        };
+        let k = self.fresh_axis(&dim);
+        let row = std::collections::BTreeMap::from([(last, Expr::Index(k))]);
+        let xk = v.expr.subst(&row);
+        let square = Val {
+            expr: Expr::binary(IB::Mul, xk.clone(), xk),
+            ty: DType::Float,
+            axes: v.axes[..v.axes.len() - 1].to_vec(),
+        };
+        let reduce = ir::Reduce {
+            op: ir::RedOp::Sum,
+            over: vec![(k, dim)],
+            filter: None,
+            empty: 0.0,
+        };
+        let sum = self.build_comp(square, Some(reduce), DType::Float, None, span)?;
+        let norm = Expr::binary(
+            IB::ClampMin,
+            Expr::unary(IU::Sqrt, sum.expr),
+            Expr::Float(1e-12),
+        );
+        Ok(Value::Tensor(Val {
+            expr: Expr::binary(IB::Div, v.expr, norm),
+            ty: DType::Float,
+            axes: v.axes,
         }))
     }
 }

@@ -27,6 +27,12 @@ pub(crate) const BUILTINS: &[&str] = &[
     "clamp",
     "present",
     "form",
+    "range",
+    "sample",
+    "truncate",
+    "embeddings",
+    "normalize_rows",
+    "flatten_rows",
     "clamp_min",
     "clamp_max",
     "concat",
@@ -91,6 +97,12 @@ impl Elab<'_> {
                 otherwise,
             } => self.if_expr(cond, then, otherwise, span),
             ExprKind::Match { scrutinee, arms } => self.match_expr(scrutinee, arms, span),
+            ExprKind::Lambda { param, body } => Ok(Value::Lambda(Box::new(super::wrap::Lambda {
+                param: param.name.clone(),
+                body: body.as_ref().clone(),
+                scopes: self.scopes.clone(),
+                module: self.module,
+            }))),
             ExprKind::Reduce {
                 op,
                 binders,
@@ -122,6 +134,8 @@ impl Elab<'_> {
                 Binding::Func(m, f) => Value::Func(Some(m), f),
                 Binding::Dim(d) => Value::Tensor(Val::scalar(dim_value(&d), DType::Int)),
                 Binding::Failed => return Err(Reported),
+                Binding::Lambda(l) => Value::Lambda(l),
+                Binding::Tensors(ts) => Value::Tensors(ts),
                 Binding::Absent(decl) => {
                     return Err(self.error(
                         Diagnostic::error(
@@ -753,6 +767,22 @@ impl Elab<'_> {
             let v = self.graph.new_index(&b.name.name);
             if let Some(ext) = &b.extent {
                 let d = self.dim(ext)?;
+                // Only inputs declare dims; any other name here would be a
+                // size no input fixes, failing only at run time.
+                if let Some(s) = d.symbols().into_iter().find(|s| !self.dims.contains(s)) {
+                    let mut help = format!(
+                        "dims are declared by inputs; known here: {}",
+                        self.dims.join(", ")
+                    );
+                    if let Some(c) = closest(&s, &self.dims) {
+                        help = format!("did you mean `{c}`? {help}");
+                    }
+                    return Err(self.error(
+                        Diagnostic::error(codes::UNKNOWN_NAME, format!("unknown dim `{s}`"))
+                            .at(ext.span(), "no input has this dim")
+                            .with_help(help),
+                    ));
+                }
                 self.extents.insert(v, d);
             }
             scope.insert(b.name.name.clone(), Binding::Index(v));
@@ -764,7 +794,9 @@ impl Elab<'_> {
     }
 
     fn close_binders(&mut self, n: usize) {
-        self.scopes.pop();
+        if let Some(scope) = self.scopes.pop() {
+            self.closed_indices.extend(scope.into_keys());
+        }
         let keep = self.ambient.len() - n;
         self.ambient.truncate(keep);
     }
@@ -858,7 +890,9 @@ impl Elab<'_> {
             .with_help(if want == "numbers" {
                 "count conditions with `count(j | cond)`, or use `float(c)`"
             } else {
-                "compare the body: `any(j) x[j] > 0`"
+                // The body stops before a comparison: `any(j) x[j] > 0` is
+                // `(any(j) x[j]) > 0`, so the advice needs the parentheses.
+                "compare inside the body, in parentheses: `any(j) (x[j] > 0)`"
             }),
         )
     }
@@ -940,8 +974,9 @@ impl Elab<'_> {
                     .at(span, "here"),
             ));
         }
-        let items = match self.expr(over)? {
-            Value::Static(Static::List(items)) => items,
+        let items: Vec<Binding> = match self.expr(over)? {
+            Value::Static(Static::List(items)) => items.into_iter().map(Binding::Static).collect(),
+            Value::Tensors(ts) => ts.into_iter().map(Binding::Val).collect(),
             _ => {
                 return Err(self.error(
                     Diagnostic::error(codes::NOT_STATIC, "`in` needs a list parameter")
@@ -956,10 +991,8 @@ impl Elab<'_> {
         };
         let mut values = Vec::new();
         for item in &items {
-            self.scopes.push(HashMap::from([(
-                b.name.name.clone(),
-                Binding::Static(item.clone()),
-            )]));
+            self.scopes
+                .push(HashMap::from([(b.name.name.clone(), item.clone())]));
             let v = self.expr(body);
             self.scopes.pop();
             values.push(v?);

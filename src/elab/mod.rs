@@ -19,6 +19,7 @@ mod expr;
 pub mod params;
 pub mod program;
 mod value;
+mod wrap;
 
 use crate::ir::{self, DType, Dim, Graph, Node, NodeKind};
 use crate::syntax::ast::{self, DimExpr, ElemTy, LossDecl, Stmt};
@@ -42,12 +43,18 @@ pub struct LossRequest<'a> {
     pub params: Vec<(String, Static)>,
     /// The shapes of the tensors it will run on, if known.
     pub given: Option<&'a GivenShapes>,
+    /// Seed of random choices (`sample`).
+    pub seed: u64,
+    /// Sizes assumed for static queries when `given` is absent.
+    pub default_sizes: std::collections::BTreeMap<String, i64>,
 }
 
 /// Elaborates one loss with bound parameters into a verified graph.
 pub fn elaborate(program: &Program, req: &LossRequest) -> Result<Graph, Vec<Diagnostic>> {
     let mut el = Elab::new(program, req.file);
     el.given = req.given;
+    el.seed = req.seed;
+    el.default_sizes = req.default_sizes.clone();
     el.graph.name = req.decl.name.name.clone();
     let result = el.loss_body(req.decl, &req.params);
     if el.diags.iter().any(|d| d.is_error()) || result.is_err() {
@@ -82,6 +89,9 @@ pub(crate) struct Elab<'p> {
     /// The file whose functions are visible (changes while inlining).
     module: FileId,
     call_stack: Vec<String>,
+    /// Index names of the reductions closed in the current statement, to
+    /// explain `sum(i) a[i] + b[i]` (the body ends before `+`).
+    closed_indices: Vec<String>,
     /// The shapes of the tensors the loss will run on, when known: they pick
     /// optional inputs and shape alternatives.
     given: Option<&'p GivenShapes>,
@@ -89,6 +99,17 @@ pub(crate) struct Elab<'p> {
     sizes: std::collections::BTreeMap<String, i64>,
     /// The alternative each multi-shape input took (`form(x)`).
     forms: HashMap<String, usize>,
+    /// The inputs a loss call passes on to its inner loss, by the inner name.
+    input_env: HashMap<String, Binding>,
+    /// While elaborating the body of a called loss: the values of its inputs.
+    call_inputs: Option<HashMap<String, Value>>,
+    /// The embedding inputs `input ..loss` declared (`embeddings(loss)`).
+    wrapped_embeddings: Vec<Binding>,
+    /// Seed for `sample(..)`, and how many samples were drawn so far.
+    seed: u64,
+    samples_drawn: usize,
+    /// Sizes assumed for static queries when no tensors are given (`--dims`).
+    default_sizes: std::collections::BTreeMap<String, i64>,
 }
 
 /// Input name (without `input.`) → shape, of the tensors a loss will run on.
@@ -162,9 +183,16 @@ impl<'p> Elab<'p> {
             dims: Vec::new(),
             module,
             call_stack: Vec::new(),
+            closed_indices: Vec::new(),
             given: None,
             sizes: Default::default(),
             forms: HashMap::new(),
+            input_env: HashMap::new(),
+            call_inputs: None,
+            wrapped_embeddings: Vec::new(),
+            seed: 0,
+            samples_drawn: 0,
+            default_sizes: Default::default(),
         }
     }
 
@@ -197,6 +225,7 @@ impl<'p> Elab<'p> {
             failed |= self.loss_stmt(stmt).is_err();
         }
         let result = &decl.body.result;
+        self.closed_indices.clear();
         let value = self.expr(result);
         let id = match value {
             Ok(v) => self.scalar_output(v, result.span, "the loss")?,
@@ -211,6 +240,7 @@ impl<'p> Elab<'p> {
     }
 
     fn loss_stmt(&mut self, stmt: &Stmt) -> R<()> {
+        self.closed_indices.clear();
         let result = self.loss_stmt_inner(stmt);
         // A failed `let` or `input` still defines its name (unless an earlier
         // definition holds it), so later uses add no "unknown name" errors.
@@ -230,6 +260,15 @@ impl<'p> Elab<'p> {
     fn loss_stmt_inner(&mut self, stmt: &Stmt) -> R<()> {
         match stmt {
             Stmt::Input(input) => self.input(input),
+            Stmt::InputsOf {
+                loss,
+                per_layer,
+                span,
+            } => match self.call_inputs {
+                // In a called loss, the inputs are already bound.
+                Some(_) => Ok(()),
+                None => self.inputs_of(loss, per_layer.as_ref(), *span),
+            },
             Stmt::Let(l) => {
                 self.check_shadowing(&l.name)?;
                 let val = self.let_value(l)?;
@@ -248,6 +287,8 @@ impl<'p> Elab<'p> {
                 message,
                 span,
             } => self.require(cond, message, *span),
+            // A called loss contributes its value only, not its components.
+            Stmt::Output { .. } if self.call_inputs.is_some() => Ok(()),
             Stmt::Output { name, value } => {
                 let v = self.expr(value)?;
                 let id = self.scalar_output(v, value.span, &format!("output `{}`", name.name))?;
@@ -329,9 +370,19 @@ impl<'p> Elab<'p> {
     fn input(&mut self, input: &ast::InputDecl) -> R<()> {
         self.check_shadowing(&input.name)?;
         let name = &input.name.name;
+        if let Some(values) = &self.call_inputs {
+            let binding = match values.get(name) {
+                Some(v) => value::binding_of(v.clone()),
+                None => Binding::Absent(input.span),
+            };
+            self.bind(name, binding);
+            return Ok(());
+        }
         let given = self.given.map(|g| given_shape(g, name, input.variadic));
         if input.optional && given.as_ref().is_none_or(|g| g.is_none()) {
             self.bind(name, Binding::Absent(input.span));
+            self.input_env
+                .insert(name.clone(), Binding::Absent(input.span));
             return Ok(());
         }
         let (form, shape) = self.choose_form(input, given.flatten())?;
@@ -370,6 +421,7 @@ impl<'p> Elab<'p> {
             span: Some(input.span),
         });
         self.bind(name, Binding::Node(id));
+        self.input_env.insert(name.clone(), Binding::Node(id));
         Ok(())
     }
 

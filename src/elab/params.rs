@@ -226,7 +226,8 @@ pub fn placeholder(ty: &ParamTy, cx: &ParamContext) -> Static {
             value: c[0].clone(),
             choices: Rc::new(c.clone()),
         },
-        ParamTy::List(_) => Static::List(vec![]),
+        // One element, so that `require len(x) > 0` holds while checking.
+        ParamTy::List(t) => Static::List(vec![placeholder(t, cx)]),
         ParamTy::Optional(_) => Static::Null,
     }
 }
@@ -294,11 +295,36 @@ pub fn bind(
                 d
             }),
             (None, Some(d)) => default_value(d, &p.ty, cx).map_err(|e| {
-                Diagnostic::error(
-                    codes::PARAM_TYPE,
+                // A name that is not one of the choices is the same mistake
+                // as a given value that is not: BAD_CHOICE, with a suggestion.
+                let base = match &p.ty {
+                    ParamTy::Optional(t) => t.as_ref(),
+                    t => t,
+                };
+                let choices = match base {
+                    ParamTy::Enum(c) => Some(c.clone()),
+                    ParamTy::Fn => Some(cx.fns.to_vec()),
+                    _ => None,
+                };
+                let written = match &d.kind {
+                    ExprKind::Name(s) | ExprKind::Str(s) => Some(s.as_str()),
+                    _ => None,
+                };
+                let code = match (written, &choices) {
+                    (Some(_), Some(_)) => codes::BAD_CHOICE,
+                    _ => codes::PARAM_TYPE,
+                };
+                let mut diag = Diagnostic::error(
+                    code,
                     format!("the default of `{name}` is not valid: expected {e}"),
                 )
-                .at(d.span, "this default")
+                .at(d.span, "this default");
+                if let (Some(w), Some(c)) = (written, &choices) {
+                    if let Some(close) = crate::elab::closest_name(w, c) {
+                        diag = diag.with_help(format!("did you mean `{close}`?"));
+                    }
+                }
+                diag
             }),
             (None, None) if placeholders => Ok(placeholder(&p.ty, cx)),
             (None, None) => Err(Diagnostic::error(

@@ -129,7 +129,32 @@ impl Program {
         for item in parsed.items {
             let Item::Use(u) = item else { continue };
             match self.load_use(id, &u.path, u.span, read) {
-                Some(target) => resolved.push(target),
+                Some(target) => {
+                    // The used file's own syntax error is reported in that file;
+                    // say so here too, or this file would only see its names
+                    // as unknown.
+                    if self
+                        .modules
+                        .get(target.0 as usize)
+                        .is_some_and(|m| !m.parsed)
+                    {
+                        self.diagnostics.push(
+                            Diagnostic::error(
+                                codes::USE_NOT_FOUND,
+                                format!(
+                                    "`{}` does not parse, so nothing it declares can be used",
+                                    u.path
+                                ),
+                            )
+                            .at(u.span, "this file has a syntax error")
+                            .with_help(format!(
+                                "fix the error reported in {}",
+                                self.sources.get(target).name
+                            )),
+                        );
+                    }
+                    resolved.push(target)
+                }
                 None => continue,
             }
         }

@@ -20,6 +20,8 @@ pub(crate) enum Binding {
     Dim(Dim),
     /// An optional input that was not given.
     Absent(Span),
+    Lambda(Box<super::wrap::Lambda>),
+    Tensors(Vec<Val>),
     /// A definition whose elaboration already reported an error: its uses
     /// fail quietly, so one mistake is not also reported as "unknown name".
     Failed,
@@ -34,6 +36,22 @@ pub(crate) enum Value {
     Func(Option<FileId>, String),
     /// An unbound bare name: legal only as an enum choice in a comparison.
     Symbol(String, Span),
+    /// A function value `x => ...`.
+    Lambda(Box<super::wrap::Lambda>),
+    /// Several tensors (`embeddings(loss)`), to unroll over.
+    Tensors(Vec<Val>),
+}
+
+/// The value a binding stands for (tensors are not refreshed).
+pub(crate) fn value_of(b: Binding) -> Value {
+    match b {
+        Binding::Static(s) => Value::Static(s),
+        Binding::Val(v) => Value::Tensor(v),
+        Binding::Func(m, n) => Value::Func(Some(m), n),
+        Binding::Lambda(l) => Value::Lambda(l),
+        Binding::Tensors(ts) => Value::Tensors(ts),
+        _ => Value::Static(Static::Null),
+    }
 }
 
 pub(crate) fn binding_of(v: Value) -> Binding {
@@ -43,6 +61,8 @@ pub(crate) fn binding_of(v: Value) -> Binding {
         Value::Func(Some(m), n) => Binding::Func(m, n),
         Value::Func(None, n) => Binding::Static(Static::Func(n)),
         Value::Symbol(s, _) => Binding::Static(Static::Str(s)),
+        Value::Lambda(l) => Binding::Lambda(l),
+        Value::Tensors(ts) => Binding::Tensors(ts),
     }
 }
 
@@ -138,6 +158,13 @@ impl Elab<'_> {
                 .at(span, "call it: `f(x)`"),
             )),
             Value::Symbol(name, s) => Err(self.unknown_name(&name, s)),
+            Value::Lambda(_) | Value::Tensors(_) => Err(self.error(
+                Diagnostic::error(
+                    codes::TYPE_MISMATCH,
+                    "a function or a list of tensors is not a value here",
+                )
+                .at(span, "not a tensor or number"),
+            )),
         }
     }
 
@@ -363,9 +390,27 @@ impl Elab<'_> {
         candidates.extend(self.dims.iter().cloned());
         candidates.extend(super::expr::BUILTINS.iter().map(|s| s.to_string()));
         let close = closest(name, &candidates);
+        if self.closed_indices.iter().any(|n| n == name) {
+            return self.error(
+                Diagnostic::error(codes::UNKNOWN_NAME, format!("the index `{name}` is not in scope here"))
+                    .at(span, "its reduction ended before this")
+                    .with_help(format!("a reduction's body extends over a product, not over `+`, `-` or a comparison: `sum({name}) a[{name}] + b[{name}]` is `(sum({name}) a[{name}]) + b[{name}]`; parenthesise the body: `sum({name}) (a[{name}] + b[{name}])`")),
+            );
+        }
         let mut d = Diagnostic::error(codes::UNKNOWN_NAME, format!("unknown name `{name}`"))
             .at(span, "not defined");
-        if let Some(c) = close {
+        let module = self.program.module(self.module);
+        if let Some(broken) = module
+            .uses
+            .iter()
+            .find(|u| !self.program.module(**u).parsed)
+        {
+            // Its declarations are lost to the syntax error reported there.
+            let file = &self.program.sources.get(*broken).name;
+            d = d.with_help(format!(
+                "it may be declared in {file}, which does not parse"
+            ));
+        } else if let Some(c) = close {
             d = d.with_help(format!("did you mean `{c}`?"));
         } else {
             d = d.with_help("names are inputs, parameters, `let`s, index variables, dims, functions (yours and the prelude's) and builtins");

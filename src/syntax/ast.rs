@@ -84,6 +84,12 @@ pub struct Block {
 #[derive(Clone, Debug)]
 pub enum Stmt {
     Input(InputDecl),
+    /// `input ..loss [per layer L]`: the inputs of an inner loss parameter.
+    InputsOf {
+        loss: Ident,
+        per_layer: Option<DimExpr>,
+        span: Span,
+    },
     Output {
         name: Ident,
         value: Expr,
@@ -297,6 +303,11 @@ pub enum ExprKind {
     Match {
         scrutinee: Box<Expr>,
         arms: Vec<MatchArm>,
+    },
+    /// `x => body`: a function value.
+    Lambda {
+        param: Ident,
+        body: Box<Expr>,
     },
     Reduce {
         op: RedOp,

@@ -304,15 +304,14 @@ fn relocate(text: &str, pos: usize, positives: &[Rule]) -> Option<Relocated> {
                 }
             }
         }
-        if positives
-            .iter()
-            .any(|r| matches!(r, Rule::stmt | Rule::let_stmt | Rule::input_stmt))
-            || positives.contains(&Rule::expr)
-                && lines.len() >= 1
-                && !text[..pos]
-                    .trim_end()
-                    .ends_with(|c: char| "+-*/%^<>=|".contains(c))
-        {
+        // The parser stood between statements, wanting the result.
+        let at_statement = positives.iter().any(|r| {
+            matches!(
+                r,
+                Rule::let_stmt | Rule::input_stmt | Rule::output_stmt | Rule::require_stmt
+            )
+        });
+        if at_statement {
             return Some(Relocated {
                 start: pos,
                 end: pos + 1,
@@ -356,6 +355,26 @@ fn relocate(text: &str, pos: usize, positives: &[Rule]) -> Option<Relocated> {
             label: format!("read as `{name}` and then a separate `(...)`"),
             help: Some(format!("write `{name}(...)`, without the space")),
         });
+    }
+
+    // The file ends in the middle of something: point at its last token
+    // (an empty span at the very end would show no source line).
+    if rest.is_empty() {
+        if let Some(last) = code[..pos].iter().rposition(|b| !b.is_ascii_whitespace()) {
+            let expected = describe_expected(positives);
+            // `last` is the final byte of a character; start at its first.
+            let mut start = last;
+            while !text.is_char_boundary(start) {
+                start -= 1;
+            }
+            return Some(Relocated {
+                start,
+                end: last + 1,
+                message: "syntax error: unexpected end of file".into(),
+                label: format!("the file ends after this; expected {expected}"),
+                help: None,
+            });
+        }
     }
     None
 }
@@ -494,6 +513,21 @@ impl Cx<'_> {
         Span::new(self.file, s.start(), s.end())
     }
 
+    /// The span of a rule up to the end of its last inner token. A rule that
+    /// ends in an optional part (`input x: [B] = []`) also takes the
+    /// whitespace and comments pest skipped looking for it; diagnostics
+    /// should not underline those.
+    fn span_to_last(&self, p: &P) -> Span {
+        let s = p.as_span();
+        let end = p
+            .clone()
+            .into_inner()
+            .map(|i| i.as_span().end())
+            .max()
+            .unwrap_or(s.end());
+        Span::new(self.file, s.start(), end)
+    }
+
     fn ident(&self, p: P) -> Ident {
         Ident {
             name: p.as_str().to_string(),
@@ -502,7 +536,7 @@ impl Cx<'_> {
     }
 
     fn use_decl(&self, p: P) -> UseDecl {
-        let span = self.span(&p);
+        let span = self.span_to_last(&p);
         let s = p
             .into_inner()
             .next()
@@ -596,7 +630,7 @@ impl Cx<'_> {
     }
 
     fn loss_param(&self, p: P) -> ParamDecl {
-        let span = self.span(&p);
+        let span = self.span_to_last(&p);
         let mut it = p.into_inner();
         let name = self.ident(it.next().expect("grammar: param name"));
         let ty = self.param_ty(it.next().expect("grammar: param type"));
@@ -642,6 +676,20 @@ impl Cx<'_> {
         for part in p.into_inner() {
             match part.as_rule() {
                 Rule::input_stmt => stmts.push(Stmt::Input(self.input(part))),
+                Rule::inputs_of => {
+                    let span = self.span(&part);
+                    let mut it = part.into_inner();
+                    let loss = self.ident(it.next().expect("grammar: inputs_of loss"));
+                    let per_layer = it
+                        .next()
+                        .and_then(|p| p.into_inner().next())
+                        .map(|d| self.dim_expr(d));
+                    stmts.push(Stmt::InputsOf {
+                        loss,
+                        per_layer,
+                        span,
+                    });
+                }
                 Rule::output_stmt => {
                     let mut it = part.into_inner();
                     let name = self.ident(it.next().expect("grammar: output name"));
@@ -671,7 +719,7 @@ impl Cx<'_> {
     }
 
     fn input(&self, p: P) -> InputDecl {
-        let span = self.span(&p);
+        let span = self.span_to_last(&p);
         let mut it = p.into_inner();
         let name = self.ident(it.next().expect("grammar: input name"));
         let mut decl = InputDecl {
@@ -884,6 +932,15 @@ impl Cx<'_> {
                 kind: ExprKind::Name(p.as_str().to_string()),
                 span,
             },
+            Rule::lambda => {
+                let mut it = p.into_inner();
+                let param = self.ident(it.next().expect("grammar: lambda param"));
+                let body = Box::new(self.expr(it.next().expect("grammar: lambda body")));
+                Expr {
+                    kind: ExprKind::Lambda { param, body },
+                    span,
+                }
+            }
             Rule::list => Expr {
                 kind: ExprKind::List(p.into_inner().map(|e| self.expr(e)).collect()),
                 span,

@@ -63,8 +63,17 @@ pub fn compile_std_for(
     let program = Program::new();
     let (file, decl) =
         lossc::select_loss(&program, None, Some(class)).map_err(|d| d.render(&program.sources))?;
-    lossc::compile_for(&program, file, decl, params, Some(tensors))
-        .map_err(|d| lossc::syntax::diag::render_all(&d, &program.sources))
+    lossc::compile_for(
+        &program,
+        file,
+        decl,
+        params,
+        &lossc::Specialize {
+            tensors: Some(tensors),
+            ..Default::default()
+        },
+    )
+    .map_err(|d| lossc::syntax::diag::render_all(&d, &program.sources))
 }
 
 /// Compiles a loss from source text (the only loss of the text, or `name`).
