@@ -1150,7 +1150,10 @@ fn syntax_errors_stop_run_and_ir_with_a_location() {
     for sub in ["run", "ir", "check"] {
         lossc([sub, p(&file)])
             // The unclosed `[` (line 3) is where the error is reported.
-            .expect(1, &["LC0001", &format!("{}:3:14", p(&file)), "never closed"])
+            .expect(
+                1,
+                &["LC0001", &format!("{}:3:14", p(&file)), "never closed"],
+            )
             .no_stdout();
     }
 }
