@@ -10,6 +10,22 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+/// Writes a line to stdout; a closed pipe (`lossc ... | head`) is not an error.
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
+/// Writes to stdout, ignoring a closed pipe.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write;
+        let _ = write!(std::io::stdout(), $($t)*);
+    }};
+}
+
 #[derive(Parser)]
 #[command(
     name = "lossc",
@@ -337,11 +353,11 @@ fn compile(args: &LossArgs, spec: &lossc::Specialize) -> Result<(Program, ir::Gr
 fn print_ir(args: &IrArgs) -> Result<(), Failure> {
     let (_, graph) = compile(&args.loss, &lossc::Specialize::default())?;
     if args.no_opt {
-        print!("{}", ir::print::print_graph(&graph));
+        out!("{}", ir::print::print_graph(&graph));
         return Ok(());
     }
     let (graph, report) = lossc::opt::optimize(&graph);
-    print!("{}", ir::print::print_graph(&graph));
+    out!("{}", ir::print::print_graph(&graph));
     if args.explain {
         explain(&report);
     }
@@ -377,7 +393,7 @@ fn print_grad(args: &GradArgs) -> Result<(), Failure> {
             program.sources.get(span.file).name
         ))
     };
-    print!("{}", ir::print::print_graph_annotated(&full, &annotate));
+    out!("{}", ir::print::print_graph_annotated(&full, &annotate));
     eprintln!(
         "{} nodes: forward {}, forward + gradient {}",
         graph.name,
@@ -457,9 +473,9 @@ fn gradcheck(args: &GradcheckArgs) -> Result<(), Failure> {
         report(&program, &d);
         Failure::Diagnostics
     })?;
-    println!("{} = {} (f64)", graph.name, result.loss);
+    outln!("{} = {} (f64)", graph.name, result.loss);
     if result.frozen_detach {
-        println!("detached terms are held at their values at this point (the gradient autograd computes)");
+        outln!("detached terms are held at their values at this point (the gradient autograd computes)");
     }
     let mut failed = false;
     for r in &result.inputs {
@@ -473,7 +489,7 @@ fn gradcheck(args: &GradcheckArgs) -> Result<(), Failure> {
         } else {
             String::new()
         };
-        println!(
+        outln!(
             "  {:<20} worst relative error {:.2e} over {} checks{kinks}  {verdict}",
             r.name, r.worst, r.checks
         );
@@ -608,15 +624,15 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
                 "dtype": dtype,
                 "dims": bound.sizes,
             });
-            println!("{out}");
+            outln!("{out}");
         }
         Format::Text => {
-            println!("{} = {loss}", graph.name);
+            outln!("{} = {loss}", graph.name);
             for (n, x) in &outputs[1..] {
-                println!("  {n} = {x}");
+                outln!("  {n} = {x}");
             }
             for (k, t) in &grads {
-                println!("  d/d {k:<16} shape {:?}  l2 {:.6e}", t.shape, l2(t));
+                outln!("  d/d {k:<16} shape {:?}  l2 {:.6e}", t.shape, l2(t));
             }
             let dims: Vec<String> = bound
                 .sizes
@@ -628,7 +644,7 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
             } else {
                 format!("random inputs, seed {}", args.seed)
             };
-            println!("(backend interp, {dtype}, {}; {source})", dims.join(" "));
+            outln!("(backend interp, {dtype}, {}; {source})", dims.join(" "));
         }
     }
     Ok(())
