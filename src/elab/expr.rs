@@ -821,22 +821,29 @@ impl Elab<'_> {
         for (v, b) in vars.iter().zip(binders) {
             over.push((*v, self.extent_of(*v, b.name.span)?));
         }
+        // A tensor `else` value is chosen where nothing passes the filter.
+        let mut fallback = None;
         let empty = match default {
             None => op.ir().identity(),
             Some(d) => match self.expr(d)? {
                 Value::Static(s) if s.as_f64().is_some() => s.as_f64().unwrap_or(0.0),
                 Value::Static(Static::Bool(b)) => f64::from(u8::from(b)),
+                Value::Tensor(v) => {
+                    fallback = Some(v);
+                    op.ir().identity()
+                }
                 _ => {
                     return Err(self.error(
                         Diagnostic::error(
-                            codes::NOT_STATIC,
-                            "the `else` value of a reduction must be a constant",
+                            codes::TYPE_MISMATCH,
+                            "the `else` value of a reduction must be a number or a tensor",
                         )
-                        .at(d.span, "not a constant"),
+                        .at(d.span, "not a number"),
                     ))
                 }
             },
         };
+        let count_parts = fallback.as_ref().map(|_| (over.clone(), filter.clone()));
         let (body, dtype) = match op {
             RedOp::Sum | RedOp::Max | RedOp::Min => {
                 if body.ty == DType::Bool {
@@ -873,7 +880,34 @@ impl Elab<'_> {
             empty,
         };
         let out = self.build_comp(body, Some(reduce), dtype, None, span)?;
-        Ok(Value::Tensor(out))
+        let (Some(fb), Some((over, filter))) = (fallback, count_parts) else {
+            return Ok(Value::Tensor(out));
+        };
+        let count_body = Val {
+            expr: Expr::Int(1),
+            ty: DType::Int,
+            axes: out.axes.clone(),
+        };
+        let creduce = ir::Reduce {
+            op: ir::RedOp::Count,
+            over,
+            filter,
+            empty: 0.0,
+        };
+        let count = self.build_comp(count_body, Some(creduce), DType::Int, None, span)?;
+        let any = Expr::binary(IB::Gt, count.expr, Expr::Int(0));
+        let (o, f, axes) = self.broadcast(out, fb, span)?;
+        let ty = if o.ty == DType::Float || f.ty == DType::Float {
+            DType::Float
+        } else {
+            o.ty
+        };
+        let expr = Expr::Select(
+            Box::new(any),
+            Box::new(to_float_if(o.expr, o.ty, ty)),
+            Box::new(to_float_if(f.expr, f.ty, ty)),
+        );
+        Ok(Value::Tensor(Val { expr, ty, axes }))
     }
 
     fn reduce_type_error(&mut self, op: RedOp, want: &str, got: DType, span: Span) -> Reported {
