@@ -1,17 +1,31 @@
 //! Every fixture case's gradients (`grad.*` in the fixture files, computed by
 //! PyTorch autograd on the real sentence-transformers losses) reproduced by
 //! the symbolic gradient program: f64 to 1e-9, f32 to 1e-4.
+//!
+//! One exception, stated here rather than hidden: in cases tagged
+//! `near_duplicate`, two inputs differ by less than f32's resolution, so after
+//! rounding to f32 a kink such as |u - v| sits exactly at 0 and its f32
+//! gradient differs from the f64 reference by construction (PyTorch in f32
+//! does the same). Those cases compare f32 with lossc's own f64 evaluation at
+//! the f32-rounded inputs (same point, same math), and print that they did.
 
 mod common;
 use common::*;
 
-const CLASSES: &[&str] = &[
-    "CosineSimilarityLoss",
-    "MultipleNegativesRankingLoss",
-    "TripletLoss",
-    "CoSENTLoss",
-    "ContrastiveLoss",
-];
+/// The tensors with every float value rounded to f32 (kept as f64).
+fn round_to_f32(tensors: &lossc::tensor_io::TensorMap) -> lossc::tensor_io::TensorMap {
+    use lossc::tensor_io::{HostTensor, TensorData};
+    tensors
+        .iter()
+        .map(|(k, t)| {
+            let t = match &t.data {
+                TensorData::F64(v) => HostTensor::f64(t.shape.clone(), v.iter().map(|x| *x as f32 as f64).collect()),
+                _ => t.clone(),
+            };
+            (k.clone(), t)
+        })
+        .collect()
+}
 
 fn check_case(case: &Case, failures: &mut Vec<String>) {
     let tensors = read_case(case);
@@ -32,12 +46,22 @@ fn check_case(case: &Case, failures: &mut Vec<String>) {
         "{}: fixture has no gradients",
         case.id
     );
+    let near_duplicate = case.tags.iter().any(|t| t == "near_duplicate");
+    let rounded_reference = if near_duplicate { grads_of::<f64>(&graph, &round_to_f32(&tensors)).ok() } else { None };
     for (dtype, rtol) in [("f64", 1e-9), ("f32", 1e-4)] {
         let result = if dtype == "f64" {
             grads_of::<f64>(&graph, &tensors)
         } else {
             grads_of::<f32>(&graph, &tensors)
         };
+        let expected: Vec<(String, Vec<usize>, Vec<f64>)> = match (&rounded_reference, dtype) {
+            (Some((_, r)), "f32") => {
+                eprintln!("{}: f32 gradients compared with f64 at the f32-rounded inputs (near-duplicate rows)", case.id);
+                expected.iter().filter_map(|(n, s, _)| r.iter().find(|g| &g.0 == n).map(|g| (n.clone(), s.clone(), g.2.clone()))).collect()
+            }
+            _ => expected.clone(),
+        };
+
         let (_, grads) = match result {
             Ok(x) => x,
             Err(e) => return failures.push(format!("{} {dtype}: {e}", case.id)),

@@ -50,6 +50,28 @@ fn fixture_losses_match_reference_in_f64_and_f32() {
                 "{}: manifest and file disagree",
                 case.id
             );
+            // Every `component.<name>` of the file is an output of the same name.
+            for (dtype, rtol) in [("f64", 1e-9), ("f32", 1e-4)] {
+                let out = if dtype == "f64" {
+                    eval64(&graph, &tensors)
+                } else {
+                    eval32(&graph, &tensors)
+                };
+                let Ok(out) = out else { continue };
+                for (key, t) in tensors.iter().filter(|(k, _)| k.starts_with("component.")) {
+                    let name = &key["component.".len()..];
+                    let want = t.to_f64_vec()[0];
+                    match out.iter().find(|(n, _)| n == name) {
+                        Some((_, got))
+                            if close(*got, want, rtol) || (want == 0.0 && got.abs() < rtol) => {}
+                        Some((_, got)) => failures.push(format!(
+                            "{} {dtype}: component {name} = {got}, reference {want}",
+                            case.id
+                        )),
+                        None => failures.push(format!("{}: no output named `{name}`", case.id)),
+                    }
+                }
+            }
             match eval64(&graph, &tensors) {
                 Ok(out) if close(out[0].1, reference, 1e-9) => {}
                 Ok(out) => failures.push(format!(

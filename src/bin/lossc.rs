@@ -491,7 +491,9 @@ fn gradcheck(args: &GradcheckArgs) -> Result<(), Failure> {
         };
         outln!(
             "  {:<20} worst relative error {:.2e} over {} checks{kinks}  {verdict}",
-            r.name, r.worst, r.checks
+            r.name,
+            r.worst,
+            r.checks
         );
     }
     if failed {

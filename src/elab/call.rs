@@ -90,31 +90,25 @@ impl Elab<'_> {
                     .with_help(format!("`{f}(negative)`")),
             ));
         };
-        let binding = self.lookup(input).cloned();
-        let is_input =
-            |id: &ir::NodeId, el: &Self| matches!(el.graph.node(*id).kind, NodeKind::Input { .. });
-        match (f.as_str(), binding) {
-            ("present", Some(Binding::Absent(_))) => Ok(Some(Value::Static(Static::Bool(false)))),
-            ("present", Some(Binding::Node(id))) if is_input(&id, self) => {
-                Ok(Some(Value::Static(Static::Bool(true))))
-            }
-            ("form", Some(Binding::Node(id))) if is_input(&id, self) => Ok(Some(Value::Static(
-                Static::Int(self.forms.get(input).copied().unwrap_or(0) as i64),
-            ))),
-            ("form", Some(Binding::Absent(_))) => Err(self.error(
-                Diagnostic::error(
-                    codes::MISSING_TENSOR,
-                    format!("`{input}` is absent, so it has no form"),
-                )
-                .at(*ispan, "absent")
-                .with_help(format!("test `present({input})` first")),
+        // Whether the name is an input here: an input node, an absent optional
+        // input, or (in a called loss) an input bound to the caller's value.
+        let called = self.call_inputs.as_ref().is_some_and(|c| c.contains_key(input));
+        let present = match self.lookup(input) {
+            Some(Binding::Absent(_)) => Some(false),
+            Some(Binding::Node(id)) if matches!(self.graph.node(*id).kind, NodeKind::Input { .. }) => Some(true),
+            Some(Binding::Val(_)) if called => Some(true),
+            _ => None,
+        };
+        match (f.as_str(), present) {
+            ("present", Some(p)) => Ok(Some(Value::Static(Static::Bool(p)))),
+            ("form", Some(true)) => Ok(Some(Value::Static(Static::Int(self.forms.get(input).copied().unwrap_or(0) as i64)))),
+            ("form", Some(false)) => Err(self.error(
+                Diagnostic::error(codes::MISSING_TENSOR, format!("`{input}` is absent, so it has no form"))
+                    .at(*ispan, "absent")
+                    .with_help(format!("test `present({input})` first")),
             )),
             _ => Err(self.error(
-                Diagnostic::error(
-                    codes::TYPE_MISMATCH,
-                    format!("`{f}` asks about an input; `{input}` is not one"),
-                )
-                .at(*ispan, "not an input"),
+                Diagnostic::error(codes::TYPE_MISMATCH, format!("`{f}` asks about an input; `{input}` is not one")).at(*ispan, "not an input"),
             )),
         }
     }
@@ -146,9 +140,12 @@ impl Elab<'_> {
         }
         let saved_scopes = std::mem::replace(&mut self.scopes, vec![scope]);
         let saved_module = std::mem::replace(&mut self.module, module);
+        // The function's own reduction indices are not the caller's business.
+        let saved_closed = std::mem::take(&mut self.closed_indices);
         self.call_stack.push(name.to_string());
         let result = self.fn_block(&decl.body);
         self.call_stack.pop();
+        self.closed_indices = saved_closed;
         self.module = saved_module;
         self.scopes = saved_scopes;
         result.map_err(|r| {
@@ -282,8 +279,15 @@ impl Elab<'_> {
         for stmt in &block.stmts {
             match stmt {
                 Stmt::Let(l) => {
-                    let v = self.let_value(l)?;
-                    self.bind(&l.name.name, super::value::binding_of(v));
+                    let binding = match self.let_value(l)? {
+                        // Outside index notation a tensor `let` is a named node,
+                        // as at loss level; inside, it stays an expression.
+                        Value::Tensor(v) if self.ambient.is_empty() => {
+                            Binding::Node(self.materialize_named(v, Some(l.name.name.clone()), l.span)?)
+                        }
+                        v => super::value::binding_of(v),
+                    };
+                    self.bind(&l.name.name, binding);
                 }
                 Stmt::Require {
                     cond,
@@ -582,6 +586,10 @@ impl Elab<'_> {
     }
 
     fn size_arg(&mut self, v: Value, span: Span) -> R<Dim> {
+        if let Value::Symbol(name, s) = &v {
+            // An undefined name (`arange(E)` with no dim E) is an unknown name.
+            return Err(self.unknown_name(name, *s));
+        }
         match static_dim_of(&v) {
             Some(d) if d.as_lit().is_none_or(|n| n >= 0) => Ok(d),
             _ => Err(self.error(

@@ -88,6 +88,13 @@ impl Elab<'_> {
             }
             ExprKind::Binary { op, lhs, rhs } => {
                 let a = self.expr(lhs)?;
+                // `and`/`or` on a parameter condition short-circuit, so that
+                // `w == null or len(w) == n` is fine when w is null.
+                match (op, &a) {
+                    (BinOp::Or, Value::Static(Static::Bool(true))) => return Ok(a),
+                    (BinOp::And, Value::Static(Static::Bool(false))) => return Ok(a),
+                    _ => {}
+                }
                 let b = self.expr(rhs)?;
                 self.binary(*op, a, b, lhs.span, rhs.span, span)
             }
@@ -318,6 +325,9 @@ impl Elab<'_> {
     /// A slice bound: an int parameter, literal, dim name or sum of those.
     fn static_dim(&mut self, e: &ast::Expr) -> R<Dim> {
         let v = self.expr(e)?;
+        if let Value::Symbol(name, s) = &v {
+            return Err(self.unknown_name(name, *s));
+        }
         match static_dim_of(&v) {
             Some(d) => Ok(d),
             None => Err(self.error(
@@ -550,6 +560,8 @@ impl Elab<'_> {
                 _ => None,
             }),
             Static::Null => None,
+            // A choice passed on as a bare name to a function, or a string.
+            Static::Str(_) => None,
             _ => return Err(self.unknown_name(name, span)),
         };
         if let Some(c) = &choices {
@@ -1063,11 +1075,13 @@ impl Elab<'_> {
         for v in &values[1..] {
             m = self.elementwise2(IB::Max, m, v.clone(), span)?;
         }
-        // The shift is used once per term: compute it once.
+        // The shift is used once per term: compute it once. Its gradient is
+        // 1 - sum(softmax) = 0, so it is detached (a smaller gradient program).
         if let Value::Tensor(t) = m {
             let prefix = self.shared_prefix(std::slice::from_ref(&t));
             let id = self.materialize_in_scope(t, span, &prefix)?;
-            m = Value::Tensor(self.read_back(id, &prefix));
+            let read = self.read_back(id, &prefix);
+            m = Value::Tensor(Val { expr: Expr::unary(IU::Detach, read.expr), ..read });
         }
         let mut total: Option<Value> = None;
         for v in values {

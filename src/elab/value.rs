@@ -332,7 +332,11 @@ impl Elab<'_> {
             .cloned()
             .chain(v.axes.iter().map(|(a, _)| Expr::Index(*a)))
             .collect();
-        (at == &expected && self.graph.node(*node).shape.len() == expected.len()).then_some(*node)
+        // Same variables in the same order *and* the same extents: a slice
+        // `w[:, 0:4]` reads w at its own variables but is not w.
+        let shape = &self.graph.node(*node).shape;
+        let same_extents = shape.len() == expected.len() && shape[prefix.len()..].iter().zip(&v.axes).all(|(d, (_, e))| d == e);
+        (at == &expected && same_extents).then_some(*node)
     }
 
     /// Aligns the axes of two values from the right (numpy broadcasting, with
