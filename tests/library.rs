@@ -89,3 +89,17 @@ fn gradcheck_every_library_loss_at_its_reference_inputs() {
         failures.join("\n")
     );
 }
+
+#[test]
+fn the_library_readme_lists_every_loss() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/losses/README.md"))
+        .expect("losses/README.md");
+    let program = lossc::elab::Program::new();
+    for entry in lossc::library_catalogue(&program) {
+        assert!(
+            readme.contains(&format!("| {} |", entry.name)),
+            "losses/README.md lacks {}; regenerate with `lossc list --format markdown`",
+            entry.name
+        );
+    }
+}

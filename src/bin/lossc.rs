@@ -66,6 +66,18 @@ enum Command {
     /// Prints the worst relative error per input; exits 1 above --tol. Points on a kink
     /// (ties, hinges at exactly zero) are detected and reported, not counted as errors.
     Gradcheck(GradcheckArgs),
+    /// List the standard library: every loss with its inputs and parameters.
+    List {
+        /// `text` for the terminal, `markdown` for a table (losses/README.md is made with it).
+        #[arg(long, value_enum, default_value_t = ListFormat::Text)]
+        format: ListFormat,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum ListFormat {
+    Text,
+    Markdown,
 }
 
 #[derive(Args)]
@@ -163,6 +175,8 @@ struct RunArgs {
 enum Backend {
     /// The reference interpreter (ndarray).
     Interp,
+    /// Native code compiled with Cranelift, one function per comprehension.
+    Jit,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -193,6 +207,10 @@ fn main() -> ExitCode {
         Command::Ir(args) => print_ir(&args),
         Command::Grad(args) => print_grad(&args),
         Command::Gradcheck(args) => gradcheck(&args),
+        Command::List { format } => {
+            list(format);
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -451,6 +469,42 @@ fn random_tensors(
     })
 }
 
+fn list(format: ListFormat) {
+    let program = Program::new();
+    let entries = lossc::library_catalogue(&program);
+    if format == ListFormat::Markdown {
+        outln!("| loss | what it is for | inputs | parameters (defaults) |");
+        outln!("|---|---|---|---|");
+        for e in &entries {
+            let cell = |v: &[String]| {
+                v.iter()
+                    .map(|x| format!("`{x}`"))
+                    .collect::<Vec<_>>()
+                    .join("<br>")
+                    .replace('|', "\\|")
+            };
+            outln!(
+                "| {} | {} | {} | {} |",
+                e.name,
+                e.summary.replace('|', "\\|"),
+                cell(&e.inputs),
+                cell(&e.params)
+            );
+        }
+        return;
+    }
+    for e in &entries {
+        outln!("{}  ({})", e.name, e.file);
+        outln!("  {}", e.summary);
+        for i in &e.inputs {
+            outln!("  input {i}");
+        }
+        for p in &e.params {
+            outln!("  param {p}");
+        }
+    }
+}
+
 fn gradcheck(args: &GradcheckArgs) -> Result<(), Failure> {
     let file_tensors = read_inputs(&args.inputs, &args.dims)?;
     let spec = lossc::Specialize {
@@ -552,17 +606,36 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
         report(&program, &[d]);
         Failure::Diagnostics
     };
+    let jit = match args.backend {
+        Backend::Interp => None,
+        Backend::Jit => {
+            let precision = match args.dtype {
+                DTypeArg::F32 => lossc::jit::Precision::F32,
+                DTypeArg::F64 => lossc::jit::Precision::F64,
+            };
+            match lossc::jit::compile(&full, precision) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    eprintln!(
+                        "error: internal error: the jit backend cannot compile `{}`: {e}",
+                        graph.name
+                    );
+                    return Err(Failure::Diagnostics);
+                }
+            }
+        }
+    };
     let (outputs, grads): (Vec<(String, f64)>, Vec<(String, tensor_io::HostTensor)>) =
         match args.dtype {
             DTypeArg::F64 => {
-                let e = interp::evaluate::<f64>(&full, &bound).map_err(fail)?;
+                let e = evaluate::<f64>(&full, &bound, jit.as_ref()).map_err(fail)?;
                 (
                     e.outputs.clone(),
                     lossc::gradient_tensors(&full, &bound, &e),
                 )
             }
             DTypeArg::F32 => {
-                let e = interp::evaluate::<f32>(&full, &bound).map_err(fail)?;
+                let e = evaluate::<f32>(&full, &bound, jit.as_ref()).map_err(fail)?;
                 (
                     e.outputs
                         .iter()
@@ -622,7 +695,7 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
                 "loss": json_number(loss),
                 "grads": grads_json,
                 "components": components,
-                "backend": "interp",
+                "backend": backend_name(args.backend),
                 "dtype": dtype,
                 "dims": bound.sizes,
             });
@@ -646,10 +719,33 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
             } else {
                 format!("random inputs, seed {}", args.seed)
             };
-            outln!("(backend interp, {dtype}, {}; {source})", dims.join(" "));
+            outln!(
+                "(backend {}, {dtype}, {}; {source})",
+                backend_name(args.backend),
+                dims.join(" ")
+            );
         }
     }
     Ok(())
+}
+
+/// Evaluates on the chosen backend: the interpreter, or the JIT's code.
+fn evaluate<F: interp::Real>(
+    full: &ir::Graph,
+    bound: &bind::Bound,
+    jit: Option<&lossc::jit::JitProgram>,
+) -> Result<interp::Evaluation<F>, Diagnostic> {
+    match jit {
+        Some(program) => program.run::<F>(bound),
+        None => interp::evaluate::<F>(full, bound),
+    }
+}
+
+fn backend_name(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Interp => "interp",
+        Backend::Jit => "jit",
+    }
 }
 
 /// JSON has no NaN or infinity; those are written as strings.

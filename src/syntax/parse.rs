@@ -621,7 +621,8 @@ impl Cx<'_> {
             let t = line.trim();
             match t.strip_prefix('#') {
                 Some(rest) => lines.push(rest.strip_prefix(' ').unwrap_or(rest).to_string()),
-                None if t.is_empty() && lines.is_empty() => continue,
+                // Blank lines and `use` lines may stand between a doc comment and its loss.
+                None if lines.is_empty() && (t.is_empty() || t.starts_with("use ")) => continue,
                 None => break,
             }
         }
