@@ -253,3 +253,113 @@ pub fn differentiate(forward: &ir::Graph) -> (ir::Graph, opt::Report) {
     }
     (full, report)
 }
+
+/// One row of the standard library's catalogue (`lossc list`).
+pub struct LibraryEntry {
+    pub name: String,
+    pub file: String,
+    /// The first sentence of the doc comment.
+    pub summary: String,
+    /// `name: [B, D]` for every input (`..loss` for a wrapper's inner inputs).
+    pub inputs: Vec<String>,
+    /// `name: type = default` for every parameter.
+    pub params: Vec<String>,
+}
+
+/// Every loss of the standard library, sorted by name.
+pub fn library_catalogue(program: &Program) -> Vec<LibraryEntry> {
+    use syntax::ast::{DimExpr, ElemTy, Stmt};
+    fn dim(d: &DimExpr) -> String {
+        match d {
+            DimExpr::Name(n) => n.name.clone(),
+            DimExpr::Lit(n, _) => n.to_string(),
+            DimExpr::Add(a, b) => format!("{} + {}", dim(a), dim(b)),
+            DimExpr::Sub(a, b) => format!("{} - {}", dim(a), dim(b)),
+            DimExpr::Mul(a, b) => format!("{}*{}", dim(a), dim(b)),
+        }
+    }
+    let mut out = Vec::new();
+    for (file, decl) in program.std_losses() {
+        let inputs = decl
+            .body
+            .stmts
+            .iter()
+            .filter_map(|s| match s {
+                Stmt::Input(i) => {
+                    let shapes: Vec<String> = i
+                        .types
+                        .iter()
+                        .map(|t| {
+                            let elem = match t.elem {
+                                ElemTy::Float => "",
+                                ElemTy::Int => "int",
+                                ElemTy::Bool => "bool",
+                            };
+                            format!(
+                                "{elem}[{}]",
+                                t.dims.iter().map(dim).collect::<Vec<_>>().join(", ")
+                            )
+                        })
+                        .collect();
+                    let suffix = if i.variadic {
+                        " (0+ columns)"
+                    } else if i.optional {
+                        " (optional)"
+                    } else {
+                        ""
+                    };
+                    Some(format!("{}: {}{suffix}", i.name.name, shapes.join(" | ")))
+                }
+                Stmt::InputsOf {
+                    loss, per_layer, ..
+                } => Some(match per_layer {
+                    Some(l) => format!(
+                        "the inputs of the inner {}, each embedding x as all_layers_x [{}, ...]",
+                        loss.name,
+                        dim(l)
+                    ),
+                    None => format!("the inputs of the inner {}", loss.name),
+                }),
+                _ => None,
+            })
+            .collect();
+        let params = decl
+            .params
+            .iter()
+            .map(|p| {
+                let ty = elab::params::type_name(&p.ty);
+                let default = p
+                    .default
+                    .as_ref()
+                    .map(|d| format!(" = {}", program.sources.snippet(d.span)))
+                    .unwrap_or_default();
+                format!("{}: {ty}{default}", p.name.name)
+            })
+            .collect();
+        let doc = decl
+            .doc
+            .strip_prefix(&format!("{}: ", decl.name.name))
+            .unwrap_or(&decl.doc);
+        let summary = doc.split(". ").next().unwrap_or("").replace('\n', " ");
+        let summary = if summary.is_empty() || summary.ends_with('.') {
+            summary
+        } else {
+            format!("{summary}.")
+        };
+        let file = program
+            .sources
+            .get(file)
+            .name
+            .trim_start_matches("<std>/")
+            .to_string();
+        out.push(LibraryEntry {
+            name: decl.name.name.clone(),
+            file,
+            summary,
+            inputs,
+            params,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
