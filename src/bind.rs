@@ -120,7 +120,11 @@ pub fn bind(graph: &Graph, tensors: &TensorMap) -> Result<Bound, Vec<Diagnostic>
                     id,
                     name.to_string(),
                     vec![],
-                    HostTensor::f64(shape, vec![]),
+                    match node.dtype {
+                        DType::Float => HostTensor::f64(shape, vec![]),
+                        DType::Int => HostTensor::i64(shape, vec![]),
+                        DType::Bool => HostTensor::bool(shape, vec![]),
+                    },
                     node.dtype,
                     node.shape.clone(),
                     true,
@@ -179,6 +183,13 @@ pub fn bind(graph: &Graph, tensors: &TensorMap) -> Result<Bound, Vec<Diagnostic>
             BTreeMap::new()
         }
     };
+    // An absent column input is an empty tensor of the right trailing shape.
+    for (input, (_, _, columns, _, _, shape, variadic)) in inputs.iter_mut().zip(raw.iter()) {
+        if *variadic && columns.is_empty() {
+            let dims: Vec<usize> = std::iter::once(0).chain(shape[1..].iter().map(|d| d.eval(&sizes).unwrap_or(0).max(0) as usize)).collect();
+            input.tensor = HostTensor { shape: dims, data: input.tensor.data.clone() };
+        }
+    }
     if diags.is_empty() {
         Ok(Bound { sizes, inputs })
     } else {
@@ -353,7 +364,15 @@ fn solve_sizes(
     // Repeatedly solve dims with one unknown symbol until nothing changes.
     loop {
         let mut changed = false;
-        for (_, name, _, t, _, shape, _) in raw {
+        for (_, name, columns, t, _, shape, variadic) in raw {
+            // An absent column input says only that it has no columns.
+            if *variadic && columns.is_empty() {
+                if let Some(k) = shape.first().and_then(|d| d.as_sym()) {
+                    changed |= !sizes.contains_key(k);
+                    sizes.entry(k.to_string()).or_insert(0);
+                }
+                continue;
+            }
             for (d, n) in shape.iter().zip(&t.shape) {
                 if d.eval(&sizes).is_none() {
                     if let Some((sym, v)) = d.solve(*n as i64, &sizes) {

@@ -58,6 +58,14 @@ fn fixture_losses_match_reference_in_f64_and_f32() {
                     eval32(&graph, &tensors)
                 };
                 let Ok(out) = out else { continue };
+                let expected: Vec<&str> = tensors.keys().filter_map(|k| k.strip_prefix("component.")).collect();
+                if !expected.is_empty() {
+                    for (n, _) in &out[1..] {
+                        if !expected.contains(&n.as_str()) {
+                            failures.push(format!("{} {dtype}: component `{n}` is not in the reference", case.id));
+                        }
+                    }
+                }
                 for (key, t) in tensors.iter().filter(|(k, _)| k.starts_with("component.")) {
                     let name = &key["component.".len()..];
                     let want = t.to_f64_vec()[0];

@@ -71,8 +71,11 @@ fn passes_for_seeds(class: &str, params: &str, dims: &[(&str, i64)]) -> Vec<Repo
         .map(|&seed| {
             let report = check_std(class, params, seed, dims);
             assert_passes(&report, &format!("{class} {params} {dims:?} seed {seed}"));
+            // Only hardness uses a stop-gradient in its math; several MNRL
+            // directions detach the shift of their logsumexp, which changes no
+            // gradient (its derivative is 1 - sum(softmax) = 0).
             assert!(
-                !report.frozen_detach,
+                !report.frozen_detach || params.contains("directions"),
                 "{class} {params}: no detach expected"
             );
             report

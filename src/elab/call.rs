@@ -92,23 +92,39 @@ impl Elab<'_> {
         };
         // Whether the name is an input here: an input node, an absent optional
         // input, or (in a called loss) an input bound to the caller's value.
-        let called = self.call_inputs.as_ref().is_some_and(|c| c.contains_key(input));
+        let called = self
+            .call_inputs
+            .as_ref()
+            .is_some_and(|c| c.contains_key(input));
         let present = match self.lookup(input) {
             Some(Binding::Absent(_)) => Some(false),
-            Some(Binding::Node(id)) if matches!(self.graph.node(*id).kind, NodeKind::Input { .. }) => Some(true),
+            Some(Binding::Node(id))
+                if matches!(self.graph.node(*id).kind, NodeKind::Input { .. }) =>
+            {
+                Some(true)
+            }
             Some(Binding::Val(_)) if called => Some(true),
             _ => None,
         };
         match (f.as_str(), present) {
             ("present", Some(p)) => Ok(Some(Value::Static(Static::Bool(p)))),
-            ("form", Some(true)) => Ok(Some(Value::Static(Static::Int(self.forms.get(input).copied().unwrap_or(0) as i64)))),
+            ("form", Some(true)) => Ok(Some(Value::Static(Static::Int(
+                self.forms.get(input).copied().unwrap_or(0) as i64,
+            )))),
             ("form", Some(false)) => Err(self.error(
-                Diagnostic::error(codes::MISSING_TENSOR, format!("`{input}` is absent, so it has no form"))
-                    .at(*ispan, "absent")
-                    .with_help(format!("test `present({input})` first")),
+                Diagnostic::error(
+                    codes::MISSING_TENSOR,
+                    format!("`{input}` is absent, so it has no form"),
+                )
+                .at(*ispan, "absent")
+                .with_help(format!("test `present({input})` first")),
             )),
             _ => Err(self.error(
-                Diagnostic::error(codes::TYPE_MISMATCH, format!("`{f}` asks about an input; `{input}` is not one")).at(*ispan, "not an input"),
+                Diagnostic::error(
+                    codes::TYPE_MISMATCH,
+                    format!("`{f}` asks about an input; `{input}` is not one"),
+                )
+                .at(*ispan, "not an input"),
             )),
         }
     }
@@ -282,9 +298,9 @@ impl Elab<'_> {
                     let binding = match self.let_value(l)? {
                         // Outside index notation a tensor `let` is a named node,
                         // as at loss level; inside, it stays an expression.
-                        Value::Tensor(v) if self.ambient.is_empty() => {
-                            Binding::Node(self.materialize_named(v, Some(l.name.name.clone()), l.span)?)
-                        }
+                        Value::Tensor(v) if self.ambient.is_empty() => Binding::Node(
+                            self.materialize_named(v, Some(l.name.name.clone()), l.span)?,
+                        ),
                         v => super::value::binding_of(v),
                     };
                     self.bind(&l.name.name, binding);

@@ -1081,7 +1081,10 @@ impl Elab<'_> {
             let prefix = self.shared_prefix(std::slice::from_ref(&t));
             let id = self.materialize_in_scope(t, span, &prefix)?;
             let read = self.read_back(id, &prefix);
-            m = Value::Tensor(Val { expr: Expr::unary(IU::Detach, read.expr), ..read });
+            m = Value::Tensor(Val {
+                expr: Expr::unary(IU::Detach, read.expr),
+                ..read
+            });
         }
         let mut total: Option<Value> = None;
         for v in values {

@@ -291,6 +291,10 @@ impl<'p> Elab<'p> {
             Stmt::Output { .. } if self.call_inputs.is_some() => Ok(()),
             Stmt::Output { name, value } => {
                 let v = self.expr(value)?;
+                // `output x = null` (after static choices) leaves the component out.
+                if matches!(v, Value::Static(Static::Null)) {
+                    return Ok(());
+                }
                 let id = self.scalar_output(v, value.span, &format!("output `{}`", name.name))?;
                 if self.graph.outputs.iter().any(|(n, _)| n == &name.name) || name.name == "loss" {
                     return Err(self.error(

@@ -335,7 +335,11 @@ impl Elab<'_> {
         // Same variables in the same order *and* the same extents: a slice
         // `w[:, 0:4]` reads w at its own variables but is not w.
         let shape = &self.graph.node(*node).shape;
-        let same_extents = shape.len() == expected.len() && shape[prefix.len()..].iter().zip(&v.axes).all(|(d, (_, e))| d == e);
+        let same_extents = shape.len() == expected.len()
+            && shape[prefix.len()..]
+                .iter()
+                .zip(&v.axes)
+                .all(|(d, (_, e))| d == e);
         (at == &expected && same_extents).then_some(*node)
     }
 
