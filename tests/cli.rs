@@ -1021,8 +1021,11 @@ fn oversized_random_dims_are_refused_not_a_crash() {
 /// describes it, in f64 (1e-9 relative) and f32 (1e-4).
 #[test]
 fn fixture_cases_through_the_cli_match_the_reference() {
+    // Every manifest case (all 29 classes), exactly as the manifest describes
+    // it: the class, its params as a file, its tensors as the input file.
     let s = Scratch::new("fixtures");
-    let cases = std_cases();
+    let cases = manifest();
+    assert_eq!(cases.len(), 129, "the development set has 129 cases");
     for class in STD_LOSSES {
         assert!(
             cases.iter().any(|c| c.class == *class),
@@ -1046,6 +1049,8 @@ fn fixture_cases_through_the_cli_match_the_reference() {
                     for (case, params) in chunk {
                         let params_arg = format!("@{}", p(params));
                         for (dtype, rtol) in [("f64", 1e-9), ("f32", 1e-4)] {
+                            let grads_path =
+                                params.with_extension(format!("{dtype}.grads.safetensors"));
                             let out = lossc([
                                 "run",
                                 "--loss",
@@ -1058,7 +1063,35 @@ fn fixture_cases_through_the_cli_match_the_reference() {
                                 "json",
                                 "--dtype",
                                 dtype,
+                                "--grads-out",
+                                p(&grads_path),
                             ]);
+                            // In f64, every gradient the file stores comes back through --grads-out.
+                            if dtype == "f64" && out.code == 0 {
+                                let reference = read_tensors(&case.file).expect("fixture");
+                                let written = read_tensors(&grads_path).expect("grads file");
+                                let by_row = case.tags.iter().any(|t| t == "zero_vector");
+                                for (key, want) in
+                                    reference.iter().filter(|(k, _)| k.starts_with("grad."))
+                                {
+                                    match written.get(key) {
+                                        Some(got)
+                                            if grad_error(
+                                                &got.to_f64_vec(),
+                                                &want.to_f64_vec(),
+                                                &want.shape,
+                                                1e-9,
+                                                by_row,
+                                            ) <= 1.0 => {}
+                                        Some(_) => failures.push(format!(
+                                            "{}: {key} differs from the reference",
+                                            case.id
+                                        )),
+                                        None => failures
+                                            .push(format!("{}: --grads-out has no {key}", case.id)),
+                                    }
+                                }
+                            }
                             if out.code != 0 {
                                 failures.push(format!("{} ({dtype}):\n{}", case.id, out.show()));
                                 continue;
