@@ -21,6 +21,7 @@ pub mod grad;
 pub mod gradcheck;
 pub mod interp;
 pub mod ir;
+pub mod jit;
 pub mod opt;
 pub mod stdlib;
 pub mod syntax;

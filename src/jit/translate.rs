@@ -1,0 +1,806 @@
+//! The `Translator`: one comprehension node to one Cranelift function, one
+//! `translate_*` method per construct (see the module doc of `jit` for the
+//! steps and invariants).
+//!
+//! Kernel signature: `fn(bufs: *const *mut u8, dims: *const i64,
+//! err: *mut i64) -> i64`. `bufs[n]` is node `n`'s row-major buffer (float of
+//! the compiled precision, i64, or u8 for bool), `dims[s]` the runtime value
+//! of dim-table slot `s`. The kernel returns 0, or `site + 1` after storing
+//! the offending index and the dim size in `err[0]`, `err[1]`.
+
+use super::helpers::{Imported, Math};
+use super::plan::{Dag, DimTable, Op, Ty};
+use super::{ErrorSite, Precision};
+use crate::ir::{BinOp, Comp, DType, Dim, Graph, IdxVar, NodeId, RedOp, Reduce, UnOp};
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
+use cranelift_codegen::ir::{types, BlockArg, InstBuilder, MemFlagsData, Type, Value};
+use cranelift_codegen::isa::TargetFrontendConfig;
+use cranelift_frontend::{FunctionBuilder, Variable};
+use std::collections::HashMap;
+
+/// What one kernel computes: the comprehension and its plan.
+pub(super) struct Kernel<'a> {
+    pub graph: &'a Graph,
+    pub node: NodeId,
+    pub comp: &'a Comp,
+    pub dtype: DType,
+    pub precision: Precision,
+    pub dag: &'a Dag,
+    /// `(variable, extent)` per loop level: output indices, then reduced ones.
+    pub levels: &'a [(IdxVar, Dim)],
+    /// The term of the body (none for `count`, which never evaluates it).
+    pub body: Option<usize>,
+    pub filter: Option<usize>,
+}
+
+/// One comprehension being translated into one function.
+pub(super) struct Translator<'a, 'f> {
+    b: FunctionBuilder<'f>,
+    graph: &'a Graph,
+    comp: &'a Comp,
+    dtype: DType,
+    precision: Precision,
+    dag: &'a Dag,
+    levels: &'a [(IdxVar, Dim)],
+    body: Option<usize>,
+    filter: Option<usize>,
+    helpers: Imported,
+    sites: &'a mut Vec<ErrorSite>,
+    /// Values of terms, innermost scope last. A scope is opened for each loop
+    /// body and each branch, so a remembered value always dominates its uses.
+    memo: Vec<HashMap<usize, Value>>,
+    loop_vars: Vec<Variable>,
+    extents: Vec<Value>,
+    /// Dim-table slot values, loaded once in the entry block.
+    dim_vals: HashMap<usize, Value>,
+    bases: HashMap<NodeId, Value>,
+    read_dims: HashMap<NodeId, Vec<Value>>,
+    err: Value,
+    out_base: Value,
+    out_pos: Variable,
+}
+
+/// Accumulators of one reduction.
+#[derive(Clone, Copy)]
+struct Acc {
+    op: RedOp,
+    count: Variable,
+    /// The running value (sum, best, flag, or running max for logsumexp).
+    acc: Option<(Variable, Ty)>,
+}
+
+const TRUSTED: MemFlagsData = MemFlagsData::trusted();
+
+impl<'a, 'f> Translator<'a, 'f> {
+    /// Starts the function: the entry block with its parameters, every dim
+    /// the kernel needs, every base pointer it reads or writes, and the loop
+    /// counters.
+    pub fn new(
+        k: Kernel<'a>,
+        mut b: FunctionBuilder<'f>,
+        dims: &'a mut DimTable,
+        helpers: Imported,
+        sites: &'a mut Vec<ErrorSite>,
+    ) -> Self {
+        let entry = b.create_block();
+        b.append_block_params_for_function_params(entry);
+        b.switch_to_block(entry);
+        b.seal_block(entry);
+        let params = b.block_params(entry).to_vec();
+        let (bufs, dims_ptr, err) = (params[0], params[1], params[2]);
+        let mut dim_vals: HashMap<usize, Value> = HashMap::new();
+        fn load_slot(
+            b: &mut FunctionBuilder,
+            dim_vals: &mut HashMap<usize, Value>,
+            dims_ptr: Value,
+            slot: usize,
+        ) -> Value {
+            *dim_vals.entry(slot).or_insert_with(|| {
+                b.ins()
+                    .load(types::I64, TRUSTED, dims_ptr, (slot * 8) as i32)
+            })
+        }
+        let extents: Vec<Value> = k
+            .levels
+            .iter()
+            .map(|(_, d)| load_slot(&mut b, &mut dim_vals, dims_ptr, dims.slot(d)))
+            .collect();
+        let mut bases = HashMap::new();
+        let mut read_dims = HashMap::new();
+        for term in &k.dag.terms {
+            match &term.op {
+                Op::Read(n, _) if !bases.contains_key(n) => {
+                    let base = b
+                        .ins()
+                        .load(types::I64, TRUSTED, bufs, (n.index() * 8) as i32);
+                    bases.insert(*n, base);
+                    let ds: Vec<Value> = k
+                        .graph
+                        .node(*n)
+                        .shape
+                        .iter()
+                        .map(|d| load_slot(&mut b, &mut dim_vals, dims_ptr, dims.slot(d)))
+                        .collect();
+                    read_dims.insert(*n, ds);
+                }
+                Op::Size(slot) => {
+                    load_slot(&mut b, &mut dim_vals, dims_ptr, *slot);
+                }
+                _ => {}
+            }
+        }
+        let out_base = b
+            .ins()
+            .load(types::I64, TRUSTED, bufs, (k.node.index() * 8) as i32);
+        let loop_vars: Vec<Variable> = k.levels.iter().map(|_| b.declare_var(types::I64)).collect();
+        let out_pos = b.declare_var(types::I64);
+        let zero = b.ins().iconst(types::I64, 0);
+        b.def_var(out_pos, zero);
+        Translator {
+            b,
+            graph: k.graph,
+            comp: k.comp,
+            dtype: k.dtype,
+            precision: k.precision,
+            dag: k.dag,
+            levels: k.levels,
+            body: k.body,
+            filter: k.filter,
+            helpers,
+            sites,
+            memo: vec![HashMap::new()],
+            loop_vars,
+            extents,
+            dim_vals,
+            bases,
+            read_dims,
+            err,
+            out_base,
+            out_pos,
+        }
+    }
+
+    /// Emits the kernel body and finalizes the function.
+    pub fn translate(mut self, config: TargetFrontendConfig) {
+        self.translate_comp();
+        self.b.finalize(config);
+    }
+
+    /// The loop nest over the output, then `return 0`.
+    fn translate_comp(&mut self) {
+        if self.innermost() >= 0 {
+            self.hoist(-1);
+        }
+        self.translate_output_loops(0);
+        let zero = self.b.ins().iconst(types::I64, 0);
+        self.b.ins().return_(&[zero]);
+    }
+
+    fn fty(&self) -> Type {
+        self.precision.float_type()
+    }
+
+    fn cl_type(&self, ty: Ty) -> Type {
+        match ty {
+            Ty::F => self.fty(),
+            Ty::I => types::I64,
+            Ty::B => types::I8,
+        }
+    }
+
+    fn innermost(&self) -> i32 {
+        self.levels.len() as i32 - 1
+    }
+
+    fn n_out(&self) -> usize {
+        self.comp.indices.len()
+    }
+
+    fn level_of(&self, v: IdxVar) -> Option<usize> {
+        self.levels.iter().position(|(w, _)| *w == v)
+    }
+
+    fn fconst(&mut self, x: f64) -> Value {
+        match self.precision {
+            Precision::F32 => self.b.ins().f32const(x as f32),
+            Precision::F64 => self.b.ins().f64const(x),
+        }
+    }
+
+    fn call(&mut self, m: Math, args: &[Value]) -> Value {
+        let f = self.helpers.get(m);
+        let inst = self.b.ins().call(f, args);
+        self.b.inst_results(inst)[0]
+    }
+
+    fn lookup(&self, id: usize) -> Option<Value> {
+        self.memo.iter().rev().find_map(|m| m.get(&id).copied())
+    }
+
+    /// Evaluates, once per iteration of level `level`, every safe term that
+    /// depends on no deeper loop. Safe terms cannot fail, so evaluating them
+    /// early (or when a branch would skip them) never changes an outcome.
+    fn hoist(&mut self, level: i32) {
+        let dag = self.dag;
+        for (id, t) in dag.terms.iter().enumerate() {
+            if t.level == level && t.safe && !t.is_leaf() {
+                self.translate_expr(id);
+            }
+        }
+    }
+
+    // ---- loops -------------------------------------------------------------
+
+    /// `for v in 0..extent { inner }`, the counter a frontend variable.
+    fn translate_loop(&mut self, level: usize, inner: &mut dyn FnMut(&mut Self)) {
+        let var = self.loop_vars[level];
+        let zero = self.b.ins().iconst(types::I64, 0);
+        self.b.def_var(var, zero);
+        let header = self.b.create_block();
+        let body = self.b.create_block();
+        let exit = self.b.create_block();
+        self.b.ins().jump(header, &[]);
+        self.b.switch_to_block(header);
+        let i = self.b.use_var(var);
+        let more = self
+            .b
+            .ins()
+            .icmp(IntCC::SignedLessThan, i, self.extents[level]);
+        self.b.ins().brif(more, body, &[], exit, &[]);
+        self.b.switch_to_block(body);
+        self.b.seal_block(body);
+        self.memo.push(HashMap::new());
+        if level as i32 != self.innermost() {
+            self.hoist(level as i32);
+        }
+        inner(self);
+        self.memo.pop();
+        let i = self.b.use_var(var);
+        let next = self.b.ins().iadd_imm_s(i, 1);
+        self.b.def_var(var, next);
+        self.b.ins().jump(header, &[]);
+        self.b.seal_block(header);
+        self.b.switch_to_block(exit);
+        self.b.seal_block(exit);
+    }
+
+    fn translate_output_loops(&mut self, level: usize) {
+        if level == self.n_out() {
+            self.translate_point();
+        } else {
+            self.translate_loop(level, &mut |t| t.translate_output_loops(level + 1));
+        }
+    }
+
+    /// One output element: its value, converted to the node's dtype, stored
+    /// at the running output position.
+    fn translate_point(&mut self) {
+        let out_ty = Ty::of(self.dtype);
+        let value = match &self.comp.reduce {
+            None => {
+                let body = self
+                    .body
+                    .expect("a comprehension without reduction has a body");
+                let v = self.translate_expr(body);
+                self.convert(v, self.dag.terms[body].ty, out_ty)
+            }
+            Some(r) => self.translate_reduce(r),
+        };
+        let pos = self.b.use_var(self.out_pos);
+        let size = match out_ty {
+            Ty::F => self.precision.bytes(),
+            Ty::I => 8,
+            Ty::B => 1,
+        };
+        let bytes = self.b.ins().imul_imm_s(pos, size);
+        let addr = self.b.ins().iadd(self.out_base, bytes);
+        self.b.ins().store(TRUSTED, value, addr, 0);
+        let next = self.b.ins().iadd_imm_s(pos, 1);
+        self.b.def_var(self.out_pos, next);
+    }
+
+    fn translate_reduce_loops(&mut self, level: usize, item: &mut dyn FnMut(&mut Self)) {
+        if level == self.levels.len() {
+            item(self);
+        } else {
+            self.translate_loop(level, &mut |t| t.translate_reduce_loops(level + 1, item));
+        }
+    }
+
+    // ---- reductions --------------------------------------------------------
+
+    /// A reduction in registers: count, accumulator, and for logsumexp a
+    /// second pass (max first, then the sum of shifted exponentials, exactly
+    /// the interpreter's two folds). The empty value when nothing passed.
+    fn translate_reduce(&mut self, r: &Reduce) -> Value {
+        let out_ty = Ty::of(self.dtype);
+        let body_ty = self.body.map_or(Ty::F, |b| self.dag.terms[b].ty);
+        let count = self.b.declare_var(types::I64);
+        let zero = self.b.ins().iconst(types::I64, 0);
+        self.b.def_var(count, zero);
+        let acc_ty = match r.op {
+            RedOp::Count => None,
+            RedOp::Sum if out_ty == Ty::I => Some(Ty::I),
+            RedOp::Sum | RedOp::Mean | RedOp::LogSumExp => Some(Ty::F),
+            RedOp::Max | RedOp::Min => Some(body_ty),
+            RedOp::Any | RedOp::All => Some(Ty::B),
+        };
+        let acc = acc_ty.map(|ty| {
+            let var = self.b.declare_var(self.cl_type(ty));
+            let init = match (r.op, ty) {
+                (RedOp::LogSumExp, _) => self.fconst(f64::NEG_INFINITY),
+                (_, Ty::F) => self.fconst(0.0),
+                (RedOp::All, _) => self.b.ins().iconst(types::I8, 1),
+                (_, Ty::B) => self.b.ins().iconst(types::I8, 0),
+                (_, Ty::I) => self.b.ins().iconst(types::I64, 0),
+            };
+            self.b.def_var(var, init);
+            (var, ty)
+        });
+        let state = Acc {
+            op: r.op,
+            count,
+            acc,
+        };
+        let n_out = self.n_out();
+        self.translate_reduce_loops(n_out, &mut |t| {
+            t.translate_filtered(&mut |t| t.translate_item(state))
+        });
+        let n = self.b.use_var(count);
+        let (natural, natural_ty) = match (r.op, acc) {
+            (RedOp::Count, _) | (_, None) => (n, Ty::I),
+            (RedOp::Mean, Some((var, _))) => {
+                let sum = self.b.use_var(var);
+                let fty = self.fty();
+                let nf = self.b.ins().fcvt_from_sint(fty, n);
+                (self.b.ins().fdiv(sum, nf), Ty::F)
+            }
+            (RedOp::LogSumExp, Some((var, _))) => {
+                let m = self.b.use_var(var);
+                (self.translate_logsumexp_tail(n, m), Ty::F)
+            }
+            (_, Some((var, ty))) => (self.b.use_var(var), ty),
+        };
+        let value = self.convert(natural, natural_ty, out_ty);
+        let empty = match out_ty {
+            Ty::F => self.fconst(r.empty),
+            Ty::I => self.b.ins().iconst(types::I64, r.empty as i64),
+            Ty::B => self.b.ins().iconst(types::I8, i64::from(r.empty != 0.0)),
+        };
+        let none = self.b.ins().icmp_imm_s(IntCC::Equal, n, 0);
+        self.b.ins().select(none, empty, value)
+    }
+
+    /// `item` when the filter passes (always, without a filter).
+    fn translate_filtered(&mut self, item: &mut dyn FnMut(&mut Self)) {
+        let Some(f) = self.filter else {
+            item(self);
+            return;
+        };
+        let c = self.translate_expr(f);
+        let c = self.as_b(c, self.dag.terms[f].ty);
+        let pass = self.b.create_block();
+        let next = self.b.create_block();
+        self.b.ins().brif(c, pass, &[], next, &[]);
+        self.b.seal_block(pass);
+        self.b.switch_to_block(pass);
+        self.memo.push(HashMap::new());
+        item(self);
+        self.memo.pop();
+        self.b.ins().jump(next, &[]);
+        self.b.seal_block(next);
+        self.b.switch_to_block(next);
+    }
+
+    /// One element that passed the filter: fold it into the accumulator,
+    /// then count it.
+    fn translate_item(&mut self, a: Acc) {
+        let n = self.b.use_var(a.count);
+        if let (Some(body), Some((var, acc_ty))) = (self.body, a.acc) {
+            let body_ty = self.dag.terms[body].ty;
+            let x = self.translate_expr(body);
+            let cur = self.b.use_var(var);
+            let next = match a.op {
+                RedOp::Sum | RedOp::Mean => {
+                    let x = self.convert(x, body_ty, acc_ty);
+                    if acc_ty == Ty::I {
+                        self.b.ins().iadd(cur, x)
+                    } else {
+                        self.b.ins().fadd(cur, x)
+                    }
+                }
+                RedOp::Any | RedOp::All => {
+                    let x = self.as_b(x, body_ty);
+                    if a.op == RedOp::Any {
+                        self.b.ins().bor(cur, x)
+                    } else {
+                        self.b.ins().band(cur, x)
+                    }
+                }
+                RedOp::Max | RedOp::Min => {
+                    // The first extreme wins: replace only on strictly
+                    // better, and a NaN beats any number once.
+                    let max = a.op == RedOp::Max;
+                    let better = match body_ty {
+                        Ty::I => self.b.ins().icmp(
+                            if max {
+                                IntCC::SignedGreaterThan
+                            } else {
+                                IntCC::SignedLessThan
+                            },
+                            x,
+                            cur,
+                        ),
+                        Ty::B => self.b.ins().icmp(
+                            if max {
+                                IntCC::UnsignedGreaterThan
+                            } else {
+                                IntCC::UnsignedLessThan
+                            },
+                            x,
+                            cur,
+                        ),
+                        Ty::F => {
+                            let cmp = self.b.ins().fcmp(
+                                if max {
+                                    FloatCC::GreaterThan
+                                } else {
+                                    FloatCC::LessThan
+                                },
+                                x,
+                                cur,
+                            );
+                            let x_nan = self.b.ins().fcmp(FloatCC::Unordered, x, x);
+                            let cur_num = self.b.ins().fcmp(FloatCC::Ordered, cur, cur);
+                            let nan_wins = self.b.ins().band(x_nan, cur_num);
+                            self.b.ins().bor(cmp, nan_wins)
+                        }
+                    };
+                    let first = self.b.ins().icmp_imm_s(IntCC::Equal, n, 0);
+                    let take = self.b.ins().bor(first, better);
+                    self.b.ins().select(take, x, cur)
+                }
+                RedOp::LogSumExp => {
+                    // Pass one: the running maximum, NaN ignored (F::max).
+                    let x = self.convert(x, body_ty, Ty::F);
+                    let gt = self.b.ins().fcmp(FloatCC::GreaterThan, x, cur);
+                    self.b.ins().select(gt, x, cur)
+                }
+                RedOp::Count => cur,
+            };
+            self.b.def_var(var, next);
+        }
+        let n1 = self.b.ins().iadd_imm_s(n, 1);
+        self.b.def_var(a.count, n1);
+    }
+
+    /// After the max pass of logsumexp: `m` when nothing passed or `m` is
+    /// infinite, else `m + ln(sum exp(x - m))` from a second pass.
+    fn translate_logsumexp_tail(&mut self, n: Value, m: Value) -> Value {
+        let fty = self.fty();
+        let merge = self.b.create_block();
+        let result = self.b.append_block_param(merge, fty);
+        let second = self.b.create_block();
+        let abs = self.b.ins().fabs(m);
+        let inf = self.fconst(f64::INFINITY);
+        let is_inf = self.b.ins().fcmp(FloatCC::Equal, abs, inf);
+        let empty = self.b.ins().icmp_imm_s(IntCC::Equal, n, 0);
+        let done = self.b.ins().bor(is_inf, empty);
+        self.b
+            .ins()
+            .brif(done, merge, &[BlockArg::Value(m)], second, &[]);
+        self.b.seal_block(second);
+        self.b.switch_to_block(second);
+        let sum = self.b.declare_var(fty);
+        let zero = self.fconst(0.0);
+        self.b.def_var(sum, zero);
+        let body = self.body.expect("logsumexp has a body");
+        let body_ty = self.dag.terms[body].ty;
+        let n_out = self.n_out();
+        // The second pass runs only on this branch: its values must not be
+        // remembered past the merge.
+        self.memo.push(HashMap::new());
+        self.translate_reduce_loops(n_out, &mut |t| {
+            t.translate_filtered(&mut |t| {
+                let x = t.translate_expr(body);
+                let x = t.convert(x, body_ty, Ty::F);
+                let d = t.b.ins().fsub(x, m);
+                let e = t.call(Math::Exp, &[d]);
+                let s = t.b.use_var(sum);
+                let s = t.b.ins().fadd(s, e);
+                t.b.def_var(sum, s);
+            })
+        });
+        self.memo.pop();
+        let s = self.b.use_var(sum);
+        let ln = self.call(Math::Ln, &[s]);
+        let r = self.b.ins().fadd(m, ln);
+        self.b.ins().jump(merge, &[BlockArg::Value(r)]);
+        self.b.seal_block(merge);
+        self.b.switch_to_block(merge);
+        result
+    }
+
+    // ---- scalar expressions ------------------------------------------------
+
+    fn translate_expr(&mut self, id: usize) -> Value {
+        if let Some(v) = self.lookup(id) {
+            return v;
+        }
+        let dag = self.dag;
+        let term = &dag.terms[id];
+        let v = match &term.op {
+            Op::Float(bits) => self.fconst(f64::from_bits(*bits)),
+            Op::Int(n) => self.b.ins().iconst(types::I64, *n),
+            Op::Bool(b) => self.b.ins().iconst(types::I8, i64::from(*b)),
+            Op::Index(v) => match self.level_of(*v) {
+                Some(l) => self.b.use_var(self.loop_vars[l]),
+                None => self.b.ins().iconst(types::I64, 0),
+            },
+            Op::Size(slot) => self.dim_vals[slot],
+            Op::Read(node, at) => self.translate_read(*node, at, &term.checked),
+            Op::Unary(op, a) => self.translate_unary(*op, *a),
+            Op::Binary(op, a, b) => self.translate_binary(*op, *a, *b, term.ty),
+            Op::Select(c, a, b) => self.translate_select(*c, *a, *b, term.ty),
+        };
+        if let Some(scope) = self.memo.last_mut() {
+            scope.insert(id, v);
+        }
+        v
+    }
+
+    /// A read of an earlier node: each index evaluated in order and, unless
+    /// proven in range, checked before the next (the interpreter's order, so
+    /// the same error comes first); the row-major offset in Horner form.
+    fn translate_read(&mut self, node: NodeId, at: &[usize], checked: &[bool]) -> Value {
+        let dims = self.read_dims[&node].clone();
+        let mut offset: Option<Value> = None;
+        for (k, &ix) in at.iter().enumerate() {
+            let v = self.translate_expr(ix);
+            let v = self.convert(v, self.dag.terms[ix].ty, Ty::I);
+            if checked.get(k).copied().unwrap_or(true) {
+                let out = self
+                    .b
+                    .ins()
+                    .icmp(IntCC::UnsignedGreaterThanOrEqual, v, dims[k]);
+                self.translate_error_if(out, ErrorSite::Index { node, dim: k }, v, dims[k]);
+            }
+            offset = Some(match offset {
+                None => v,
+                Some(o) => {
+                    let scaled = self.b.ins().imul(o, dims[k]);
+                    self.b.ins().iadd(scaled, v)
+                }
+            });
+        }
+        let ty = Ty::of(self.graph.node(node).dtype);
+        let size = match ty {
+            Ty::F => self.precision.bytes(),
+            Ty::I => 8,
+            Ty::B => 1,
+        };
+        let base = self.bases[&node];
+        let addr = match offset {
+            None => base,
+            Some(o) => {
+                let bytes = self.b.ins().imul_imm_s(o, size);
+                self.b.ins().iadd(base, bytes)
+            }
+        };
+        let cl = self.cl_type(ty);
+        self.b.ins().load(cl, TRUSTED, addr, 0)
+    }
+
+    /// `if cond { err[0] = a; err[1] = b; return site + 1 }`, in a cold block.
+    fn translate_error_if(&mut self, cond: Value, site: ErrorSite, a: Value, b: Value) {
+        self.sites.push(site);
+        let code = self.sites.len() as i64;
+        let fail = self.b.create_block();
+        let cont = self.b.create_block();
+        self.b.set_cold_block(fail);
+        self.b.ins().brif(cond, fail, &[], cont, &[]);
+        self.b.seal_block(fail);
+        self.b.seal_block(cont);
+        self.b.switch_to_block(fail);
+        self.b.ins().store(TRUSTED, a, self.err, 0);
+        self.b.ins().store(TRUSTED, b, self.err, 8);
+        let code = self.b.ins().iconst(types::I64, code);
+        self.b.ins().return_(&[code]);
+        self.b.switch_to_block(cont);
+    }
+
+    fn translate_unary(&mut self, op: UnOp, a: usize) -> Value {
+        let ty = self.dag.terms[a].ty;
+        let x = self.translate_expr(a);
+        match (op, ty) {
+            (UnOp::Neg, Ty::I) => self.b.ins().ineg(x),
+            (UnOp::Abs, Ty::I) => self.b.ins().iabs(x),
+            (UnOp::Not, _) => {
+                let b = self.as_b(x, ty);
+                self.b.ins().bxor_imm_s(b, 1)
+            }
+            _ => {
+                let x = self.convert(x, ty, Ty::F);
+                match op {
+                    UnOp::Neg => self.b.ins().fneg(x),
+                    UnOp::Abs => self.b.ins().fabs(x),
+                    UnOp::Sqrt => self.b.ins().sqrt(x),
+                    UnOp::Exp => self.call(Math::Exp, &[x]),
+                    UnOp::Log => self.call(Math::Ln, &[x]),
+                    UnOp::Tanh => self.call(Math::Tanh, &[x]),
+                    UnOp::Softplus => self.call(Math::Softplus, &[x]),
+                    UnOp::LogSigmoid => self.call(Math::LogSigmoid, &[x]),
+                    UnOp::Sigmoid => self.call(Math::Sigmoid, &[x]),
+                    UnOp::Relu => {
+                        // x when x > 0 or x is NaN, else 0.
+                        let zero = self.fconst(0.0);
+                        let keep = self.b.ins().fcmp(FloatCC::UnorderedOrGreaterThan, x, zero);
+                        self.b.ins().select(keep, x, zero)
+                    }
+                    UnOp::Detach | UnOp::ToFloat | UnOp::Not => x,
+                }
+            }
+        }
+    }
+
+    fn translate_binary(&mut self, op: BinOp, a: usize, b: usize, result: Ty) -> Value {
+        let (ta, tb) = (self.dag.terms[a].ty, self.dag.terms[b].ty);
+        let x = self.translate_expr(a);
+        let y = self.translate_expr(b);
+        match (ta, tb) {
+            (Ty::I, Ty::I) => match op {
+                BinOp::Add => self.b.ins().iadd(x, y),
+                BinOp::Sub => self.b.ins().isub(x, y),
+                BinOp::Mul => self.b.ins().imul(x, y),
+                BinOp::Rem | BinOp::FloorDiv => self.translate_int_division(op, x, y),
+                BinOp::Max | BinOp::ClampMin => self.b.ins().smax(x, y),
+                BinOp::Min | BinOp::ClampMax => self.b.ins().smin(x, y),
+                BinOp::Eq => self.b.ins().icmp(IntCC::Equal, x, y),
+                BinOp::Ne => self.b.ins().icmp(IntCC::NotEqual, x, y),
+                BinOp::Lt => self.b.ins().icmp(IntCC::SignedLessThan, x, y),
+                BinOp::Le => self.b.ins().icmp(IntCC::SignedLessThanOrEqual, x, y),
+                BinOp::Gt => self.b.ins().icmp(IntCC::SignedGreaterThan, x, y),
+                BinOp::Ge => self.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, x, y),
+                BinOp::Div | BinOp::Pow | BinOp::And | BinOp::Or => {
+                    self.b.ins().iconst(types::I64, 0)
+                }
+            },
+            (Ty::B, Ty::B) => match op {
+                BinOp::And => self.b.ins().band(x, y),
+                BinOp::Or => self.b.ins().bor(x, y),
+                BinOp::Eq => self.b.ins().icmp(IntCC::Equal, x, y),
+                _ => self.b.ins().icmp(IntCC::NotEqual, x, y),
+            },
+            (Ty::F, Ty::F) => match op {
+                BinOp::Add => self.b.ins().fadd(x, y),
+                BinOp::Sub => self.b.ins().fsub(x, y),
+                BinOp::Mul => self.b.ins().fmul(x, y),
+                BinOp::Div => self.b.ins().fdiv(x, y),
+                BinOp::Pow => self.call(Math::Pow, &[x, y]),
+                BinOp::Max | BinOp::ClampMin => self.translate_nan_extreme(x, y, true),
+                BinOp::Min | BinOp::ClampMax => self.translate_nan_extreme(x, y, false),
+                BinOp::Eq => self.b.ins().fcmp(FloatCC::Equal, x, y),
+                BinOp::Ne => self.b.ins().fcmp(FloatCC::NotEqual, x, y),
+                BinOp::Lt => self.b.ins().fcmp(FloatCC::LessThan, x, y),
+                BinOp::Le => self.b.ins().fcmp(FloatCC::LessThanOrEqual, x, y),
+                BinOp::Gt => self.b.ins().fcmp(FloatCC::GreaterThan, x, y),
+                BinOp::Ge => self.b.ins().fcmp(FloatCC::GreaterThanOrEqual, x, y),
+                BinOp::Rem | BinOp::FloorDiv | BinOp::And | BinOp::Or => self.fconst(f64::NAN),
+            },
+            _ => {
+                // Operands of different types: the interpreter's internal
+                // error, raised where it would raise it.
+                let yes = self.b.ins().iconst(types::I8, 1);
+                let zero = self.b.ins().iconst(types::I64, 0);
+                self.translate_error_if(yes, ErrorSite::Mixed(op), zero, zero);
+                match result {
+                    Ty::F => self.fconst(0.0),
+                    Ty::I => self.b.ins().iconst(types::I64, 0),
+                    Ty::B => self.b.ins().iconst(types::I8, 0),
+                }
+            }
+        }
+    }
+
+    /// `nan_max`/`nan_min`: NaN when either is NaN, else `a` on a tie (which
+    /// keeps the sign of a zero exactly as the interpreter does).
+    fn translate_nan_extreme(&mut self, a: Value, b: Value, max: bool) -> Value {
+        let cc = if max {
+            FloatCC::GreaterThanOrEqual
+        } else {
+            FloatCC::LessThanOrEqual
+        };
+        let keep_a = self.b.ins().fcmp(cc, a, b);
+        let pick = self.b.ins().select(keep_a, a, b);
+        let nan = self.b.ins().fcmp(FloatCC::Unordered, a, b);
+        let qnan = self.fconst(f64::NAN);
+        self.b.ins().select(nan, qnan, pick)
+    }
+
+    /// Euclidean `%` and `//` on i64, as `rem_euclid`/`div_euclid`. A zero
+    /// divisor is the interpreter's error; `MIN / -1` (which would trap the
+    /// machine instruction) is never executed: a divisor of -1 is computed
+    /// as negation.
+    fn translate_int_division(&mut self, op: BinOp, x: Value, y: Value) -> Value {
+        let is_zero = self.b.ins().icmp_imm_s(IntCC::Equal, y, 0);
+        let site = if op == BinOp::Rem {
+            ErrorSite::RemByZero
+        } else {
+            ErrorSite::DivByZero
+        };
+        self.translate_error_if(is_zero, site, x, y);
+        let b = &mut self.b;
+        let minus_one = b.ins().icmp_imm_s(IntCC::Equal, y, -1);
+        let one = b.ins().iconst(types::I64, 1);
+        let divisor = b.ins().select(minus_one, one, y);
+        let q = b.ins().sdiv(x, divisor);
+        let r = b.ins().srem(x, divisor);
+        let negative = b.ins().icmp_imm_s(IntCC::SignedLessThan, r, 0);
+        if op == BinOp::Rem {
+            let abs = b.ins().iabs(y);
+            let up = b.ins().iadd(r, abs);
+            b.ins().select(negative, up, r)
+        } else {
+            let positive_divisor = b.ins().icmp_imm_s(IntCC::SignedGreaterThan, y, 0);
+            let down = b.ins().iadd_imm_s(q, -1);
+            let up = b.ins().iadd_imm_s(q, 1);
+            let adjusted = b.ins().select(positive_divisor, down, up);
+            let q = b.ins().select(negative, adjusted, q);
+            let neg = b.ins().ineg(x);
+            b.ins().select(minus_one, neg, q)
+        }
+    }
+
+    /// `if c then a else b` as control flow: only the taken branch runs (its
+    /// reads may be in range only when taken); the value is a block parameter.
+    fn translate_select(&mut self, c: usize, a: usize, b: usize, ty: Ty) -> Value {
+        let cty = self.dag.terms[c].ty;
+        let cv = self.translate_expr(c);
+        let cv = self.as_b(cv, cty);
+        let then_block = self.b.create_block();
+        let else_block = self.b.create_block();
+        let merge = self.b.create_block();
+        let cl = self.cl_type(ty);
+        let result = self.b.append_block_param(merge, cl);
+        self.b.ins().brif(cv, then_block, &[], else_block, &[]);
+        self.b.seal_block(then_block);
+        self.b.seal_block(else_block);
+        for (block, branch) in [(then_block, a), (else_block, b)] {
+            self.b.switch_to_block(block);
+            self.memo.push(HashMap::new());
+            let v = self.translate_expr(branch);
+            let v = self.convert(v, self.dag.terms[branch].ty, ty);
+            self.memo.pop();
+            self.b.ins().jump(merge, &[BlockArg::Value(v)]);
+        }
+        self.b.seal_block(merge);
+        self.b.switch_to_block(merge);
+        result
+    }
+
+    // ---- conversions (the interpreter's as_f / as_i / as_b) ---------------
+
+    fn as_b(&mut self, v: Value, from: Ty) -> Value {
+        self.convert(v, from, Ty::B)
+    }
+
+    fn convert(&mut self, v: Value, from: Ty, to: Ty) -> Value {
+        let fty = self.fty();
+        match (from, to) {
+            (a, b) if a == b => v,
+            (Ty::I, Ty::F) => self.b.ins().fcvt_from_sint(fty, v),
+            (Ty::B, Ty::F) => {
+                let wide = self.b.ins().uextend(types::I64, v);
+                self.b.ins().fcvt_from_sint(fty, wide)
+            }
+            (Ty::F, Ty::I) => self.call(Math::ToInt, &[v]),
+            (Ty::B, Ty::I) => self.b.ins().uextend(types::I64, v),
+            (Ty::F, Ty::B) => {
+                let zero = self.fconst(0.0);
+                self.b.ins().fcmp(FloatCC::NotEqual, v, zero)
+            }
+            (Ty::I, Ty::B) => self.b.ins().icmp_imm_s(IntCC::NotEqual, v, 0),
+            _ => v,
+        }
+    }
+}

@@ -1,0 +1,664 @@
+//! The Cranelift backend agrees with the reference interpreter: on every
+//! fixture case of every library loss (loss, every node's value and every
+//! gradient tensor, f64 and f32, and the fixture references), on random
+//! inputs of odd sizes, on the program suite, and on runtime errors
+//! (out-of-range gather indices are LC0506 diagnostics, never a crash).
+
+mod common;
+use common::*;
+use lossc::bind::{self, Bound};
+use lossc::interp::{self, Evaluation, Real, Tensor};
+use lossc::ir::Graph;
+use lossc::jit::{self, JitProgram, Precision};
+use lossc::tensor_io::TensorMap;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+thread_local! {
+    /// Seconds spent in the interpreter and in `JitProgram::run`, per test thread.
+    static TIMES: RefCell<(f64, f64)> = const { RefCell::new((0.0, 0.0)) };
+}
+
+fn times() -> String {
+    TIMES.with(|t| {
+        let t = t.borrow();
+        format!(
+            "interp {:.2} s, jit run {:.2} s (incl. a lazy compile of the other precision)",
+            t.0, t.1
+        )
+    })
+}
+
+const RTOL_F64: f64 = 1e-12;
+const RTOL_F32: f64 = 1e-5;
+
+fn f64_of<F: Real>(x: F) -> f64 {
+    x.to_f64().unwrap_or(f64::NAN)
+}
+
+/// `a` and `b` agree to `rtol` relative, scaled by the larger of the
+/// element and a millionth of the tensor's largest element; NaN agrees with
+/// NaN and infinities must be equal.
+fn agree(a: f64, b: f64, rtol: f64, scale: f64) -> bool {
+    if a.is_nan() || b.is_nan() {
+        return a.is_nan() && b.is_nan();
+    }
+    if a.is_infinite() || b.is_infinite() {
+        return a == b;
+    }
+    (a - b).abs() <= rtol * a.abs().max(b.abs()).max(1e-6 * scale).max(1e-300)
+}
+
+/// Every node's value and every output of two evaluations agree; returns
+/// the worst relative difference seen.
+fn compare<F: Real>(
+    graph: &Graph,
+    bound: &Bound,
+    want: &Evaluation<F>,
+    got: &Evaluation<F>,
+    rtol: f64,
+) -> Result<f64, String> {
+    let mut worst = 0.0f64;
+    for ((name, w), (gname, g)) in want.outputs.iter().zip(&got.outputs) {
+        let (w, g) = (f64_of(*w), f64_of(*g));
+        if name != gname || !agree(g, w, rtol, 0.0) {
+            return Err(format!("output {name}: jit {g:e}, interp {w:e}"));
+        }
+        if w.is_finite() && w != 0.0 {
+            worst = worst.max((g - w).abs() / w.abs());
+        }
+    }
+    if want.values.len() != got.values.len() {
+        return Err("different node counts".into());
+    }
+    for (i, (w, g)) in want.values.iter().zip(&got.values).enumerate() {
+        match (w, g) {
+            (Tensor::F(w), Tensor::F(g)) => {
+                if w.shape() != g.shape() {
+                    return Err(format!("%{i}: shape {:?} vs {:?}", g.shape(), w.shape()));
+                }
+                let scale = w.iter().fold(0.0f64, |m, x| {
+                    let x = f64_of(*x);
+                    if x.is_finite() {
+                        m.max(x.abs())
+                    } else {
+                        m
+                    }
+                });
+                for (k, (a, b)) in g.iter().zip(w.iter()).enumerate() {
+                    let (a, b) = (f64_of(*a), f64_of(*b));
+                    if !agree(a, b, rtol, scale) {
+                        return Err(format!(
+                            "%{i} element {k}: jit {a:e}, interp {b:e}\n  {}",
+                            lossc::ir::print::print_node(
+                                graph,
+                                lossc::ir::NodeId(i as u32),
+                                &graph.nodes[i]
+                            )
+                        ));
+                    }
+                    if b.is_finite() && b.abs() > 1e-6 * scale && b != 0.0 {
+                        worst = worst.max((a - b).abs() / b.abs());
+                    }
+                }
+            }
+            (Tensor::I(w), Tensor::I(g)) if w == g => {}
+            (Tensor::B(w), Tensor::B(g)) if w == g => {}
+            _ => return Err(format!("%{i}: int/bool values or kinds differ")),
+        }
+    }
+    // The gradient tensors as users see them (split by column).
+    let gw = lossc::gradient_tensors(graph, bound, want);
+    let gg = lossc::gradient_tensors(graph, bound, got);
+    if gw.len() != gg.len()
+        || gw
+            .iter()
+            .zip(&gg)
+            .any(|(a, b)| a.0 != b.0 || a.1.shape != b.1.shape)
+    {
+        return Err("gradient tensors differ in names or shapes".into());
+    }
+    for ((name, w), (_, g)) in gw.iter().zip(&gg) {
+        let (w, g) = (w.to_f64_vec(), g.to_f64_vec());
+        let scale = w
+            .iter()
+            .filter(|x| x.is_finite())
+            .fold(0.0f64, |m, x| m.max(x.abs()));
+        if let Some(k) = (0..w.len()).find(|&k| !agree(g[k], w[k], rtol, scale)) {
+            return Err(format!(
+                "grad.{name}[{k}]: jit {:e}, interp {:e}",
+                g[k], w[k]
+            ));
+        }
+    }
+    Ok(worst)
+}
+
+/// Runs both backends in precision `F` and compares them.
+fn both<F: Real>(
+    graph: &Graph,
+    bound: &Bound,
+    program: &JitProgram,
+    rtol: f64,
+) -> Result<(Evaluation<F>, f64), String> {
+    let t0 = Instant::now();
+    let want = interp::evaluate::<F>(graph, bound);
+    let t1 = Instant::now();
+    let got = program.run::<F>(bound);
+    let t2 = Instant::now();
+    TIMES.with(|t| {
+        let mut t = t.borrow_mut();
+        t.0 += (t1 - t0).as_secs_f64();
+        t.1 += (t2 - t1).as_secs_f64();
+    });
+    match (want, got) {
+        (Ok(w), Ok(g)) => compare(graph, bound, &w, &g, rtol).map(|worst| (g, worst)),
+        (Err(w), Err(g)) if w.code == g.code && w.message == g.message => {
+            Err(format!("SAME-ERROR {}: {}", w.code, w.message))
+        }
+        (Err(w), Err(g)) => Err(format!(
+            "different errors: interp {} {}, jit {} {}",
+            w.code, w.message, g.code, g.message
+        )),
+        (Ok(_), Err(g)) => Err(format!(
+            "jit failed where interp ran: {} {}",
+            g.code, g.message
+        )),
+        (Err(w), Ok(_)) => Err(format!(
+            "jit ran where interp failed: {} {}",
+            w.code, w.message
+        )),
+    }
+}
+
+fn bind_or(graph: &Graph, tensors: &TensorMap) -> Result<Bound, String> {
+    bind::bind(graph, tensors).map_err(|d| {
+        d.iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join("; ")
+    })
+}
+
+fn defined(program: &lossc::elab::Program, class: &str) -> bool {
+    lossc::select_loss(program, None, Some(class)).is_ok()
+}
+
+#[test]
+fn every_fixture_case_agrees_with_the_interpreter_and_the_reference() {
+    let program = lossc::elab::Program::new();
+    let mut failures = Vec::new();
+    let (mut ran, mut skipped) = (0, 0);
+    let mut skipped_classes = std::collections::BTreeSet::new();
+    let mut compile_ms: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+    let (mut worst64, mut worst32) = (0.0f64, 0.0f64);
+    let mut jit_compile_s = 0.0;
+    let mut library_errors = Vec::new();
+    for case in manifest() {
+        if !defined(&program, &case.class) {
+            skipped += 1;
+            skipped_classes.insert(case.class.clone());
+            continue;
+        }
+        ran += 1;
+        let tensors = read_case(&case);
+        let graph = match compile_std_for(&case.class, &case.params, &tensors) {
+            Ok(g) => g,
+            Err(e) => {
+                // The library's own problem (fixtures_loss.rs reports it):
+                // counted and shown, not a JIT failure.
+                let first = e.lines().next().unwrap_or("").to_string();
+                library_errors.push(format!("{}: {first}", case.id));
+                ran -= 1;
+                continue;
+            }
+        };
+        let full = lossc::differentiate(&graph).0;
+        let bound = match bind_or(&full, &tensors) {
+            Ok(b) => b,
+            Err(e) => {
+                failures.push(format!("{}: bind: {e}", case.id));
+                continue;
+            }
+        };
+        let t = Instant::now();
+        let jit64 = match jit::compile(&full, Precision::F64) {
+            Ok(p) => p,
+            Err(e) => {
+                failures.push(format!("{}: jit compile failed: {e}", case.id));
+                continue;
+            }
+        };
+        let jit32 = jit::compile(&full, Precision::F32).expect("f32 compiles when f64 does");
+        jit_compile_s += t.elapsed().as_secs_f64();
+        compile_ms
+            .entry(case.class.clone())
+            .or_insert((jit64.compile_ms(), full.nodes.len()));
+        match both::<f64>(&full, &bound, &jit64, RTOL_F64) {
+            Ok((eval, worst)) => {
+                worst64 = worst64.max(worst);
+                let loss = eval.outputs[0].1;
+                if !close(loss, case.loss, 1e-9) {
+                    failures.push(format!(
+                        "{} f64: jit loss {loss} vs reference {}",
+                        case.id, case.loss
+                    ));
+                }
+            }
+            Err(e) => failures.push(format!("{} f64: {e}", case.id)),
+        }
+        match both::<f32>(&full, &bound, &jit32, RTOL_F32) {
+            Ok((eval, worst)) => {
+                worst32 = worst32.max(worst);
+                let loss = eval.outputs[0].1 as f64;
+                if !close(loss, case.loss, 1e-4) {
+                    failures.push(format!(
+                        "{} f32: jit loss {loss} vs reference {}",
+                        case.id, case.loss
+                    ));
+                }
+            }
+            Err(e) => failures.push(format!("{} f32: {e}", case.id)),
+        }
+    }
+    eprintln!(
+        "jit: {ran} fixture cases ran, {skipped} skipped (classes not in the library yet: {:?})",
+        skipped_classes
+    );
+    eprintln!(
+        "jit: worst relative difference from the interpreter: f64 {worst64:.1e}, f32 {worst32:.1e}"
+    );
+    eprintln!("jit: time {}, jit compile {jit_compile_s:.2} s", times());
+    for (class, (ms, nodes)) in &compile_ms {
+        eprintln!("jit compile {class:<48} {nodes:>4} nodes {ms:>8.1} ms");
+    }
+    if !library_errors.is_empty() {
+        eprintln!(
+            "jit: {} cases skipped because the library does not compile them:\n  {}",
+            library_errors.len(),
+            library_errors.join("\n  ")
+        );
+    }
+    assert!(ran > 0, "no fixture case ran");
+    assert!(
+        failures.is_empty(),
+        "{} failures in {ran} cases:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// The parameters of a class's first fixture case (the defaults otherwise).
+fn params_for(class: &str) -> lossc::Params {
+    manifest()
+        .into_iter()
+        .find(|c| c.class == class)
+        .map(|c| c.params)
+        .unwrap_or_default()
+}
+
+#[test]
+fn random_inputs_at_odd_sizes_agree_for_every_library_loss() {
+    let program = lossc::elab::Program::new();
+    let mut classes: Vec<String> = program
+        .std_losses()
+        .iter()
+        .map(|(_, l)| l.name.name.clone())
+        .collect();
+    classes.sort();
+    classes.dedup();
+    let mut failures = Vec::new();
+    let (mut runs, mut same_errors, mut not_compiled) = (0, 0, Vec::new());
+    let mut error_kinds = std::collections::BTreeSet::new();
+    let mut compile_s = 0.0;
+    let mut reused = 0;
+    for class in &classes {
+        let mut params = params_for(class);
+        // Truncation dims that fit D = 5.
+        if params.contains_key("matryoshka_dims") {
+            params.insert("matryoshka_dims".into(), serde_json::json!([5, 4, 2]));
+        }
+        let base = match compile_std(class, &params) {
+            Ok(g) => g,
+            Err(_) => {
+                not_compiled.push(class.clone());
+                continue;
+            }
+        };
+        let columns = base.inputs().any(|(_, _, _, variadic)| variadic);
+        let ks: &[i64] = if columns { &[0, 1, 3] } else { &[1] };
+        for &k in ks {
+            let mut current: Option<(Graph, JitProgram)> = None;
+            for (n, &b) in [1i64, 3, 17].iter().enumerate() {
+                let dims = BTreeMap::from([
+                    ("B".to_string(), b),
+                    ("D".to_string(), 5),
+                    ("K".to_string(), k),
+                ]);
+                let dims: BTreeMap<String, i64> = dims
+                    .into_iter()
+                    .filter(|(d, _)| base.dim_names().contains(d))
+                    .collect();
+                let tensors = match bind::random_inputs(&base, 7 + n as u64, &dims) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        failures.push(format!("{class} B={b} K={k}: random inputs: {e}"));
+                        continue;
+                    }
+                };
+                // One graph and one JitProgram per (loss, K), reused at every
+                // B when the graph binds (the code is size-generic).
+                let reusable = current
+                    .as_ref()
+                    .and_then(|(full, _): &(Graph, JitProgram)| bind::bind(full, &tensors).ok());
+                if reusable.is_some() {
+                    reused += 1;
+                } else {
+                    let graph = match compile_std_for(class, &params, &tensors) {
+                        Ok(g) => g,
+                        Err(_) => {
+                            // A size this loss's parameters do not allow: not a JIT matter.
+                            not_compiled.push(format!("{class} B={b} K={k}"));
+                            continue;
+                        }
+                    };
+                    let full = lossc::differentiate(&graph).0;
+                    let t = Instant::now();
+                    let code = match jit::compile(&full, Precision::F64) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            failures.push(format!("{class} B={b} K={k}: jit compile: {e}"));
+                            continue;
+                        }
+                    };
+                    compile_s += t.elapsed().as_secs_f64();
+                    current = Some((full, code));
+                }
+                let (full, code) = current.as_ref().expect("compiled above");
+                let bound = match reusable.map_or_else(|| bind_or(full, &tensors), Ok) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        failures.push(format!("{class} B={b} K={k}: bind: {e}"));
+                        continue;
+                    }
+                };
+                runs += 1;
+                for result in [
+                    both::<f64>(full, &bound, code, RTOL_F64).map(|_| ()),
+                    both::<f32>(full, &bound, code, RTOL_F32).map(|_| ()),
+                ] {
+                    match result {
+                        Ok(()) => {}
+                        Err(e) if e.starts_with("SAME-ERROR") => {
+                            same_errors += 1;
+                            error_kinds
+                                .insert(format!("{class}: {}", e.lines().next().unwrap_or("")));
+                        }
+                        Err(e) => failures.push(format!("{class} B={b} K={k}: {e}")),
+                    }
+                }
+            }
+        }
+    }
+    eprintln!(
+        "jit: {runs} random runs over {} library losses ({same_errors} precision-runs ended in the same runtime error on both backends); not compiled at these sizes: {not_compiled:?}",
+        classes.len()
+    );
+    for e in &error_kinds {
+        eprintln!("  same error on both: {e}");
+    }
+    eprintln!("jit: {reused} runs reused the graph and code compiled at another B");
+    eprintln!("jit: time {}, jit compile {compile_s:.2} s", times());
+    assert!(runs > 0);
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn one_program_runs_at_every_size() {
+    let graph = compile_std("MultipleNegativesRankingLoss", &lossc::Params::new()).unwrap();
+    let full = lossc::differentiate(&graph).0;
+    let code = jit::compile(&full, Precision::F64).unwrap();
+    for (seed, b) in [(1u64, 1i64), (2, 3), (3, 17), (4, 2)] {
+        let dims = BTreeMap::from([
+            ("B".to_string(), b),
+            ("D".to_string(), 5),
+            ("K".to_string(), 2),
+        ]);
+        let tensors = bind::random_inputs(&full, seed, &dims).unwrap();
+        let bound = bind_or(&full, &tensors).unwrap();
+        both::<f64>(&full, &bound, &code, RTOL_F64).unwrap_or_else(|e| panic!("B={b}: {e}"));
+        // The other precision is compiled on first use and kept.
+        both::<f32>(&full, &bound, &code, RTOL_F32).unwrap_or_else(|e| panic!("B={b} f32: {e}"));
+    }
+}
+
+const GATHER: &str = r#"
+loss Gather() {
+    input logits: [B, C]
+    input labels: int[B]
+    let picked[i] = logits[i, labels[i]]
+    mean(i) (logsumexp(c) logits[i, c] - picked[i])
+}
+loss Guarded() {
+    input logits: [B, C]
+    input labels: int[B]
+    mean(i) (if labels[i] >= 0 and labels[i] < size(logits, 1) then logits[i, labels[i]] else 0.0)
+}
+"#;
+
+fn gather_tensors(labels: &str) -> TensorMap {
+    tensors_of(&format!(
+        r#"{{"logits": [[2.0, 0.5, -1.0], [0.0, 1.0, 3.0], [1.0, 1.0, 0.0]], "labels": {labels}}}"#
+    ))
+}
+
+#[test]
+fn out_of_range_label_is_lc0506_not_a_crash() {
+    let graph = compile_src(GATHER, Some("Gather"), &lossc::Params::new()).unwrap();
+    let full = lossc::differentiate(&graph).0;
+    let code64 = jit::compile(&full, Precision::F64).unwrap();
+    let code32 = jit::compile(&full, Precision::F32).unwrap();
+    for labels in ["[0, 3, 1]", "[0, 2, -1]", "[100000000000, 0, 0]"] {
+        let tensors = gather_tensors(labels);
+        let bound = bind_or(&full, &tensors).unwrap();
+        let want = interp::evaluate::<f64>(&full, &bound)
+            .err()
+            .expect("interp rejects");
+        for got in [
+            code64.run::<f64>(&bound).err().expect("jit f64 rejects"),
+            code32.run::<f32>(&bound).err().expect("jit f32 rejects"),
+        ] {
+            assert_eq!(got.code, "LC0506", "{labels}: {}", got.message);
+            assert_eq!(got.message, want.message, "{labels}");
+        }
+    }
+    // In range: the same values.
+    let tensors = gather_tensors("[0, 2, 1]");
+    let bound = bind_or(&full, &tensors).unwrap();
+    both::<f64>(&full, &bound, &code64, RTOL_F64).unwrap();
+}
+
+#[test]
+fn a_read_guarded_by_if_runs_only_when_taken() {
+    let graph = compile_src(GATHER, Some("Guarded"), &lossc::Params::new()).unwrap();
+    let full = lossc::differentiate(&graph).0;
+    let code = jit::compile(&full, Precision::F64).unwrap();
+    let tensors = gather_tensors("[0, 7, -2]");
+    let bound = bind_or(&full, &tensors).unwrap();
+    let (eval, _) = both::<f64>(&full, &bound, &code, RTOL_F64).unwrap();
+    assert!((eval.outputs[0].1 - 2.0 / 3.0).abs() < 1e-15);
+}
+
+/// `# key: value` directives of a program file, objects merged.
+fn directive(text: &str, key: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
+    let mut out: Option<serde_json::Map<String, serde_json::Value>> = None;
+    for line in text.lines() {
+        let Some(rest) = line.trim().strip_prefix('#') else {
+            continue;
+        };
+        let Some(value) = rest.trim().strip_prefix(&format!("{key}:")) else {
+            continue;
+        };
+        if let Ok(serde_json::Value::Object(m)) = serde_json::from_str(value.trim()) {
+            out.get_or_insert_with(Default::default).extend(m);
+        }
+    }
+    out
+}
+
+#[test]
+fn the_program_suite_agrees_including_runtime_errors() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs");
+    let mut files = Vec::new();
+    for sub in ["ok", "errors"] {
+        if let Ok(entries) = std::fs::read_dir(dir.join(sub)) {
+            files.extend(entries.filter_map(|e| e.ok().map(|e| e.path())));
+        }
+    }
+    files.sort();
+    let (mut ran, mut errors) = (0, 0);
+    let mut failures = Vec::new();
+    for path in files
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "loss"))
+    {
+        let text = std::fs::read_to_string(path).unwrap();
+        let Some(inputs) = directive(&text, "inputs") else {
+            continue;
+        };
+        let params = directive(&text, "params").unwrap_or_default();
+        let name = text.lines().find_map(|l| {
+            l.trim()
+                .strip_prefix("# loss:")
+                .map(|s| s.trim().to_string())
+        });
+        let Ok(graph) = compile_src(&text, name.as_deref(), &params) else {
+            continue;
+        };
+        let Ok(tensors) =
+            lossc::tensor_io::read_json_str(&serde_json::Value::Object(inputs).to_string(), "test")
+        else {
+            continue;
+        };
+        let full = lossc::differentiate(&graph).0;
+        let Ok(bound) = bind_or(&full, &tensors) else {
+            continue;
+        };
+        let code = match jit::compile(&full, Precision::F64) {
+            Ok(c) => c,
+            Err(e) => {
+                failures.push(format!("{}: jit compile: {e}", path.display()));
+                continue;
+            }
+        };
+        ran += 1;
+        for result in [
+            both::<f64>(&full, &bound, &code, RTOL_F64).map(|_| ()),
+            both::<f32>(&full, &bound, &code, RTOL_F32).map(|_| ()),
+        ] {
+            match result {
+                Ok(()) => {}
+                Err(e) if e.starts_with("SAME-ERROR") => errors += 1,
+                Err(e) => failures.push(format!("{}: {e}", path.display())),
+            }
+        }
+    }
+    eprintln!("jit: {ran} suite programs ran on both backends ({errors} precision-runs ended in the same runtime error)");
+    assert!(ran > 0);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn cli_run_with_the_jit_backend_matches_the_interpreter() {
+    let run = |backend: &str, dtype: &str| -> serde_json::Value {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_lossc"))
+            .args([
+                "run",
+                "--loss",
+                "MultipleNegativesRankingLoss",
+                "--dims",
+                "B=5,D=7,K=2",
+            ])
+            .args(["--backend", backend, "--dtype", dtype, "--format", "json"])
+            .output()
+            .expect("runs lossc");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("JSON output")
+    };
+    for dtype in ["f64", "f32"] {
+        let (jit, interp) = (run("jit", dtype), run("interp", dtype));
+        assert_eq!(jit["backend"], "jit");
+        assert_eq!(interp["backend"], "interp");
+        assert_eq!(jit["loss"], interp["loss"], "{dtype}");
+        assert_eq!(jit["grads"], interp["grads"], "{dtype}");
+    }
+}
+
+const EDGES: &str = r#"
+loss Edges() {
+    input x: [N]
+    input n: int[N]
+    input m: int[N]
+    let l[i] = log(x[i])
+    output nan_max = max(i) l[i]
+    output nan_min = min(i) l[i]
+    output tie_max = sum(j) max(i) float(n[i] > n[j])
+    output lse_empty = logsumexp(i | x[i] > 1000) x[i]
+    output lse_all_neg_inf = logsumexp(i) log(x[i] * 0)
+    output lse_big = logsumexp(i) 1000 * x[i]
+    output lse_nan = logsumexp(i) l[i]
+    output maxi = sum(i) maximum(l[i], 0.0)
+    output mini = sum(i) minimum(l[i], 0.0)
+    output clampy = sum(i) clamp(l[i], -1, 1)
+    output max_zero = min(i) 1 / maximum(-relu(-x[i]), 0.0)
+    output rem = sum(i) float(n[i] % m[i])
+    output fdiv = sum(i) float(n[i] // m[i])
+    output smooth = sum(i) (softplus(100 * x[i]) + log_sigmoid(-100 * x[i]) + sigmoid(-800 * x[i]) + tanh(50 * x[i]))
+    output relu_nan = sum(i) relu(l[i])
+    output powy = sum(i) abs(x[i]) ^ x[i]
+    output mean_empty = mean(i | x[i] > 1000, else 7) x[i]
+    output arg_first = sum(j) float(max(i) float(x[i] == x[j]))
+    sum(i) x[i] * x[i]
+}
+"#;
+
+#[test]
+fn edge_semantics_agree_nan_ties_empty_sets_and_int_division() {
+    let graph = compile_src(EDGES, None, &lossc::Params::new()).unwrap_or_else(|e| panic!("{e}"));
+    let full = lossc::differentiate(&graph).0;
+    let code = jit::compile(&full, Precision::F64).unwrap();
+    let tensors = tensors_of(
+        r#"{"x": [-2.0, 0.0, 0.5, 1.5, 3.0, 0.5], "n": [7, -7, 4, 0, -9, 9], "m": [3, 3, -3, 5, -4, -1]}"#,
+    );
+    let bound = bind_or(&full, &tensors).unwrap();
+    let (eval, _) = both::<f64>(&full, &bound, &code, RTOL_F64).unwrap();
+    both::<f32>(&full, &bound, &code, RTOL_F32).unwrap();
+    let out = |name: &str| eval.outputs.iter().find(|o| o.0 == name).unwrap().1;
+    assert!(out("nan_max").is_nan() && out("nan_min").is_nan() && out("maxi").is_nan());
+    assert_eq!(out("lse_empty"), f64::NEG_INFINITY);
+    assert_eq!(out("lse_all_neg_inf"), f64::NEG_INFINITY);
+    assert_eq!(out("mean_empty"), 7.0);
+    // maximum(-0.0, 0.0) keeps its first operand, -0.0, as the interpreter.
+    assert_eq!(out("max_zero"), f64::NEG_INFINITY);
+    // 7%3=1, -7%3=2, 4%-3=1, 0%5=0, -9%-4=3, 9%-1=0; 7//3=2, -7//3=-3,
+    // 4//-3=-1, 0//5=0, -9//-4=3, 9//-1=-9.
+    assert_eq!(out("rem"), 7.0);
+    assert_eq!(out("fdiv"), -8.0);
+    // A zero divisor is the interpreter's error on both backends.
+    let tensors = tensors_of(
+        r#"{"x": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], "n": [1, 2, 3, 4, 5, 6], "m": [1, 1, 0, 1, 1, 1]}"#,
+    );
+    let bound = bind_or(&full, &tensors).unwrap();
+    let err = both::<f64>(&full, &bound, &code, RTOL_F64).err().unwrap();
+    assert!(err.starts_with("SAME-ERROR LC0506"), "{err}");
+}
