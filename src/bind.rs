@@ -186,8 +186,17 @@ pub fn bind(graph: &Graph, tensors: &TensorMap) -> Result<Bound, Vec<Diagnostic>
     // An absent column input is an empty tensor of the right trailing shape.
     for (input, (_, _, columns, _, _, shape, variadic)) in inputs.iter_mut().zip(raw.iter()) {
         if *variadic && columns.is_empty() {
-            let dims: Vec<usize> = std::iter::once(0).chain(shape[1..].iter().map(|d| d.eval(&sizes).unwrap_or(0).max(0) as usize)).collect();
-            input.tensor = HostTensor { shape: dims, data: input.tensor.data.clone() };
+            let dims: Vec<usize> = std::iter::once(0)
+                .chain(
+                    shape[1..]
+                        .iter()
+                        .map(|d| d.eval(&sizes).unwrap_or(0).max(0) as usize),
+                )
+                .collect();
+            input.tensor = HostTensor {
+                shape: dims,
+                data: input.tensor.data.clone(),
+            };
         }
     }
     if diags.is_empty() {

@@ -19,7 +19,10 @@ fn round_to_f32(tensors: &lossc::tensor_io::TensorMap) -> lossc::tensor_io::Tens
         .iter()
         .map(|(k, t)| {
             let t = match &t.data {
-                TensorData::F64(v) => HostTensor::f64(t.shape.clone(), v.iter().map(|x| *x as f32 as f64).collect()),
+                TensorData::F64(v) => HostTensor::f64(
+                    t.shape.clone(),
+                    v.iter().map(|x| *x as f32 as f64).collect(),
+                ),
                 _ => t.clone(),
             };
             (k.clone(), t)
@@ -47,7 +50,11 @@ fn check_case(case: &Case, failures: &mut Vec<String>) {
         case.id
     );
     let near_duplicate = case.tags.iter().any(|t| t == "near_duplicate");
-    let rounded_reference = if near_duplicate { grads_of::<f64>(&graph, &round_to_f32(&tensors)).ok() } else { None };
+    let rounded_reference = if near_duplicate {
+        grads_of::<f64>(&graph, &round_to_f32(&tensors)).ok()
+    } else {
+        None
+    };
     for (dtype, rtol) in [("f64", 1e-9), ("f32", 1e-4)] {
         let result = if dtype == "f64" {
             grads_of::<f64>(&graph, &tensors)
@@ -57,7 +64,14 @@ fn check_case(case: &Case, failures: &mut Vec<String>) {
         let expected: Vec<(String, Vec<usize>, Vec<f64>)> = match (&rounded_reference, dtype) {
             (Some((_, r)), "f32") => {
                 eprintln!("{}: f32 gradients compared with f64 at the f32-rounded inputs (near-duplicate rows)", case.id);
-                expected.iter().filter_map(|(n, s, _)| r.iter().find(|g| &g.0 == n).map(|g| (n.clone(), s.clone(), g.2.clone()))).collect()
+                expected
+                    .iter()
+                    .filter_map(|(n, s, _)| {
+                        r.iter()
+                            .find(|g| &g.0 == n)
+                            .map(|g| (n.clone(), s.clone(), g.2.clone()))
+                    })
+                    .collect()
             }
             _ => expected.clone(),
         };

@@ -58,11 +58,17 @@ fn fixture_losses_match_reference_in_f64_and_f32() {
                     eval32(&graph, &tensors)
                 };
                 let Ok(out) = out else { continue };
-                let expected: Vec<&str> = tensors.keys().filter_map(|k| k.strip_prefix("component.")).collect();
+                let expected: Vec<&str> = tensors
+                    .keys()
+                    .filter_map(|k| k.strip_prefix("component."))
+                    .collect();
                 if !expected.is_empty() {
                     for (n, _) in &out[1..] {
                         if !expected.contains(&n.as_str()) {
-                            failures.push(format!("{} {dtype}: component `{n}` is not in the reference", case.id));
+                            failures.push(format!(
+                                "{} {dtype}: component `{n}` is not in the reference",
+                                case.id
+                            ));
                         }
                     }
                 }

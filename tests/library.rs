@@ -108,19 +108,29 @@ fn the_library_readme_lists_every_loss() {
 /// program's node count for every library loss (its first fixture case).
 #[test]
 fn gradient_programs_stay_small() {
-    let mut rows = vec!["| loss | forward nodes | forward+grad nodes | ratio |".to_string(), "|---|---:|---:|---:|".to_string()];
+    let mut rows = vec![
+        "| loss | forward nodes | forward+grad nodes | ratio |".to_string(),
+        "|---|---:|---:|---:|".to_string(),
+    ];
     let mut over = Vec::new();
     for case in first_case_per_class() {
         let tensors = read_case(&case);
-        let graph = compile_std_for(&case.class, &case.params, &tensors).unwrap_or_else(|e| panic!("{}: {e}", case.id));
+        let graph = compile_std_for(&case.class, &case.params, &tensors)
+            .unwrap_or_else(|e| panic!("{}: {e}", case.id));
         let forward = lossc::opt::optimize(&graph).0.nodes.len();
         let full = lossc::differentiate(&graph).0.nodes.len();
         let ratio = full as f64 / forward as f64;
-        rows.push(format!("| {} | {forward} | {full} | {ratio:.2} |", case.class));
+        rows.push(format!(
+            "| {} | {forward} | {full} | {ratio:.2} |",
+            case.class
+        ));
         if ratio > 3.0 {
             over.push(format!("{} ({ratio:.2})", case.class));
         }
     }
     eprintln!("{}", rows.join("\n"));
-    assert!(over.is_empty(), "gradient programs over 3x the forward: {over:?}");
+    assert!(
+        over.is_empty(),
+        "gradient programs over 3x the forward: {over:?}"
+    );
 }

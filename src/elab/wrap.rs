@@ -313,7 +313,11 @@ impl<'p> Elab<'p> {
         }
         // The values of the inner loss's inputs.
         // Sorted, so that the nodes the transforms create come in a stable order.
-        let mut env: Vec<(String, Binding)> = self.input_env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut env: Vec<(String, Binding)> = self
+            .input_env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         env.sort_by(|a, b| a.0.cmp(&b.0));
         let mut values: HashMap<String, Value> = HashMap::new();
         for (input, binding) in env {

@@ -90,14 +90,34 @@ pub fn binary(op: BinOp, a: &Expr, b: &Expr, y: &Expr, g: Expr) -> (Option<Expr>
         BinOp::Pow => {
             let da = match b {
                 Expr::Float(2.0) => mul(g.clone(), mul(f(2.0), a.clone())),
-                Expr::Float(k) if *k != 0.0 => mul(g.clone(), mul(b.clone(), Expr::binary(BinOp::Pow, a.clone(), f(k - 1.0)))),
+                Expr::Float(k) if *k != 0.0 => mul(
+                    g.clone(),
+                    mul(b.clone(), Expr::binary(BinOp::Pow, a.clone(), f(k - 1.0))),
+                ),
                 _ => {
                     let ne0 = cmp(BinOp::Ne, b, &f(0.0));
-                    when(ne0, mul(g.clone(), mul(b.clone(), Expr::binary(BinOp::Pow, a.clone(), sub(b.clone(), f(1.0))))))
+                    when(
+                        ne0,
+                        mul(
+                            g.clone(),
+                            mul(
+                                b.clone(),
+                                Expr::binary(BinOp::Pow, a.clone(), sub(b.clone(), f(1.0))),
+                            ),
+                        ),
+                    )
                 }
             };
-            let zero_base = Expr::binary(BinOp::And, cmp(BinOp::Eq, a, &f(0.0)), cmp(BinOp::Ge, b, &f(0.0)));
-            let db = Expr::Select(Box::new(zero_base), Box::new(f(0.0)), Box::new(mul(g, mul(y.clone(), Expr::unary(UnOp::Log, a.clone())))));
+            let zero_base = Expr::binary(
+                BinOp::And,
+                cmp(BinOp::Eq, a, &f(0.0)),
+                cmp(BinOp::Ge, b, &f(0.0)),
+            );
+            let db = Expr::Select(
+                Box::new(zero_base),
+                Box::new(f(0.0)),
+                Box::new(mul(g, mul(y.clone(), Expr::unary(UnOp::Log, a.clone())))),
+            );
             (Some(da), Some(db))
         }
         // torch.maximum / minimum: the larger (smaller) side; a tie splits in half

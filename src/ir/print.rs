@@ -87,7 +87,11 @@ pub fn print_node(graph: &Graph, id: NodeId, node: &Node) -> String {
 
 fn reduce_string(r: &Reduce, body: &Expr, names: &VarNames) -> String {
     // Reduced variables with their ranges: `sum(k: D)`, `sum(t: 16)`.
-    let vars: Vec<String> = r.over.iter().map(|(v, d)| format!("{}: {d}", names.get(*v))).collect();
+    let vars: Vec<String> = r
+        .over
+        .iter()
+        .map(|(v, d)| format!("{}: {d}", names.get(*v)))
+        .collect();
     let mut head = format!("{}({}", r.op.name(), vars.join(", "));
     if let Some(f) = &r.filter {
         let _ = write!(head, " | {}", expr_string(f, names, 0));
