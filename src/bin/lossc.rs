@@ -66,12 +66,57 @@ enum Command {
     /// Prints the worst relative error per input; exits 1 above --tol. Points on a kink
     /// (ties, hinges at exactly zero) are detected and reported, not counted as errors.
     Gradcheck(GradcheckArgs),
+    /// Time forward + gradient of a loss after warm-up, with memory figures.
+    ///
+    /// Prints times of every repeat, their median, the first call (compile + run), the
+    /// compile time, peak RSS and the RSS before the first call. Compare backends in one
+    /// run; the numbers are for this machine only.
+    Bench(BenchArgs),
     /// List the standard library: every loss with its inputs and parameters.
     List {
         /// `text` for the terminal, `markdown` for a table (losses/README.md is made with it).
         #[arg(long, value_enum, default_value_t = ListFormat::Text)]
         format: ListFormat,
     },
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    loss: LossArgs,
+    /// Input tensors; without it, seeded random inputs sized by --dims.
+    #[arg(long, value_name = "FILE")]
+    inputs: Option<PathBuf>,
+    /// Dims of random inputs, e.g. B=256,D=768.
+    #[arg(long, value_name = "NAME=SIZE,...")]
+    dims: Option<String>,
+    /// The backend to time.
+    #[arg(long, value_enum, default_value_t = Backend::Jit)]
+    backend: Backend,
+    /// Precision (the peers are measured in float32).
+    #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
+    dtype: DTypeArg,
+    /// Worker threads requested. The current JIT and interpreter run on one thread; the
+    /// number used is reported as `threads`.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Untimed runs before timing.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Timed runs.
+    #[arg(long, default_value_t = 10)]
+    repeats: usize,
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+    /// Also write the JSON result to this file.
+    #[arg(long, value_name = "FILE")]
+    json_out: Option<PathBuf>,
+    /// Write the gradients of the last run (safetensors, as `run --grads-out`).
+    #[arg(long, value_name = "FILE")]
+    grads_out: Option<PathBuf>,
+    /// Seed for random inputs.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -207,6 +252,7 @@ fn main() -> ExitCode {
         Command::Ir(args) => print_ir(&args),
         Command::Grad(args) => print_grad(&args),
         Command::Gradcheck(args) => gradcheck(&args),
+        Command::Bench(args) => bench(&args),
         Command::List { format } => {
             list(format);
             Ok(())
@@ -730,6 +776,131 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
 }
 
 /// Evaluates on the chosen backend: the interpreter, or the JIT's code.
+/// Resident set size now and at its peak, in MiB (Linux /proc; 0 elsewhere).
+fn rss_mb() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn bench(args: &BenchArgs) -> Result<(), Failure> {
+    if args.repeats == 0 || args.threads == 0 {
+        return Err(Failure::Usage("--repeats and --threads must be at least 1".into()));
+    }
+    let file_tensors = read_inputs(&args.inputs, &args.dims)?;
+    let spec = lossc::Specialize { tensors: file_tensors.as_ref(), seed: args.seed, dims: parse_dims(&args.dims)? };
+    let (program, graph) = compile(&args.loss, &spec)?;
+    let tensors = match file_tensors {
+        Some(t) => t,
+        None => random_tensors(&program, &graph, args.seed, &args.dims)?,
+    };
+    let (full, _) = lossc::differentiate(&graph);
+    let bound = bind::bind(&full, &tensors).map_err(|diags| {
+        report(&program, &diags);
+        Failure::Diagnostics
+    })?;
+    drop(tensors);
+    let fail = |d: Diagnostic| {
+        report(&program, &[d]);
+        Failure::Diagnostics
+    };
+    let (baseline_rss, _) = rss_mb();
+    let start = std::time::Instant::now();
+    let jit = match args.backend {
+        Backend::Interp => None,
+        Backend::Jit => {
+            let precision = if args.dtype == DTypeArg::F32 { lossc::jit::Precision::F32 } else { lossc::jit::Precision::F64 };
+            match lossc::jit::compile(&full, precision) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    eprintln!("error: internal error: the jit backend cannot compile `{}`: {e}", graph.name);
+                    return Err(Failure::Diagnostics);
+                }
+            }
+        }
+    };
+    let compile_ms = start.elapsed().as_secs_f64() * 1e3;
+    // One timed call: forward + gradient, returning the loss and the gradients.
+    let call = |jit: Option<&lossc::jit::JitProgram>| -> Result<(f64, Vec<(String, tensor_io::HostTensor)>), Failure> {
+        match args.dtype {
+            DTypeArg::F64 => {
+                let e = evaluate::<f64>(&full, &bound, jit).map_err(fail)?;
+                Ok((e.outputs[0].1, lossc::gradient_tensors(&full, &bound, &e)))
+            }
+            DTypeArg::F32 => {
+                let e = evaluate::<f32>(&full, &bound, jit).map_err(fail)?;
+                Ok((e.outputs[0].1 as f64, lossc::gradient_tensors(&full, &bound, &e)))
+            }
+        }
+    };
+    let (mut loss, mut grads) = call(jit.as_ref())?;
+    let first_call_ms = start.elapsed().as_secs_f64() * 1e3;
+    for _ in 0..args.warmup {
+        call(jit.as_ref())?;
+    }
+    let mut times = Vec::with_capacity(args.repeats);
+    for _ in 0..args.repeats {
+        let t = std::time::Instant::now();
+        let (l, g) = call(jit.as_ref())?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        (loss, grads) = (l, g);
+    }
+    let (_, peak_rss) = rss_mb();
+    let mut sorted = times.clone();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    let median = if sorted.len() % 2 == 1 { sorted[sorted.len() / 2] } else { (sorted[sorted.len() / 2 - 1] + sorted[sorted.len() / 2]) / 2.0 };
+    if let Some(path) = &args.grads_out {
+        let map: TensorMap = grads.iter().map(|(k, t)| (format!("grad.{k}"), t.clone())).collect();
+        if let Err(e) = tensor_io::write_safetensors(path, &map) {
+            report(&program, &[Diagnostic::error(lossc::syntax::codes::TENSOR_FILE, e.to_string())]);
+            return Err(Failure::Diagnostics);
+        }
+    }
+    let dtype = if args.dtype == DTypeArg::F32 { "f32" } else { "f64" };
+    let json = serde_json::json!({
+        "loss_name": graph.name,
+        "loss": json_number(loss),
+        "backend": backend_name(args.backend),
+        "dtype": dtype,
+        "dims": bound.sizes,
+        "threads": 1,
+        "warmup": args.warmup,
+        "times_ms": times,
+        "median_ms": median,
+        "first_call_ms": first_call_ms,
+        "compile_ms": compile_ms,
+        "peak_rss_mb": peak_rss,
+        "baseline_rss_mb": baseline_rss,
+    });
+    if let Some(path) = &args.json_out {
+        let text = format!("{json}\n");
+        let tmp = path.with_extension("tmp-json");
+        if std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, path)).is_err() {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Failure::Usage(format!("--json-out: cannot write `{}`", path.display())));
+        }
+    }
+    match args.format {
+        Format::Json => outln!("{json}"),
+        Format::Text => {
+            let dims: Vec<String> = bound.sizes.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            outln!("{} forward+gradient, {} {dtype}, {}", graph.name, backend_name(args.backend), dims.join(" "));
+            outln!("  median {median:.3} ms over {} runs (after {} warm-up)", args.repeats, args.warmup);
+            outln!("  first call {first_call_ms:.1} ms (compile {compile_ms:.1} ms)");
+            outln!("  peak RSS {peak_rss:.0} MiB (before the first call {baseline_rss:.0} MiB)");
+            outln!("  loss = {loss}");
+        }
+    }
+    Ok(())
+}
+
 fn evaluate<F: interp::Real>(
     full: &ir::Graph,
     bound: &bind::Bound,
