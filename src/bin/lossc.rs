@@ -216,7 +216,7 @@ struct RunArgs {
     dims: Option<String>,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
 enum Backend {
     /// The reference interpreter (ndarray).
     Interp,
@@ -493,6 +493,49 @@ fn read_inputs(
     })
 }
 
+/// Compiles the loss for its tensors (read from --inputs, or drawn at random
+/// after compiling, sized by --dims) and returns both.
+fn prepare(
+    loss: &LossArgs,
+    inputs: &Option<PathBuf>,
+    dims: &Option<String>,
+    seed: u64,
+) -> Result<(Program, ir::Graph, TensorMap), Failure> {
+    let file_tensors = read_inputs(inputs, dims)?;
+    let spec = lossc::Specialize {
+        tensors: file_tensors.as_ref(),
+        seed,
+        dims: parse_dims(dims)?,
+    };
+    let (program, graph) = compile(loss, &spec)?;
+    let tensors = match file_tensors {
+        Some(t) => t,
+        None => random_tensors(&program, &graph, seed, dims)?,
+    };
+    Ok((program, graph, tensors))
+}
+
+/// The JIT program for a backend choice (`None` for the interpreter).
+fn jit_program(
+    backend: Backend,
+    dtype: DTypeArg,
+    full: &ir::Graph,
+    name: &str,
+) -> Result<Option<lossc::jit::JitProgram>, Failure> {
+    if backend == Backend::Interp {
+        return Ok(None);
+    }
+    let precision = if dtype == DTypeArg::F32 {
+        lossc::jit::Precision::F32
+    } else {
+        lossc::jit::Precision::F64
+    };
+    lossc::jit::compile(full, precision).map(Some).map_err(|e| {
+        eprintln!("error: internal error: the jit backend cannot compile `{name}`: {e}");
+        Failure::Diagnostics
+    })
+}
+
 /// Seeded random inputs, sized by --dims and the defaults.
 fn random_tensors(
     program: &Program,
@@ -552,17 +595,7 @@ fn list(format: ListFormat) {
 }
 
 fn gradcheck(args: &GradcheckArgs) -> Result<(), Failure> {
-    let file_tensors = read_inputs(&args.inputs, &args.dims)?;
-    let spec = lossc::Specialize {
-        tensors: file_tensors.as_ref(),
-        seed: args.seed,
-        dims: parse_dims(&args.dims)?,
-    };
-    let (program, graph) = compile(&args.loss, &spec)?;
-    let tensors = match file_tensors {
-        Some(t) => t,
-        None => random_tensors(&program, &graph, args.seed, &args.dims)?,
-    };
+    let (program, graph, tensors) = prepare(&args.loss, &args.inputs, &args.dims, args.seed)?;
     let (full, _) = lossc::differentiate(&graph);
     let opts = lossc::gradcheck::Options {
         directions: args.directions,
@@ -632,17 +665,7 @@ fn parse_dims(spec: &Option<String>) -> Result<BTreeMap<String, i64>, Failure> {
 }
 
 fn run(args: &RunArgs) -> Result<(), Failure> {
-    let file_tensors = read_inputs(&args.inputs, &args.dims)?;
-    let spec = lossc::Specialize {
-        tensors: file_tensors.as_ref(),
-        seed: args.seed,
-        dims: parse_dims(&args.dims)?,
-    };
-    let (program, graph) = compile(&args.loss, &spec)?;
-    let tensors = match file_tensors {
-        Some(t) => t,
-        None => random_tensors(&program, &graph, args.seed, &args.dims)?,
-    };
+    let (program, graph, tensors) = prepare(&args.loss, &args.inputs, &args.dims, args.seed)?;
     let (full, _) = lossc::differentiate(&graph);
     let bound = bind::bind(&full, &tensors).map_err(|diags| {
         report(&program, &diags);
@@ -652,25 +675,7 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
         report(&program, &[d]);
         Failure::Diagnostics
     };
-    let jit = match args.backend {
-        Backend::Interp => None,
-        Backend::Jit => {
-            let precision = match args.dtype {
-                DTypeArg::F32 => lossc::jit::Precision::F32,
-                DTypeArg::F64 => lossc::jit::Precision::F64,
-            };
-            match lossc::jit::compile(&full, precision) {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    eprintln!(
-                        "error: internal error: the jit backend cannot compile `{}`: {e}",
-                        graph.name
-                    );
-                    return Err(Failure::Diagnostics);
-                }
-            }
-        }
-    };
+    let jit = jit_program(args.backend, args.dtype, &full, &graph.name)?;
     let (outputs, grads): (Vec<(String, f64)>, Vec<(String, tensor_io::HostTensor)>) =
         match args.dtype {
             DTypeArg::F64 => {
@@ -792,15 +797,11 @@ fn rss_mb() -> (f64, f64) {
 
 fn bench(args: &BenchArgs) -> Result<(), Failure> {
     if args.repeats == 0 || args.threads == 0 {
-        return Err(Failure::Usage("--repeats and --threads must be at least 1".into()));
+        return Err(Failure::Usage(
+            "--repeats and --threads must be at least 1".into(),
+        ));
     }
-    let file_tensors = read_inputs(&args.inputs, &args.dims)?;
-    let spec = lossc::Specialize { tensors: file_tensors.as_ref(), seed: args.seed, dims: parse_dims(&args.dims)? };
-    let (program, graph) = compile(&args.loss, &spec)?;
-    let tensors = match file_tensors {
-        Some(t) => t,
-        None => random_tensors(&program, &graph, args.seed, &args.dims)?,
-    };
+    let (program, graph, tensors) = prepare(&args.loss, &args.inputs, &args.dims, args.seed)?;
     let (full, _) = lossc::differentiate(&graph);
     let bound = bind::bind(&full, &tensors).map_err(|diags| {
         report(&program, &diags);
@@ -813,19 +814,7 @@ fn bench(args: &BenchArgs) -> Result<(), Failure> {
     };
     let (baseline_rss, _) = rss_mb();
     let start = std::time::Instant::now();
-    let jit = match args.backend {
-        Backend::Interp => None,
-        Backend::Jit => {
-            let precision = if args.dtype == DTypeArg::F32 { lossc::jit::Precision::F32 } else { lossc::jit::Precision::F64 };
-            match lossc::jit::compile(&full, precision) {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    eprintln!("error: internal error: the jit backend cannot compile `{}`: {e}", graph.name);
-                    return Err(Failure::Diagnostics);
-                }
-            }
-        }
-    };
+    let jit = jit_program(args.backend, args.dtype, &full, &graph.name)?;
     let compile_ms = start.elapsed().as_secs_f64() * 1e3;
     // One timed call: forward + gradient, returning the loss and the gradients.
     let call = |jit: Option<&lossc::jit::JitProgram>| -> Result<(f64, Vec<(String, tensor_io::HostTensor)>), Failure> {
@@ -855,15 +844,32 @@ fn bench(args: &BenchArgs) -> Result<(), Failure> {
     let (_, peak_rss) = rss_mb();
     let mut sorted = times.clone();
     sorted.sort_by(|a, b| a.total_cmp(b));
-    let median = if sorted.len() % 2 == 1 { sorted[sorted.len() / 2] } else { (sorted[sorted.len() / 2 - 1] + sorted[sorted.len() / 2]) / 2.0 };
+    let median = if sorted.len() % 2 == 1 {
+        sorted[sorted.len() / 2]
+    } else {
+        (sorted[sorted.len() / 2 - 1] + sorted[sorted.len() / 2]) / 2.0
+    };
     if let Some(path) = &args.grads_out {
-        let map: TensorMap = grads.iter().map(|(k, t)| (format!("grad.{k}"), t.clone())).collect();
+        let map: TensorMap = grads
+            .iter()
+            .map(|(k, t)| (format!("grad.{k}"), t.clone()))
+            .collect();
         if let Err(e) = tensor_io::write_safetensors(path, &map) {
-            report(&program, &[Diagnostic::error(lossc::syntax::codes::TENSOR_FILE, e.to_string())]);
+            report(
+                &program,
+                &[Diagnostic::error(
+                    lossc::syntax::codes::TENSOR_FILE,
+                    e.to_string(),
+                )],
+            );
             return Err(Failure::Diagnostics);
         }
     }
-    let dtype = if args.dtype == DTypeArg::F32 { "f32" } else { "f64" };
+    let dtype = if args.dtype == DTypeArg::F32 {
+        "f32"
+    } else {
+        "f64"
+    };
     let json = serde_json::json!({
         "loss_name": graph.name,
         "loss": json_number(loss),
@@ -882,17 +888,36 @@ fn bench(args: &BenchArgs) -> Result<(), Failure> {
     if let Some(path) = &args.json_out {
         let text = format!("{json}\n");
         let tmp = path.with_extension("tmp-json");
-        if std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, path)).is_err() {
+        if std::fs::write(&tmp, text)
+            .and_then(|_| std::fs::rename(&tmp, path))
+            .is_err()
+        {
             let _ = std::fs::remove_file(&tmp);
-            return Err(Failure::Usage(format!("--json-out: cannot write `{}`", path.display())));
+            return Err(Failure::Usage(format!(
+                "--json-out: cannot write `{}`",
+                path.display()
+            )));
         }
     }
     match args.format {
         Format::Json => outln!("{json}"),
         Format::Text => {
-            let dims: Vec<String> = bound.sizes.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            outln!("{} forward+gradient, {} {dtype}, {}", graph.name, backend_name(args.backend), dims.join(" "));
-            outln!("  median {median:.3} ms over {} runs (after {} warm-up)", args.repeats, args.warmup);
+            let dims: Vec<String> = bound
+                .sizes
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            outln!(
+                "{} forward+gradient, {} {dtype}, {}",
+                graph.name,
+                backend_name(args.backend),
+                dims.join(" ")
+            );
+            outln!(
+                "  median {median:.3} ms over {} runs (after {} warm-up)",
+                args.repeats,
+                args.warmup
+            );
             outln!("  first call {first_call_ms:.1} ms (compile {compile_ms:.1} ms)");
             outln!("  peak RSS {peak_rss:.0} MiB (before the first call {baseline_rss:.0} MiB)");
             outln!("  loss = {loss}");
