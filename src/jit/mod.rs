@@ -36,7 +36,11 @@
 //! 4. **Run** (`JitProgram::run`). Evaluate the dim table from the bound sizes;
 //!    then node by node: inputs are copied (converted to the precision),
 //!    layout nodes (concat, slice, reshape) are memcpy in Rust, and each
-//!    comprehension allocates its output buffer and calls its kernel. A
+//!    comprehension allocates its output buffer and calls its kernel, except
+//!    a contraction `out[(b,) i, j] = sum(k) A[..] * B[..]` over plain index
+//!    variables, which runs as `matrixmultiply`'s GEMM with strided operands
+//!    (`gemm.rs`; its kernel is still compiled, for sizes where an operand
+//!    does not fit and the interpreter's error must be raised). A
 //!    kernel that meets an out-of-range index (or an integer division by
 //!    zero) stores what it saw and returns a site code; `run` turns it into
 //!    the interpreter's diagnostic (LC0506) with the same message.
@@ -57,8 +61,11 @@
 //!   that can fail, `if` evaluates only the taken branch, NaN propagation of
 //!   maximum/minimum/clamp, first extreme for max/min, -inf for an empty or
 //!   all -inf logsumexp, Euclidean `%` and `//`, and in-order summation, so
-//!   values agree to rounding of the same operations in the same order.
+//!   values agree to rounding of the same operations in the same order —
+//!   except GEMM contractions, which sum in blocked order (possibly with
+//!   fused multiply-add): there values agree to the rounding of a sum.
 
+mod gemm;
 mod helpers;
 mod plan;
 mod translate;
@@ -143,6 +150,9 @@ struct Code {
     /// Owns the executable memory the kernels point into; freed on drop.
     module: Option<JITModule>,
     kernels: Vec<Option<CompiledKernel>>,
+    /// Comprehensions that run as GEMM when their operands fit (`gemm.rs`);
+    /// their kernels stay compiled for when they do not.
+    contractions: Vec<Option<gemm::Contraction>>,
     dims: Vec<Dim>,
     sites: Vec<ErrorSite>,
     compile_ms: f64,
@@ -223,6 +233,21 @@ impl JitProgram {
     }
 }
 
+/// The comprehensions this backend runs as GEMM (when their operands fit):
+/// their values may differ from the interpreter's in summation order.
+pub fn contraction_nodes(graph: &Graph) -> Vec<NodeId> {
+    graph
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| match &n.kind {
+            NodeKind::Comp(c) => gemm::recognise(graph, c, n.dtype).is_some(),
+            _ => false,
+        })
+        .map(|(i, _)| NodeId(i as u32))
+        .collect()
+}
+
 // ---- cache -------------------------------------------------------------------
 
 const CACHE_CAPACITY: usize = 64;
@@ -298,10 +323,13 @@ fn compile_code(graph: &Graph, p: Precision) -> Result<Code, String> {
     let mut ctx = module.make_context();
     let mut fctx = FunctionBuilderContext::new();
     let mut defined = Vec::new();
+    let mut contractions: Vec<Option<gemm::Contraction>> =
+        (0..graph.nodes.len()).map(|_| None).collect();
     for (i, node) in graph.nodes.iter().enumerate() {
         let NodeKind::Comp(comp) = &node.kind else {
             continue;
         };
+        contractions[i] = gemm::recognise(graph, comp, node.dtype);
         let id = NodeId(i as u32);
         let mut levels: Vec<(IdxVar, Dim)> = comp
             .indices
@@ -384,6 +412,7 @@ fn compile_code(graph: &Graph, p: Precision) -> Result<Code, String> {
         precision: p,
         module: Some(module),
         kernels,
+        contractions,
         dims: dims.dims,
         sites,
         compile_ms: start.elapsed().as_secs_f64() * 1e3,
@@ -576,6 +605,31 @@ fn execute<F: Real>(
                 }
                 let mut buf = Buf::zeroed(node.dtype, count);
                 ptrs[i] = buf.ptr();
+                if let Some(con) = &code.contractions[i] {
+                    // The operands' layout is their node shape at these sizes.
+                    let operand_shape = |id: NodeId| node_shape(graph, bound, id).ok();
+                    // SAFETY: every earlier node's buffer is at `ptrs`, row-major
+                    // in its node shape (checked against `count` when stored),
+                    // and floats of `code.precision`, which is `F`'s; this
+                    // node's buffer holds `count` elements of `shape`.
+                    let done = unsafe {
+                        gemm::run(
+                            con,
+                            code.precision,
+                            &bound.sizes,
+                            &shape,
+                            &operand_shape,
+                            &ptrs,
+                            ptrs[i],
+                        )
+                    };
+                    if done {
+                        ptrs[i] = buf.ptr();
+                        bufs.push(buf);
+                        shapes.push(shape);
+                        continue;
+                    }
+                }
                 let mut err = [0i64; 2];
                 // SAFETY: `ptrs` holds the base of every earlier node's
                 // buffer (each exactly its shape's elements at these sizes)

@@ -1,0 +1,258 @@
+//! Contractions through GEMM: a comprehension
+//! `out[(b,) i, j] = sum(k) A[..] * B[..]` whose reads are indexed by plain
+//! loop variables runs as `matrixmultiply::sgemm` / `dgemm` instead of its
+//! compiled loop nest, which walks one operand against its row-major layout
+//! and has no blocking or vector kernel.
+//!
+//! * Recognised (`recognise`, at compile time): a `Sum` over exactly one
+//!   variable `k` with no filter, two or three output indices (`i, j`, or a
+//!   batch `b, i, j`), and a body that is exactly `A[..] * B[..]` of two float
+//!   reads. Each read's indices are distinct plain index variables: one read
+//!   covers exactly `{i, k}` and the other `{j, k}` (plus `b` in both for a
+//!   batch), in any order, so transposed operands are expressed through
+//!   strides and nothing is copied.
+//! * Run (`run`): the strides come from each operand's shape at these sizes
+//!   (its buffer is row-major in that shape). When a loop extent exceeds the
+//!   dim it indexes, `run` declines and the compiled kernel runs instead, so
+//!   the out-of-range diagnostic is the interpreter's.
+//! * Values differ from the interpreter only in summation order (blocked,
+//!   possibly fused multiply-add). An empty `k` range gives the reduction's
+//!   `empty` value, as in the interpreter.
+//! * Threads: `matrixmultiply` reads `MATMUL_NUM_THREADS` once; when it is
+//!   unset we set it to the available parallelism (its own default counts
+//!   physical cores only, which on SMT machines is half of what we may use).
+
+use super::Precision;
+use crate::ir::{BinOp, Comp, DType, Dim, Expr, Graph, IdxVar, NodeId, RedOp};
+use std::sync::Once;
+
+/// What each index of an operand read is bound to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    Batch,
+    /// The output row index `i` (A) or column index `j` (B).
+    Outer,
+    K,
+}
+
+#[derive(Clone, Debug)]
+struct Operand {
+    node: NodeId,
+    /// One role per dim of `node`.
+    roles: Vec<Role>,
+}
+
+/// A comprehension recognised as `C[b] = A[b] · B[b]`.
+#[derive(Clone, Debug)]
+pub(super) struct Contraction {
+    batched: bool,
+    /// Covers `{i, k}`: the left factor, `m × k`.
+    a: Operand,
+    /// Covers `{j, k}`: the right factor, `k × n`.
+    b: Operand,
+    k: Dim,
+    empty: f64,
+}
+
+/// Roles of a read's indices, or `None` unless they are distinct plain
+/// variables covering exactly `{outer, k}` (and `batch` when given).
+fn roles(at: &[Expr], outer: IdxVar, k: IdxVar, batch: Option<IdxVar>) -> Option<Vec<Role>> {
+    let mut roles = Vec::with_capacity(at.len());
+    for e in at {
+        let Expr::Index(v) = e else { return None };
+        let role = if *v == outer {
+            Role::Outer
+        } else if *v == k {
+            Role::K
+        } else if Some(*v) == batch {
+            Role::Batch
+        } else {
+            return None;
+        };
+        if roles.contains(&role) {
+            return None;
+        }
+        roles.push(role);
+    }
+    let want = 2 + usize::from(batch.is_some());
+    (roles.len() == want).then_some(roles)
+}
+
+/// The contraction a comprehension computes, if it is one (module doc).
+pub(super) fn recognise(graph: &Graph, comp: &Comp, dtype: DType) -> Option<Contraction> {
+    let r = comp.reduce.as_ref()?;
+    if dtype != DType::Float || r.op != RedOp::Sum || r.filter.is_some() || r.over.len() != 1 {
+        return None;
+    }
+    let (k, kdim) = r.over[0].clone();
+    let (batch, i, j) = match comp.indices[..] {
+        [i, j] => (None, i, j),
+        [b, i, j] => (Some(b), i, j),
+        _ => return None,
+    };
+    if i == j
+        || Some(i) == batch
+        || Some(j) == batch
+        || [Some(i), Some(j), batch].contains(&Some(k))
+    {
+        return None;
+    }
+    let Expr::Binary(BinOp::Mul, x, y) = &comp.body else {
+        return None;
+    };
+    let read = |e: &Expr| match e {
+        Expr::Read { node, at } if graph.node(*node).dtype == DType::Float => {
+            Some((*node, at.clone()))
+        }
+        _ => None,
+    };
+    let ((xn, xa), (yn, ya)) = (read(x)?, read(y)?);
+    // `x * y == y * x` exactly, so either factor may be the left one.
+    let (a, b) = if let (Some(ra), Some(rb)) = (roles(&xa, i, k, batch), roles(&ya, j, k, batch)) {
+        ((xn, ra), (yn, rb))
+    } else {
+        let rb = roles(&xa, j, k, batch)?;
+        let ra = roles(&ya, i, k, batch)?;
+        ((yn, ra), (xn, rb))
+    };
+    Some(Contraction {
+        batched: batch.is_some(),
+        a: Operand {
+            node: a.0,
+            roles: a.1,
+        },
+        b: Operand {
+            node: b.0,
+            roles: b.1,
+        },
+        k: kdim,
+        empty: r.empty,
+    })
+}
+
+/// Sets `MATMUL_NUM_THREADS` to the available parallelism once, unless the
+/// user set it (module doc).
+fn configure_threads() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("MATMUL_NUM_THREADS").is_none() {
+            let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+            std::env::set_var("MATMUL_NUM_THREADS", n.to_string());
+        }
+    });
+}
+
+/// Strides (in elements) of each role of an operand of row-major `shape`,
+/// or `None` when a role's extent does not fit its dim.
+fn strides(op: &Operand, shape: &[usize], extent: impl Fn(Role) -> usize) -> Option<[isize; 3]> {
+    if shape.len() != op.roles.len() {
+        return None;
+    }
+    // Indexed by role: batch, outer, k.
+    let mut out = [0isize; 3];
+    let mut stride = 1usize;
+    for (role, dim) in op.roles.iter().zip(shape).rev() {
+        if extent(*role) > *dim {
+            return None;
+        }
+        out[*role as usize] = isize::try_from(stride).ok()?;
+        stride = stride.checked_mul(*dim)?;
+    }
+    Some(out)
+}
+
+/// Computes the contraction into `c` (the node's buffer, `shape` at these
+/// sizes); `false` when it declines (module doc) and the kernel must run.
+///
+/// # Safety
+///
+/// `ptrs[n]` is the base of node `n`'s buffer, of precision `p`, holding
+/// exactly the elements of `shapes[n]` for both operands; `c` holds exactly
+/// the elements of `shape`, in precision `p`.
+pub(super) unsafe fn run(
+    con: &Contraction,
+    p: Precision,
+    sizes: &std::collections::BTreeMap<String, i64>,
+    shape: &[usize],
+    shapes: &dyn Fn(NodeId) -> Option<Vec<usize>>,
+    ptrs: &[*mut u8],
+    c: *mut u8,
+) -> bool {
+    let Ok(k) = usize::try_from(con.k.eval(sizes).unwrap_or(-1)) else {
+        return false;
+    };
+    let (nb, m, n) = match (con.batched, shape) {
+        (false, [m, n]) => (1, *m, *n),
+        (true, [b, m, n]) => (*b, *m, *n),
+        _ => return false,
+    };
+    let extent = |outer: usize| {
+        move |r: Role| match r {
+            Role::Batch => nb,
+            Role::Outer => outer,
+            Role::K => k,
+        }
+    };
+    let (Some(sa), Some(sb)) = (
+        shapes(con.a.node).and_then(|s| strides(&con.a, &s, extent(m))),
+        shapes(con.b.node).and_then(|s| strides(&con.b, &s, extent(n))),
+    ) else {
+        return false;
+    };
+    let total = nb * m * n;
+    if total == 0 {
+        return true;
+    }
+    if k == 0 {
+        // The interpreter's value of an empty sum.
+        match p {
+            Precision::F32 => {
+                std::slice::from_raw_parts_mut(c as *mut f32, total).fill(con.empty as f32)
+            }
+            Precision::F64 => std::slice::from_raw_parts_mut(c as *mut f64, total).fill(con.empty),
+        }
+        return true;
+    }
+    configure_threads();
+    let (pa, pb) = (ptrs[con.a.node.index()], ptrs[con.b.node.index()]);
+    let (mi, ni) = (m as isize, n as isize);
+    for bi in 0..nb as isize {
+        let (oa, ob, oc) = (bi * sa[0], bi * sb[0], bi * mi * ni);
+        // A is m × k with strides (outer, k); B is k × n with strides (k, outer).
+        match p {
+            Precision::F32 => matrixmultiply::sgemm(
+                m,
+                k,
+                n,
+                1.0,
+                (pa as *const f32).offset(oa),
+                sa[1],
+                sa[2],
+                (pb as *const f32).offset(ob),
+                sb[2],
+                sb[1],
+                0.0,
+                (c as *mut f32).offset(oc),
+                ni,
+                1,
+            ),
+            Precision::F64 => matrixmultiply::dgemm(
+                m,
+                k,
+                n,
+                1.0,
+                (pa as *const f64).offset(oa),
+                sa[1],
+                sa[2],
+                (pb as *const f64).offset(ob),
+                sb[2],
+                sb[1],
+                0.0,
+                (c as *mut f64).offset(oc),
+                ni,
+                1,
+            ),
+        }
+    }
+    true
+}
