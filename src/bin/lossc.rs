@@ -706,20 +706,7 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
         return Err(Failure::Diagnostics);
     }
     if let Some(path) = &args.grads_out {
-        let map: TensorMap = grads
-            .iter()
-            .map(|(k, t)| (format!("grad.{k}"), t.clone()))
-            .collect();
-        if let Err(e) = tensor_io::write_safetensors(path, &map) {
-            report(
-                &program,
-                &[Diagnostic::error(
-                    lossc::syntax::codes::TENSOR_FILE,
-                    e.to_string(),
-                )],
-            );
-            return Err(Failure::Diagnostics);
-        }
+        write_grads(&program, path, &grads)?;
     }
     let dtype = if args.dtype == DTypeArg::F32 {
         "f32"
@@ -781,6 +768,28 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
 }
 
 /// Evaluates on the chosen backend: the interpreter, or the JIT's code.
+/// Writes gradients as safetensors (`grad.<name>`), atomically.
+fn write_grads(
+    program: &Program,
+    path: &Path,
+    grads: &[(String, tensor_io::HostTensor)],
+) -> Result<(), Failure> {
+    let map: TensorMap = grads
+        .iter()
+        .map(|(k, t)| (format!("grad.{k}"), t.clone()))
+        .collect();
+    tensor_io::write_safetensors(path, &map).map_err(|e| {
+        report(
+            program,
+            &[Diagnostic::error(
+                lossc::syntax::codes::TENSOR_FILE,
+                e.to_string(),
+            )],
+        );
+        Failure::Diagnostics
+    })
+}
+
 /// Resident set size now and at its peak, in MiB (Linux /proc; 0 elsewhere).
 fn rss_mb() -> (f64, f64) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -850,20 +859,7 @@ fn bench(args: &BenchArgs) -> Result<(), Failure> {
         (sorted[sorted.len() / 2 - 1] + sorted[sorted.len() / 2]) / 2.0
     };
     if let Some(path) = &args.grads_out {
-        let map: TensorMap = grads
-            .iter()
-            .map(|(k, t)| (format!("grad.{k}"), t.clone()))
-            .collect();
-        if let Err(e) = tensor_io::write_safetensors(path, &map) {
-            report(
-                &program,
-                &[Diagnostic::error(
-                    lossc::syntax::codes::TENSOR_FILE,
-                    e.to_string(),
-                )],
-            );
-            return Err(Failure::Diagnostics);
-        }
+        write_grads(&program, path, &grads)?;
     }
     let dtype = if args.dtype == DTypeArg::F32 {
         "f32"
