@@ -230,6 +230,15 @@ enum DTypeArg {
     F64,
 }
 
+impl DTypeArg {
+    fn name(self) -> &'static str {
+        match self {
+            DTypeArg::F32 => "f32",
+            DTypeArg::F64 => "f64",
+        }
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
 enum Format {
     Text,
@@ -708,11 +717,7 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
     if let Some(path) = &args.grads_out {
         write_grads(&program, path, &grads)?;
     }
-    let dtype = if args.dtype == DTypeArg::F32 {
-        "f32"
-    } else {
-        "f64"
-    };
+    let dtype = args.dtype.name();
     let l2 = |t: &tensor_io::HostTensor| t.to_f64_vec().iter().map(|x| x * x).sum::<f64>().sqrt();
     match args.format {
         Format::Json => {
@@ -861,11 +866,7 @@ fn bench(args: &BenchArgs) -> Result<(), Failure> {
     if let Some(path) = &args.grads_out {
         write_grads(&program, path, &grads)?;
     }
-    let dtype = if args.dtype == DTypeArg::F32 {
-        "f32"
-    } else {
-        "f64"
-    };
+    let dtype = args.dtype.name();
     let json = serde_json::json!({
         "loss_name": graph.name,
         "loss": json_number(loss),

@@ -787,14 +787,21 @@ impl Elab<'_> {
         let rows = dims[..dims.len() - 1]
             .iter()
             .fold(Dim::lit(1), |a, d| a.mul(d));
+        let last = dims[dims.len() - 1].clone();
+        self.reshape_in_scope(v, vec![rows, last], span)
+    }
+
+    /// Materialises `v` and reads it back through a reshape to `dims`
+    /// (row-major order kept), indexed by the enclosing variables it uses.
+    fn reshape_in_scope(&mut self, v: Val, dims: Vec<Dim>, span: Span) -> R<Value> {
         let prefix = self.shared_prefix(std::slice::from_ref(&v));
         let ty = v.ty;
         let src = self.materialize_in_scope(v, span, &prefix)?;
         let mut shape = self.prefix_shape(&prefix, span)?;
-        shape.push(rows);
-        shape.push(dims[dims.len() - 1].clone());
+        shape.extend(dims);
+        let kind = NodeKind::Reshape { src };
         let id = self.graph.push(Node {
-            kind: NodeKind::Reshape { src },
+            kind,
             dtype: ty,
             shape,
             name: None,
@@ -813,21 +820,11 @@ impl Elab<'_> {
                 .at(span, "rank < 2"),
             ));
         }
-        let prefix = self.shared_prefix(std::slice::from_ref(&v));
         let dims = v.shape();
-        let ty = v.ty;
-        let src = self.materialize_in_scope(v, span, &prefix)?;
-        let mut shape = self.prefix_shape(&prefix, span)?;
-        shape.push(dims[0].mul(&dims[1]));
-        shape.extend(dims[2..].iter().cloned());
-        let id = self.graph.push(Node {
-            kind: NodeKind::Reshape { src },
-            dtype: ty,
-            shape,
-            name: None,
-            span: Some(span),
-        });
-        Ok(Value::Tensor(self.read_back(id, &prefix)))
+        let merged = std::iter::once(dims[0].mul(&dims[1]))
+            .chain(dims[2..].iter().cloned())
+            .collect();
+        self.reshape_in_scope(v, merged, span)
     }
 
     /// `stack(a, b, ...)`: a new leading dim.
