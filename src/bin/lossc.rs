@@ -96,10 +96,8 @@ struct BenchArgs {
     /// Precision (the peers are measured in float32).
     #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
     dtype: DTypeArg,
-    /// Worker threads requested. The current JIT and interpreter run on one thread; the
-    /// number used is reported as `threads`.
-    #[arg(long, default_value_t = 1)]
-    threads: usize,
+    #[command(flatten)]
+    exec: ExecArgs,
     /// Untimed runs before timing.
     #[arg(long, default_value_t = 3)]
     warmup: usize,
@@ -201,6 +199,8 @@ struct RunArgs {
     /// Floating-point precision of the evaluation.
     #[arg(long, value_enum, default_value_t = DTypeArg::F64)]
     dtype: DTypeArg,
+    #[command(flatten)]
+    exec: ExecArgs,
     /// Write the gradients as safetensors, keys `grad.<input>` (variadic inputs by column,
     /// e.g. `grad.negative_2`), in the evaluated dtype. Written atomically.
     #[arg(long, value_name = "FILE")]
@@ -214,6 +214,52 @@ struct RunArgs {
     /// Dims of random inputs, e.g. B=32,D=64 (used without --inputs).
     #[arg(long, value_name = "NAME=SIZE,...")]
     dims: Option<String>,
+}
+
+/// How the JIT runs (the interpreter ignores these).
+#[derive(Args)]
+struct ExecArgs {
+    /// Threads for the JIT's loop nests and its GEMM [default: every core].
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+    /// Compute in-batch matrices (scores [B, N] and their gradients) in blocks of rows
+    /// instead of materialising them: `auto` streams a matrix of 32 MiB or more,
+    /// `always` every matrix that can stream, `never` none.
+    #[arg(long, value_enum, default_value_t = StreamArg::Auto)]
+    stream: StreamArg,
+    /// Rows per streamed block [default: blocks of about 8 MiB of tiles].
+    #[arg(long, value_name = "ROWS")]
+    tile_rows: Option<usize>,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum StreamArg {
+    Auto,
+    Always,
+    Never,
+}
+
+impl ExecArgs {
+    fn options(&self) -> Result<lossc::jit::RunOptions, Failure> {
+        if self.threads == Some(0) || self.tile_rows == Some(0) {
+            return Err(Failure::Usage(
+                "--threads and --tile-rows must be at least 1".into(),
+            ));
+        }
+        let mut opts = lossc::jit::RunOptions::lean();
+        if let Some(n) = self.threads {
+            opts.threads = n;
+            // matrixmultiply reads its thread count once, at its first GEMM.
+            std::env::set_var("MATMUL_NUM_THREADS", n.to_string());
+        }
+        opts.streaming = match self.stream {
+            StreamArg::Auto => lossc::jit::Streaming::Auto,
+            StreamArg::Always => lossc::jit::Streaming::Always,
+            StreamArg::Never => lossc::jit::Streaming::Never,
+        };
+        opts.tile_rows = self.tile_rows;
+        Ok(opts)
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -684,18 +730,19 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
         report(&program, &[d]);
         Failure::Diagnostics
     };
+    let opts = args.exec.options()?;
     let jit = jit_program(args.backend, args.dtype, &full, &graph.name)?;
     let (outputs, grads): (Vec<(String, f64)>, Vec<(String, tensor_io::HostTensor)>) =
         match args.dtype {
             DTypeArg::F64 => {
-                let e = evaluate::<f64>(&full, &bound, jit.as_ref()).map_err(fail)?;
+                let e = evaluate::<f64>(&full, &bound, jit.as_ref(), opts).map_err(fail)?;
                 (
                     e.outputs.clone(),
                     lossc::gradient_tensors(&full, &bound, &e),
                 )
             }
             DTypeArg::F32 => {
-                let e = evaluate::<f32>(&full, &bound, jit.as_ref()).map_err(fail)?;
+                let e = evaluate::<f32>(&full, &bound, jit.as_ref(), opts).map_err(fail)?;
                 (
                     e.outputs
                         .iter()
@@ -810,11 +857,10 @@ fn rss_mb() -> (f64, f64) {
 }
 
 fn bench(args: &BenchArgs) -> Result<(), Failure> {
-    if args.repeats == 0 || args.threads == 0 {
-        return Err(Failure::Usage(
-            "--repeats and --threads must be at least 1".into(),
-        ));
+    if args.repeats == 0 {
+        return Err(Failure::Usage("--repeats must be at least 1".into()));
     }
+    let opts = args.exec.options()?;
     let (program, graph, tensors) = prepare(&args.loss, &args.inputs, &args.dims, args.seed)?;
     let (full, _) = lossc::differentiate(&graph);
     let bound = bind::bind(&full, &tensors).map_err(|diags| {
@@ -834,14 +880,34 @@ fn bench(args: &BenchArgs) -> Result<(), Failure> {
     let call = |jit: Option<&lossc::jit::JitProgram>| -> Result<(f64, Vec<(String, tensor_io::HostTensor)>), Failure> {
         match args.dtype {
             DTypeArg::F64 => {
-                let e = evaluate::<f64>(&full, &bound, jit).map_err(fail)?;
+                let e = evaluate::<f64>(&full, &bound, jit, opts).map_err(fail)?;
                 Ok((e.outputs[0].1, lossc::gradient_tensors(&full, &bound, &e)))
             }
             DTypeArg::F32 => {
-                let e = evaluate::<f32>(&full, &bound, jit).map_err(fail)?;
+                let e = evaluate::<f32>(&full, &bound, jit, opts).map_err(fail)?;
                 Ok((e.outputs[0].1 as f64, lossc::gradient_tensors(&full, &bound, &e)))
             }
         }
+    };
+    // What the JIT streams at these sizes: one entry per pass over blocks of rows.
+    let passes: Vec<serde_json::Value> = match &jit {
+        Some(program) => program
+            .schedule(&bound, opts)
+            .map_err(fail)?
+            .iter()
+            .map(|p| {
+                let ids = |v: &[ir::NodeId]| -> Vec<String> {
+                    v.iter().map(|id| format!("%{}", id.0)).collect()
+                };
+                serde_json::json!({
+                    "rows": p.rows,
+                    "tile_rows": p.tile_rows,
+                    "streamed": ids(&p.streamed),
+                    "members": ids(&p.members),
+                })
+            })
+            .collect(),
+        None => Vec::new(),
     };
     let (mut loss, mut grads) = call(jit.as_ref())?;
     let first_call_ms = start.elapsed().as_secs_f64() * 1e3;
@@ -873,7 +939,7 @@ fn bench(args: &BenchArgs) -> Result<(), Failure> {
         "backend": backend_name(args.backend),
         "dtype": dtype,
         "dims": bound.sizes,
-        "threads": 1,
+        "threads": if jit.is_some() { opts.threads } else { 1 },
         "warmup": args.warmup,
         "times_ms": times,
         "median_ms": median,
@@ -881,6 +947,7 @@ fn bench(args: &BenchArgs) -> Result<(), Failure> {
         "compile_ms": compile_ms,
         "peak_rss_mb": peak_rss,
         "baseline_rss_mb": baseline_rss,
+        "passes": passes,
     });
     if let Some(path) = &args.json_out {
         let text = format!("{json}\n");
@@ -927,9 +994,10 @@ fn evaluate<F: interp::Real>(
     full: &ir::Graph,
     bound: &bind::Bound,
     jit: Option<&lossc::jit::JitProgram>,
+    opts: lossc::jit::RunOptions,
 ) -> Result<interp::Evaluation<F>, Diagnostic> {
     match jit {
-        Some(program) => program.run::<F>(bound),
+        Some(program) => program.run_with::<F>(bound, opts),
         None => interp::evaluate::<F>(full, bound),
     }
 }

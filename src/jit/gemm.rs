@@ -142,6 +142,18 @@ fn configure_threads() {
     });
 }
 
+/// Which part of a contraction to compute (`run.rs`).
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Part {
+    /// All of it, into a buffer of the node's shape.
+    Whole,
+    /// Output rows `lo .. hi` (not batched), written where row `lo` of the
+    /// output lies.
+    Rows(usize, usize),
+    /// The terms `k` in `lo .. hi` (not batched), added to the output.
+    K(usize, usize),
+}
+
 /// Strides (in elements) of each role of an operand of row-major `shape`,
 /// or `None` when a role's extent does not fit its dim.
 fn strides(op: &Operand, shape: &[usize], extent: impl Fn(Role) -> usize) -> Option<[isize; 3]> {
@@ -161,14 +173,16 @@ fn strides(op: &Operand, shape: &[usize], extent: impl Fn(Role) -> usize) -> Opt
     Some(out)
 }
 
-/// Computes the contraction into `c` (the node's buffer, `shape` at these
-/// sizes); `false` when it declines (module doc) and the kernel must run.
+/// Computes `part` of the contraction into `c` (the node's buffer, `shape`
+/// at these sizes); `false` when it declines (module doc) and the kernel
+/// must run.
 ///
 /// # Safety
 ///
 /// `ptrs[n]` is the base of node `n`'s buffer, of precision `p`, holding
-/// exactly the elements of `shapes[n]` for both operands; `c` holds exactly
-/// the elements of `shape`, in precision `p`.
+/// the elements of `shapes[n]` for both operands (at least the rows or terms
+/// `part` touches); `c` likewise for `shape`, in precision `p`.
+#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn run(
     con: &Contraction,
     p: Precision,
@@ -177,6 +191,7 @@ pub(super) unsafe fn run(
     shapes: &dyn Fn(NodeId) -> Option<Vec<usize>>,
     ptrs: &[*mut u8],
     c: *mut u8,
+    part: Part,
 ) -> bool {
     let Ok(k) = usize::try_from(con.k.eval(sizes).unwrap_or(-1)) else {
         return false;
@@ -199,56 +214,75 @@ pub(super) unsafe fn run(
     ) else {
         return false;
     };
-    let total = nb * m * n;
+    if con.batched && !matches!(part, Part::Whole) {
+        return false;
+    }
+    // The rows of A and C, and the terms of A and B, this part covers.
+    let (rows, terms, beta) = match part {
+        Part::Whole => ((0, m), (0, k), 0.0),
+        Part::Rows(lo, hi) if lo <= hi && hi <= m => ((lo, hi), (0, k), 0.0),
+        Part::K(lo, hi) if lo <= hi && hi <= k => ((0, m), (lo, hi), 1.0),
+        _ => return false,
+    };
+    let (pm, pk) = (rows.1 - rows.0, terms.1 - terms.0);
+    let total = nb * pm * n;
     if total == 0 {
         return true;
     }
-    if k == 0 {
+    if pk == 0 {
+        if matches!(part, Part::K(..)) {
+            return true; // nothing to add
+        }
         // The interpreter's value of an empty sum.
+        let at = rows.0 * n;
         match p {
-            Precision::F32 => {
-                std::slice::from_raw_parts_mut(c as *mut f32, total).fill(con.empty as f32)
+            Precision::F32 => std::slice::from_raw_parts_mut((c as *mut f32).add(at), total)
+                .fill(con.empty as f32),
+            Precision::F64 => {
+                std::slice::from_raw_parts_mut((c as *mut f64).add(at), total).fill(con.empty)
             }
-            Precision::F64 => std::slice::from_raw_parts_mut(c as *mut f64, total).fill(con.empty),
         }
         return true;
     }
     configure_threads();
     let (pa, pb) = (ptrs[con.a.node.index()], ptrs[con.b.node.index()]);
     let (mi, ni) = (m as isize, n as isize);
+    let (r0, k0) = (rows.0 as isize, terms.0 as isize);
     for bi in 0..nb as isize {
-        let (oa, ob, oc) = (bi * sa[0], bi * sb[0], bi * mi * ni);
+        let oa = bi * sa[0] + r0 * sa[1] + k0 * sa[2];
+        let ob = bi * sb[0] + k0 * sb[2];
+        let oc = bi * mi * ni + r0 * ni;
         // A is m × k with strides (outer, k); B is k × n with strides (k, outer).
         match p {
             Precision::F32 => matrixmultiply::sgemm(
-                m,
-                k,
+                pm,
+                pk,
                 n,
                 1.0,
-                (pa as *const f32).offset(oa),
+                (pa as *const f32).wrapping_offset(oa),
                 sa[1],
                 sa[2],
-                (pb as *const f32).offset(ob),
+                (pb as *const f32).wrapping_offset(ob),
                 sb[2],
                 sb[1],
-                0.0,
-                (c as *mut f32).offset(oc),
+                beta as f32,
+                (c as *mut f32).wrapping_offset(oc),
                 ni,
                 1,
             ),
             Precision::F64 => matrixmultiply::dgemm(
-                m,
-                k,
+                pm,
+                pk,
                 n,
                 1.0,
-                (pa as *const f64).offset(oa),
+                (pa as *const f64).wrapping_offset(oa),
                 sa[1],
                 sa[2],
-                (pb as *const f64).offset(ob),
+                (pb as *const f64).wrapping_offset(ob),
                 sb[2],
                 sb[1],
-                0.0,
-                (c as *mut f64).offset(oc),
+                beta,
+                (c as *mut f64).wrapping_offset(oc),
                 ni,
                 1,
             ),

@@ -68,19 +68,22 @@
 mod gemm;
 mod helpers;
 mod plan;
+mod run;
+mod stream;
 mod translate;
 
+pub use run::RunOptions;
+pub use stream::Streaming;
+
 use crate::bind::Bound;
-use crate::interp::{Evaluation, Real, Tensor};
-use crate::ir::{BinOp, DType, Dim, Graph, IdxVar, NodeId, NodeKind, RedOp};
+use crate::interp::{Evaluation, Real};
+use crate::ir::{BinOp, Dim, Graph, IdxVar, NodeId, NodeKind, RedOp};
 use crate::syntax::{codes, Diagnostic};
-use crate::tensor_io::TensorData;
 use cranelift_codegen::ir::{types, AbiParam, Type};
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{default_libcall_names, Linkage, Module};
-use ndarray::{ArrayD, IxDyn};
 use std::any::TypeId;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
@@ -135,8 +138,8 @@ enum ErrorSite {
     Mixed(BinOp),
 }
 
-/// `fn(bufs, dims, err) -> 0 | site + 1`.
-type KernelFn = unsafe extern "C" fn(*const *mut u8, *const i64, *mut i64) -> i64;
+/// `fn(bufs, dims, err, ctl) -> 0 | site + 1` (`translate.rs`).
+type KernelFn = unsafe extern "C" fn(*const *mut u8, *const i64, *mut i64, *const i64) -> i64;
 
 struct CompiledKernel {
     f: KernelFn,
@@ -153,6 +156,8 @@ struct Code {
     /// Comprehensions that run as GEMM when their operands fit (`gemm.rs`);
     /// their kernels stay compiled for when they do not.
     contractions: Vec<Option<gemm::Contraction>>,
+    /// What may stream, and which kernels accumulate (`stream.rs`).
+    stream: stream::Analysis,
     dims: Vec<Dim>,
     sites: Vec<ErrorSite>,
     compile_ms: f64,
@@ -208,6 +213,16 @@ impl JitProgram {
     /// `interp::evaluate`. Running in the other precision than compiled
     /// compiles it once, on first use.
     pub fn run<F: Real>(&self, bound: &Bound) -> Result<Evaluation<F>, Diagnostic> {
+        self.run_with(bound, RunOptions::full())
+    }
+
+    /// `run` with options: threads, streaming, and whether every node's
+    /// value is kept (`RunOptions::lean` keeps the outputs and gradients).
+    pub fn run_with<F: Real>(
+        &self,
+        bound: &Bound,
+        opts: RunOptions,
+    ) -> Result<Evaluation<F>, Diagnostic> {
         let p = Precision::of::<F>().ok_or_else(|| {
             Diagnostic::error(codes::TENSOR_DTYPE, "the JIT runs in f32 or f64 only")
         })?;
@@ -229,7 +244,39 @@ impl JitProgram {
                 }
             }
         };
-        execute(&self.graph, &code, bound)
+        run::execute(&self.graph, &code, bound, opts)
+    }
+}
+
+/// One pass of a streamed run (`JitProgram::schedule`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PassReport {
+    /// The row dim's size, and the rows per block.
+    pub rows: usize,
+    pub tile_rows: usize,
+    /// Nodes kept only as tiles of `tile_rows` rows, recomputed per pass.
+    pub streamed: Vec<NodeId>,
+    /// Every node computed block by block, streamed or not.
+    pub members: Vec<NodeId>,
+}
+
+impl JitProgram {
+    /// The passes a run with `opts` makes at the bound sizes (none when
+    /// nothing streams).
+    pub fn schedule(&self, bound: &Bound, opts: RunOptions) -> Result<Vec<PassReport>, Diagnostic> {
+        let steps = run::steps(&self.graph, &self.code, bound, opts)?;
+        Ok(steps
+            .into_iter()
+            .filter_map(|s| match s {
+                stream::Step::Pass(p) => Some(PassReport {
+                    rows: p.rows,
+                    tile_rows: p.tile_rows,
+                    streamed: p.streamed,
+                    members: p.nodes.iter().map(|(id, _)| *id).collect(),
+                }),
+                stream::Step::Whole(_) => None,
+            })
+            .collect())
     }
 }
 
@@ -318,6 +365,7 @@ fn compile_code(graph: &Graph, p: Precision) -> Result<Code, String> {
     let mut module = JITModule::new(jb);
     let declared = helpers::declare(&mut module, p)?;
 
+    let analysis = stream::analyse(graph);
     let mut dims = plan::DimTable::default();
     let mut sites = Vec::new();
     let mut ctx = module.make_context();
@@ -361,7 +409,7 @@ fn compile_code(graph: &Graph, p: Precision) -> Result<Code, String> {
         let dag = builder.dag;
 
         let mut sig = module.make_signature();
-        for _ in 0..3 {
+        for _ in 0..4 {
             sig.params.push(AbiParam::new(types::I64));
         }
         sig.returns.push(AbiParam::new(types::I64));
@@ -383,6 +431,7 @@ fn compile_code(graph: &Graph, p: Precision) -> Result<Code, String> {
                 levels: &levels,
                 body,
                 filter,
+                ranged_red: analysis.ranged_red[i],
             },
             fb,
             &mut dims,
@@ -403,7 +452,7 @@ fn compile_code(graph: &Graph, p: Precision) -> Result<Code, String> {
     for (i, func_id, proofs) in defined {
         let ptr = module.get_finalized_function(func_id);
         // SAFETY: the function was declared with exactly this signature
-        // (three pointer-sized integers in, one i64 out, default call
+        // (four pointer-sized integers in, one i64 out, default call
         // convention, which is the platform's C convention).
         let f = unsafe { std::mem::transmute::<*const u8, KernelFn>(ptr) };
         kernels[i] = Some(CompiledKernel { f, proofs });
@@ -413,341 +462,11 @@ fn compile_code(graph: &Graph, p: Precision) -> Result<Code, String> {
         module: Some(module),
         kernels,
         contractions,
+        stream: analysis,
         dims: dims.dims,
         sites,
         compile_ms: start.elapsed().as_secs_f64() * 1e3,
     })
-}
-
-// ---- running -----------------------------------------------------------------
-
-/// A node's value while running: row-major, exactly its shape's elements.
-enum Buf<F> {
-    F(Vec<F>),
-    I(Vec<i64>),
-    B(Vec<u8>),
-}
-
-impl<F: Copy> Buf<F> {
-    fn len(&self) -> usize {
-        match self {
-            Buf::F(v) => v.len(),
-            Buf::I(v) => v.len(),
-            Buf::B(v) => v.len(),
-        }
-    }
-
-    fn ptr(&mut self) -> *mut u8 {
-        match self {
-            Buf::F(v) => v.as_mut_ptr() as *mut u8,
-            Buf::I(v) => v.as_mut_ptr() as *mut u8,
-            Buf::B(v) => v.as_mut_ptr(),
-        }
-    }
-
-    fn zeroed(dtype: DType, n: usize) -> Buf<F>
-    where
-        F: Real,
-    {
-        match dtype {
-            DType::Float => Buf::F(vec![F::zero(); n]),
-            DType::Int => Buf::I(vec![0; n]),
-            DType::Bool => Buf::B(vec![0; n]),
-        }
-    }
-
-    /// The elements `[start, start + len)` of each of `outer` rows of `row`.
-    fn gather(&self, outer: usize, row: usize, start: usize, len: usize, out: &mut Buf<F>) {
-        macro_rules! go {
-            ($a:expr, $b:expr) => {
-                for o in 0..outer {
-                    $b.extend_from_slice(&$a[o * row + start..o * row + start + len]);
-                }
-            };
-        }
-        match (self, out) {
-            (Buf::F(a), Buf::F(b)) => go!(a, b),
-            (Buf::I(a), Buf::I(b)) => go!(a, b),
-            (Buf::B(a), Buf::B(b)) => go!(a, b),
-            _ => {}
-        }
-    }
-
-    fn empty_like(&self, capacity: usize) -> Buf<F> {
-        match self {
-            Buf::F(_) => Buf::F(Vec::with_capacity(capacity)),
-            Buf::I(_) => Buf::I(Vec::with_capacity(capacity)),
-            Buf::B(_) => Buf::B(Vec::with_capacity(capacity)),
-        }
-    }
-
-    fn duplicate(&self) -> Buf<F> {
-        match self {
-            Buf::F(v) => Buf::F(v.clone()),
-            Buf::I(v) => Buf::I(v.clone()),
-            Buf::B(v) => Buf::B(v.clone()),
-        }
-    }
-
-    fn into_tensor(self, shape: &[usize]) -> Result<Tensor<F>, ndarray::ShapeError> {
-        let s = IxDyn(shape);
-        Ok(match self {
-            Buf::F(v) => Tensor::F(ArrayD::from_shape_vec(s, v)?),
-            Buf::I(v) => Tensor::I(ArrayD::from_shape_vec(s, v)?),
-            Buf::B(v) => Tensor::B(ArrayD::from_shape_vec(
-                s,
-                v.into_iter().map(|b| b != 0).collect(),
-            )?),
-        })
-    }
-}
-
-fn shape_error(msg: impl Into<String>) -> Diagnostic {
-    Diagnostic::error(codes::TENSOR_SHAPE, msg)
-}
-
-fn node_shape(graph: &Graph, bound: &Bound, id: NodeId) -> Result<Vec<usize>, Diagnostic> {
-    graph
-        .node(id)
-        .shape
-        .iter()
-        .map(|d| match d.eval(&bound.sizes) {
-            Some(v) if v >= 0 => Ok(v as usize),
-            _ => Err(shape_error(format!(
-                "the size {d} is unknown or negative for these inputs"
-            ))),
-        })
-        .collect()
-}
-
-fn element_count(shape: &[usize]) -> Result<usize, Diagnostic> {
-    shape
-        .iter()
-        .try_fold(1usize, |a, d| a.checked_mul(*d))
-        .filter(|n| (*n as u128) * 8 < isize::MAX as u128)
-        .ok_or_else(|| shape_error(format!("a node of shape {shape:?} is too large")))
-}
-
-fn execute<F: Real>(
-    graph: &Graph,
-    code: &Code,
-    bound: &Bound,
-) -> Result<Evaluation<F>, Diagnostic> {
-    let dim_values: Vec<i64> = code
-        .dims
-        .iter()
-        .map(|d| d.eval(&bound.sizes).unwrap_or(0))
-        .collect();
-    let n = graph.nodes.len();
-    let mut bufs: Vec<Buf<F>> = Vec::with_capacity(n);
-    // Base pointers of the buffers, by node; each is set once its buffer
-    // exists and stays valid (the Vec's heap block never moves or grows).
-    let mut ptrs: Vec<*mut u8> = vec![std::ptr::null_mut(); n];
-    // The shape of each value as the interpreter reports it (an input keeps
-    // the shape it was given).
-    let mut shapes: Vec<Vec<usize>> = Vec::with_capacity(n);
-    for (i, node) in graph.nodes.iter().enumerate() {
-        let id = NodeId(i as u32);
-        let shape = node_shape(graph, bound, id)?;
-        let count = element_count(&shape)?;
-        let (mut buf, value_shape) = match &node.kind {
-            NodeKind::Input { .. } => {
-                let b = bound.input(id).ok_or_else(|| {
-                    Diagnostic::error(codes::MISSING_TENSOR, "an input was not bound")
-                })?;
-                if b.tensor.len() != count {
-                    return Err(shape_error(format!(
-                        "input `{}` does not match its shape",
-                        b.name
-                    )));
-                }
-                let buf = match (&b.tensor.data, node.dtype) {
-                    (TensorData::F64(v), DType::Float) => Buf::F(
-                        v.iter()
-                            .map(|x| F::from_f64(*x).unwrap_or_else(F::nan))
-                            .collect(),
-                    ),
-                    (TensorData::F32(v), DType::Float) => Buf::F(
-                        v.iter()
-                            .map(|x| F::from_f32(*x).unwrap_or_else(F::nan))
-                            .collect(),
-                    ),
-                    (TensorData::I64(v), DType::Int) => Buf::I(v.clone()),
-                    (TensorData::Bool(v), DType::Bool) => {
-                        Buf::B(v.iter().map(|b| u8::from(*b)).collect())
-                    }
-                    _ => {
-                        return Err(Diagnostic::error(
-                            codes::TENSOR_DTYPE,
-                            format!("input `{}` has the wrong dtype", b.name),
-                        ))
-                    }
-                };
-                (buf, b.tensor.shape.clone())
-            }
-            NodeKind::Comp(_) => {
-                let kernel = code.kernels[i].as_ref().ok_or_else(|| {
-                    shape_error(format!("internal error: %{i} has no compiled kernel"))
-                })?;
-                for proof in &kernel.proofs {
-                    let dim = proof.dim.eval(&bound.sizes).unwrap_or(0);
-                    let need = proof.bound.eval(&bound.sizes).unwrap_or(0).max(0);
-                    if dim < need {
-                        return Err(Diagnostic::error(
-                            codes::INDEX_RANGE,
-                            format!(
-                                "index range {} = {need} exceeds the dim {} = {dim} it reads in %{i}",
-                                proof.bound, proof.dim
-                            ),
-                        )
-                        .with_help("these sizes break an assumption of the program's shapes"));
-                    }
-                }
-                let mut buf = Buf::zeroed(node.dtype, count);
-                ptrs[i] = buf.ptr();
-                if let Some(con) = &code.contractions[i] {
-                    // The operands' layout is their node shape at these sizes.
-                    let operand_shape = |id: NodeId| node_shape(graph, bound, id).ok();
-                    // SAFETY: every earlier node's buffer is at `ptrs`, row-major
-                    // in its node shape (checked against `count` when stored),
-                    // and floats of `code.precision`, which is `F`'s; this
-                    // node's buffer holds `count` elements of `shape`.
-                    let done = unsafe {
-                        gemm::run(
-                            con,
-                            code.precision,
-                            &bound.sizes,
-                            &shape,
-                            &operand_shape,
-                            &ptrs,
-                            ptrs[i],
-                        )
-                    };
-                    if done {
-                        ptrs[i] = buf.ptr();
-                        bufs.push(buf);
-                        shapes.push(shape);
-                        continue;
-                    }
-                }
-                let mut err = [0i64; 2];
-                // SAFETY: `ptrs` holds the base of every earlier node's
-                // buffer (each exactly its shape's elements at these sizes)
-                // and of this node's own; `dim_values` has every slot of the
-                // dim table. The kernel reads only proven or checked
-                // positions and writes only its own buffer (module doc).
-                let status =
-                    unsafe { (kernel.f)(ptrs.as_ptr(), dim_values.as_ptr(), err.as_mut_ptr()) };
-                if status != 0 {
-                    return Err(kernel_error(graph, code, &shapes, status, err));
-                }
-                (buf, shape.clone())
-            }
-            NodeKind::Concat { axis, parts } => {
-                let axis = *axis;
-                let first = &shapes[parts[0].index()];
-                let mut joined = first.clone();
-                joined[axis] = 0;
-                for p in parts {
-                    let s = &shapes[p.index()];
-                    let agrees = s.len() == first.len()
-                        && s.iter()
-                            .enumerate()
-                            .all(|(a, d)| a == axis || *d == first[a]);
-                    if !agrees {
-                        return Err(shape_error(format!(
-                            "concat failed: part shapes {first:?} and {s:?} differ off axis {axis}"
-                        )));
-                    }
-                    joined[axis] += s[axis];
-                }
-                if joined != shape {
-                    return Err(shape_error(format!(
-                        "concat of shape {joined:?} where {shape:?} was expected"
-                    )));
-                }
-                let outer: usize = shape[..axis].iter().product();
-                let inner: usize = shape[axis + 1..].iter().product();
-                let mut out = bufs[parts[0].index()].empty_like(count);
-                for o in 0..outer {
-                    for p in parts {
-                        let rows = shapes[p.index()][axis] * inner;
-                        bufs[p.index()].gather(1, 0, o * rows, rows, &mut out);
-                    }
-                }
-                (out, shape.clone())
-            }
-            NodeKind::Slice { src, axis, start } => {
-                let axis = *axis;
-                let s = &shapes[src.index()];
-                let begin = start.eval(&bound.sizes).unwrap_or(0);
-                let fits = s.len() == shape.len()
-                    && begin >= 0
-                    && (begin as usize)
-                        .checked_add(shape[axis])
-                        .is_some_and(|e| e <= s[axis])
-                    && s.iter()
-                        .enumerate()
-                        .all(|(a, d)| a == axis || *d == shape[a]);
-                if !fits {
-                    return Err(shape_error(format!(
-                        "slice {begin}..{begin}+{} along axis {axis} does not fit a value of shape {s:?}",
-                        shape[axis]
-                    )));
-                }
-                let outer: usize = s[..axis].iter().product();
-                let inner: usize = s[axis + 1..].iter().product();
-                let src_buf = &bufs[src.index()];
-                let mut out = src_buf.empty_like(count);
-                src_buf.gather(
-                    outer,
-                    s[axis] * inner,
-                    begin as usize * inner,
-                    shape[axis] * inner,
-                    &mut out,
-                );
-                (out, shape.clone())
-            }
-            NodeKind::Reshape { src } => {
-                let from = &bufs[src.index()];
-                if from.len() != count {
-                    return Err(shape_error(format!(
-                        "reshape failed: {} elements into shape {shape:?}",
-                        from.len()
-                    )));
-                }
-                (from.duplicate(), shape.clone())
-            }
-        };
-        if buf.len() != count {
-            return Err(shape_error(format!(
-                "internal error: %{i} has {} elements, its shape {shape:?} {count}",
-                buf.len()
-            )));
-        }
-        ptrs[i] = buf.ptr();
-        bufs.push(buf);
-        shapes.push(value_shape);
-    }
-    let mut values = Vec::with_capacity(n);
-    for (buf, shape) in bufs.into_iter().zip(&shapes) {
-        values.push(
-            buf.into_tensor(shape)
-                .map_err(|e| shape_error(format!("internal shape error: {e}")))?,
-        );
-    }
-    let outputs = graph
-        .outputs
-        .iter()
-        .map(|(name, id)| {
-            let x = match &values[id.index()] {
-                Tensor::F(a) => a.iter().next().copied().unwrap_or_else(F::nan),
-                _ => F::nan(),
-            };
-            (name.clone(), x)
-        })
-        .collect();
-    Ok(Evaluation { outputs, values })
 }
 
 /// The interpreter's diagnostic for a kernel's failure.

@@ -3,10 +3,20 @@
 //! steps and invariants).
 //!
 //! Kernel signature: `fn(bufs: *const *mut u8, dims: *const i64,
-//! err: *mut i64) -> i64`. `bufs[n]` is node `n`'s row-major buffer (float of
-//! the compiled precision, i64, or u8 for bool), `dims[s]` the runtime value
-//! of dim-table slot `s`. The kernel returns 0, or `site + 1` after storing
-//! the offending index and the dim size in `err[0]`, `err[1]`.
+//! err: *mut i64, ctl: *const i64) -> i64`. `bufs[n]` is node `n`'s row-major
+//! buffer (float of the compiled precision, i64, or u8 for bool), `dims[s]`
+//! the runtime value of dim-table slot `s`. The kernel returns 0, or
+//! `site + 1` after storing the offending index and the dim size in
+//! `err[0]`, `err[1]`.
+//!
+//! `ctl` ranges the loops (`Ctl` in `mod.rs`): the outermost output loop runs
+//! over `ctl[0] .. ctl[1]` (clamped to `0 .. extent`), so threads split a node
+//! by rows and a streaming pass computes one block of rows; a kernel compiled
+//! as *accumulating* (`Kernel::ranged_red`) runs that reduced level over
+//! `ctl[2] .. ctl[3]` only and adds its raw fold (the sum, or the count) into
+//! its output, and the number of elements that passed into the i64 buffer at
+//! `ctl[4]`; the caller zeroes both first and turns them into the reduction's
+//! value afterwards (`finalize` in `mod.rs`).
 
 use super::helpers::{Imported, Math};
 use super::plan::{Dag, DimTable, Op, Ty};
@@ -31,6 +41,9 @@ pub(super) struct Kernel<'a> {
     /// The term of the body (none for `count`, which never evaluates it).
     pub body: Option<usize>,
     pub filter: Option<usize>,
+    /// The reduced level a streaming pass splits into blocks: the kernel
+    /// accumulates (module doc). Only for `sum`, `mean` and `count`.
+    pub ranged_red: Option<usize>,
 }
 
 /// One comprehension being translated into one function.
@@ -50,7 +63,10 @@ pub(super) struct Translator<'a, 'f> {
     /// body and each branch, so a remembered value always dominates its uses.
     memo: Vec<HashMap<usize, Value>>,
     loop_vars: Vec<Variable>,
-    extents: Vec<Value>,
+    /// `(start, end)` of each loop level, clamped to `0 .. extent`.
+    bounds: Vec<(Value, Value)>,
+    /// The count buffer of an accumulating kernel.
+    counts: Option<Value>,
     /// Dim-table slot values, loaded once in the entry block.
     dim_vals: HashMap<usize, Value>,
     bases: HashMap<NodeId, Value>,
@@ -87,7 +103,7 @@ impl<'a, 'f> Translator<'a, 'f> {
         b.switch_to_block(entry);
         b.seal_block(entry);
         let params = b.block_params(entry).to_vec();
-        let (bufs, dims_ptr, err) = (params[0], params[1], params[2]);
+        let (bufs, dims_ptr, err, ctl) = (params[0], params[1], params[2], params[3]);
         let mut dim_vals: HashMap<usize, Value> = HashMap::new();
         fn load_slot(
             b: &mut FunctionBuilder,
@@ -133,9 +149,45 @@ impl<'a, 'f> Translator<'a, 'f> {
             .ins()
             .load(types::I64, TRUSTED, bufs, (k.node.index() * 8) as i32);
         let loop_vars: Vec<Variable> = k.levels.iter().map(|_| b.declare_var(types::I64)).collect();
-        let out_pos = b.declare_var(types::I64);
+        let n_out = k.comp.indices.len();
         let zero = b.ins().iconst(types::I64, 0);
-        b.def_var(out_pos, zero);
+        let ranged = |b: &mut FunctionBuilder, slot: i32, extent: Value| {
+            let lo = b.ins().load(types::I64, TRUSTED, ctl, slot * 8);
+            let hi = b.ins().load(types::I64, TRUSTED, ctl, slot * 8 + 8);
+            let lo = b.ins().smax(lo, zero);
+            let hi = b.ins().smin(hi, extent);
+            (lo, hi)
+        };
+        let bounds: Vec<(Value, Value)> = extents
+            .iter()
+            .enumerate()
+            .map(|(l, &e)| {
+                if l == 0 && n_out > 0 {
+                    ranged(&mut b, 0, e)
+                } else if Some(l) == k.ranged_red {
+                    ranged(&mut b, 2, e)
+                } else {
+                    (zero, e)
+                }
+            })
+            .collect();
+        let counts = k
+            .ranged_red
+            .map(|_| b.ins().load(types::I64, TRUSTED, ctl, 32));
+        // The first output position: the first row times the row length.
+        let out_pos = b.declare_var(types::I64);
+        let start = match n_out {
+            0 => zero,
+            _ => {
+                let row = extents[1..n_out]
+                    .iter()
+                    .fold(b.ins().iconst(types::I64, 1), |acc, &e| {
+                        b.ins().imul(acc, e)
+                    });
+                b.ins().imul(bounds[0].0, row)
+            }
+        };
+        b.def_var(out_pos, start);
         Translator {
             b,
             graph: k.graph,
@@ -150,7 +202,8 @@ impl<'a, 'f> Translator<'a, 'f> {
             sites,
             memo: vec![HashMap::new()],
             loop_vars,
-            extents,
+            bounds,
+            counts,
             dim_vals,
             bases,
             read_dims,
@@ -231,21 +284,18 @@ impl<'a, 'f> Translator<'a, 'f> {
 
     // ---- loops -------------------------------------------------------------
 
-    /// `for v in 0..extent { inner }`, the counter a frontend variable.
+    /// `for v in start..end { inner }`, the counter a frontend variable.
     fn translate_loop(&mut self, level: usize, inner: &mut dyn FnMut(&mut Self)) {
         let var = self.loop_vars[level];
-        let zero = self.b.ins().iconst(types::I64, 0);
-        self.b.def_var(var, zero);
+        let (start, end) = self.bounds[level];
+        self.b.def_var(var, start);
         let header = self.b.create_block();
         let body = self.b.create_block();
         let exit = self.b.create_block();
         self.b.ins().jump(header, &[]);
         self.b.switch_to_block(header);
         let i = self.b.use_var(var);
-        let more = self
-            .b
-            .ins()
-            .icmp(IntCC::SignedLessThan, i, self.extents[level]);
+        let more = self.b.ins().icmp(IntCC::SignedLessThan, i, end);
         self.b.ins().brif(more, body, &[], exit, &[]);
         self.b.switch_to_block(body);
         self.b.seal_block(body);
@@ -273,9 +323,10 @@ impl<'a, 'f> Translator<'a, 'f> {
     }
 
     /// One output element: its value, converted to the node's dtype, stored
-    /// at the running output position.
+    /// at the running output position (or, accumulating, added there).
     fn translate_point(&mut self) {
         let out_ty = Ty::of(self.dtype);
+        let pos = self.b.use_var(self.out_pos);
         let value = match &self.comp.reduce {
             None => {
                 let body = self
@@ -284,19 +335,60 @@ impl<'a, 'f> Translator<'a, 'f> {
                 let v = self.translate_expr(body);
                 self.convert(v, self.dag.terms[body].ty, out_ty)
             }
+            Some(r) if self.counts.is_some() => {
+                self.translate_accumulate(r, pos);
+                let next = self.b.ins().iadd_imm_s(pos, 1);
+                self.b.def_var(self.out_pos, next);
+                return;
+            }
             Some(r) => self.translate_reduce(r),
         };
-        let pos = self.b.use_var(self.out_pos);
-        let size = match out_ty {
+        let addr = self.element_addr(self.out_base, pos, out_ty);
+        self.b.ins().store(TRUSTED, value, addr, 0);
+        let next = self.b.ins().iadd_imm_s(pos, 1);
+        self.b.def_var(self.out_pos, next);
+    }
+
+    /// The address of element `pos` of a buffer of `ty` at `base`.
+    fn element_addr(&mut self, base: Value, pos: Value, ty: Ty) -> Value {
+        let size = match ty {
             Ty::F => self.precision.bytes(),
             Ty::I => 8,
             Ty::B => 1,
         };
         let bytes = self.b.ins().imul_imm_s(pos, size);
-        let addr = self.b.ins().iadd(self.out_base, bytes);
-        self.b.ins().store(TRUSTED, value, addr, 0);
-        let next = self.b.ins().iadd_imm_s(pos, 1);
-        self.b.def_var(self.out_pos, next);
+        self.b.ins().iadd(base, bytes)
+    }
+
+    /// An accumulating kernel's element: its block's raw fold added to the
+    /// output (the sum; for `count`, the count) and its count to the count
+    /// buffer. `finalize` in `mod.rs` applies `mean` and `empty` afterwards.
+    fn translate_accumulate(&mut self, r: &Reduce, pos: Value) {
+        let out_ty = Ty::of(self.dtype);
+        let a = self.translate_fold(r);
+        let n = self.b.use_var(a.count);
+        let raw = match a.acc {
+            Some((var, ty)) => {
+                let v = self.b.use_var(var);
+                self.convert(v, ty, out_ty)
+            }
+            None => self.convert(n, Ty::I, out_ty),
+        };
+        let addr = self.element_addr(self.out_base, pos, out_ty);
+        let cl = self.cl_type(out_ty);
+        let cur = self.b.ins().load(cl, TRUSTED, addr, 0);
+        let sum = match out_ty {
+            Ty::F => self.b.ins().fadd(cur, raw),
+            _ => self.b.ins().iadd(cur, raw),
+        };
+        self.b.ins().store(TRUSTED, sum, addr, 0);
+        let counts = self
+            .counts
+            .expect("an accumulating kernel has a count buffer");
+        let caddr = self.element_addr(counts, pos, Ty::I);
+        let c = self.b.ins().load(types::I64, TRUSTED, caddr, 0);
+        let c = self.b.ins().iadd(c, n);
+        self.b.ins().store(TRUSTED, c, caddr, 0);
     }
 
     fn translate_reduce_loops(&mut self, level: usize, item: &mut dyn FnMut(&mut Self)) {
@@ -313,6 +405,36 @@ impl<'a, 'f> Translator<'a, 'f> {
     /// second pass (max first, then the sum of shifted exponentials, exactly
     /// the interpreter's two folds). The empty value when nothing passed.
     fn translate_reduce(&mut self, r: &Reduce) -> Value {
+        let out_ty = Ty::of(self.dtype);
+        let Acc { count, acc, .. } = self.translate_fold(r);
+        let n = self.b.use_var(count);
+        let (natural, natural_ty) = match (r.op, acc) {
+            (RedOp::Count, _) | (_, None) => (n, Ty::I),
+            (RedOp::Mean, Some((var, _))) => {
+                let sum = self.b.use_var(var);
+                let fty = self.fty();
+                let nf = self.b.ins().fcvt_from_sint(fty, n);
+                (self.b.ins().fdiv(sum, nf), Ty::F)
+            }
+            (RedOp::LogSumExp, Some((var, _))) => {
+                let m = self.b.use_var(var);
+                (self.translate_logsumexp_tail(n, m), Ty::F)
+            }
+            (_, Some((var, ty))) => (self.b.use_var(var), ty),
+        };
+        let value = self.convert(natural, natural_ty, out_ty);
+        let empty = match out_ty {
+            Ty::F => self.fconst(r.empty),
+            Ty::I => self.b.ins().iconst(types::I64, r.empty as i64),
+            Ty::B => self.b.ins().iconst(types::I8, i64::from(r.empty != 0.0)),
+        };
+        let none = self.b.ins().icmp_imm_s(IntCC::Equal, n, 0);
+        self.b.ins().select(none, empty, value)
+    }
+
+    /// The accumulators of a reduction and its loop nest folding every
+    /// element that passes the filter into them.
+    fn translate_fold(&mut self, r: &Reduce) -> Acc {
         let out_ty = Ty::of(self.dtype);
         let body_ty = self.body.map_or(Ty::F, |b| self.dag.terms[b].ty);
         let count = self.b.declare_var(types::I64);
@@ -346,29 +468,7 @@ impl<'a, 'f> Translator<'a, 'f> {
         self.translate_reduce_loops(n_out, &mut |t| {
             t.translate_filtered(&mut |t| t.translate_item(state))
         });
-        let n = self.b.use_var(count);
-        let (natural, natural_ty) = match (r.op, acc) {
-            (RedOp::Count, _) | (_, None) => (n, Ty::I),
-            (RedOp::Mean, Some((var, _))) => {
-                let sum = self.b.use_var(var);
-                let fty = self.fty();
-                let nf = self.b.ins().fcvt_from_sint(fty, n);
-                (self.b.ins().fdiv(sum, nf), Ty::F)
-            }
-            (RedOp::LogSumExp, Some((var, _))) => {
-                let m = self.b.use_var(var);
-                (self.translate_logsumexp_tail(n, m), Ty::F)
-            }
-            (_, Some((var, ty))) => (self.b.use_var(var), ty),
-        };
-        let value = self.convert(natural, natural_ty, out_ty);
-        let empty = match out_ty {
-            Ty::F => self.fconst(r.empty),
-            Ty::I => self.b.ins().iconst(types::I64, r.empty as i64),
-            Ty::B => self.b.ins().iconst(types::I8, i64::from(r.empty != 0.0)),
-        };
-        let none = self.b.ins().icmp_imm_s(IntCC::Equal, n, 0);
-        self.b.ins().select(none, empty, value)
+        state
     }
 
     /// `item` when the filter passes (always, without a filter).

@@ -1,0 +1,754 @@
+//! Running compiled code: the steps of `stream::plan`, each node computed
+//! whole or a pass over blocks of rows; kernels split by rows across threads;
+//! buffers freed after their last reader in a lean run.
+//!
+//! * A whole comprehension allocates its buffer and runs its kernel over all
+//!   rows (split into one chunk of rows per thread when the work pays for a
+//!   thread), or its contraction through GEMM.
+//! * A pass allocates a tile of `tile_rows` rows per streamed node; for each
+//!   block of rows it points each streamed node's base at its tile *minus*
+//!   the block's first row (a virtual base: the kernels index rows
+//!   `lo .. hi` only, which land in the tile), then runs its members in graph
+//!   order: row-local ones on the block's rows, accumulating ones on the
+//!   block's part of their reduction, added to their output. After the last
+//!   block the accumulating outputs are finalised (`finalize`).
+//! * Errors: chunks run in row order and the first failing chunk's error is
+//!   reported, so a whole node reports the interpreter's first error. In a
+//!   pass, errors come block by block (the same diagnostic, possibly for a
+//!   later element than the interpreter's first).
+
+use super::stream::{self, Mode, Pass, Step, Streaming};
+use super::{gemm, kernel_error, Code, CompiledKernel, Precision};
+use crate::bind::Bound;
+use crate::interp::{Evaluation, Real, Tensor};
+use crate::ir::{DType, Graph, NodeId, NodeKind, RedOp};
+use crate::syntax::{codes, Diagnostic};
+use crate::tensor_io::TensorData;
+use ndarray::{ArrayD, IxDyn};
+
+/// How to run: threads, streaming, and whether to keep every node's value.
+#[derive(Clone, Copy, Debug)]
+pub struct RunOptions {
+    /// Threads for kernels (GEMM threads are `matrixmultiply`'s own).
+    pub threads: usize,
+    pub streaming: Streaming,
+    /// Rows per streamed block (default: tiles of about 8 MiB).
+    pub tile_rows: Option<usize>,
+    /// Keep only the outputs and gradients, freeing every other buffer after
+    /// its last reader (its value in the `Evaluation` is an empty tensor).
+    pub lean: bool,
+}
+
+impl RunOptions {
+    /// Every node's value, one thread, nothing streamed: for comparing
+    /// backends node by node.
+    pub fn full() -> RunOptions {
+        RunOptions {
+            threads: 1,
+            streaming: Streaming::Never,
+            tile_rows: None,
+            lean: false,
+        }
+    }
+
+    /// Outputs and gradients only, on every core, streaming what is large.
+    pub fn lean() -> RunOptions {
+        RunOptions {
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            streaming: Streaming::Auto,
+            tile_rows: None,
+            lean: true,
+        }
+    }
+}
+
+/// Kernel work (elements times reduced extent) below which a node runs on
+/// one thread: starting a thread costs about as much as this much work.
+const MIN_WORK_PER_THREAD: usize = 1 << 16;
+
+/// A node's value while running: row-major, exactly its shape's elements.
+enum Buf<F> {
+    F(Vec<F>),
+    I(Vec<i64>),
+    B(Vec<u8>),
+}
+
+impl<F: Real> Buf<F> {
+    fn zeroed(dtype: DType, n: usize) -> Buf<F> {
+        match dtype {
+            DType::Float => Buf::F(vec![F::zero(); n]),
+            DType::Int => Buf::I(vec![0; n]),
+            DType::Bool => Buf::B(vec![0; n]),
+        }
+    }
+
+    fn ptr(&mut self) -> *mut u8 {
+        match self {
+            Buf::F(v) => v.as_mut_ptr() as *mut u8,
+            Buf::I(v) => v.as_mut_ptr() as *mut u8,
+            Buf::B(v) => v.as_mut_ptr(),
+        }
+    }
+
+    fn into_tensor(self, shape: &[usize]) -> Result<Tensor<F>, ndarray::ShapeError> {
+        let s = IxDyn(shape);
+        Ok(match self {
+            Buf::F(v) => Tensor::F(ArrayD::from_shape_vec(s, v)?),
+            Buf::I(v) => Tensor::I(ArrayD::from_shape_vec(s, v)?),
+            Buf::B(v) => Tensor::B(ArrayD::from_shape_vec(
+                s,
+                v.into_iter().map(|b| b != 0).collect(),
+            )?),
+        })
+    }
+}
+
+fn elem_bytes(dtype: DType, p: Precision) -> usize {
+    match dtype {
+        DType::Float => p.bytes() as usize,
+        DType::Int => 8,
+        DType::Bool => 1,
+    }
+}
+
+fn shape_error(msg: impl Into<String>) -> Diagnostic {
+    Diagnostic::error(codes::TENSOR_SHAPE, msg)
+}
+
+/// The base pointers of the node buffers, shared read-only by the threads
+/// of one kernel call.
+#[derive(Clone, Copy)]
+struct Ptrs(*const *mut u8);
+// SAFETY: kernels write only their own node's rows of the chunk they are
+// given; chunks are disjoint, and every other buffer is only read.
+unsafe impl Send for Ptrs {}
+unsafe impl Sync for Ptrs {}
+
+/// One evaluation in progress.
+struct Run<'a, F> {
+    graph: &'a Graph,
+    code: &'a Code,
+    bound: &'a Bound,
+    opts: RunOptions,
+    dim_values: Vec<i64>,
+    /// Each node's shape at these sizes (inputs: as given).
+    shapes: Vec<Vec<usize>>,
+    elems: Vec<usize>,
+    bufs: Vec<Option<Buf<F>>>,
+    /// Base of each node's buffer (null while it has none): its own buffer,
+    /// an input's data, or a tile's virtual base during a pass.
+    ptrs: Vec<*mut u8>,
+    /// Count buffers of accumulating nodes.
+    counts: Vec<Option<Vec<i64>>>,
+    /// Elements GEMM added to an accumulating node, for every output element.
+    gemm_k: Vec<i64>,
+    /// The shape each input was given in (the interpreter reports it).
+    given: Vec<Option<Vec<usize>>>,
+}
+
+/// Each node's shape and element count at the bound sizes.
+fn node_sizes(graph: &Graph, bound: &Bound) -> Result<(Vec<Vec<usize>>, Vec<usize>), Diagnostic> {
+    let mut shapes = Vec::with_capacity(graph.nodes.len());
+    let mut elems = Vec::with_capacity(graph.nodes.len());
+    for node in &graph.nodes {
+        let shape = node
+            .shape
+            .iter()
+            .map(|d| match d.eval(&bound.sizes) {
+                Some(v) if v >= 0 => Ok(v as usize),
+                _ => Err(shape_error(format!(
+                    "the size {d} is unknown or negative for these inputs"
+                ))),
+            })
+            .collect::<Result<Vec<usize>, _>>()?;
+        let count = shape
+            .iter()
+            .try_fold(1usize, |a, d| a.checked_mul(*d))
+            .filter(|n| (*n as u128) * 8 < isize::MAX as u128)
+            .ok_or_else(|| shape_error(format!("a node of shape {shape:?} is too large")))?;
+        shapes.push(shape);
+        elems.push(count);
+    }
+    Ok((shapes, elems))
+}
+
+/// The steps a run at these sizes takes.
+pub(super) fn steps(
+    graph: &Graph,
+    code: &Code,
+    bound: &Bound,
+    opts: RunOptions,
+) -> Result<Vec<Step>, Diagnostic> {
+    let (_, elems) = node_sizes(graph, bound)?;
+    Ok(stream::plan(
+        graph,
+        &code.stream,
+        opts.streaming,
+        opts.tile_rows,
+        &elems,
+        code.precision.bytes() as usize,
+        &|d| d.eval(&bound.sizes).map_or(0, |v| v.max(0) as usize),
+    ))
+}
+
+pub(super) fn execute<F: Real>(
+    graph: &Graph,
+    code: &Code,
+    bound: &Bound,
+    opts: RunOptions,
+) -> Result<Evaluation<F>, Diagnostic> {
+    let n = graph.nodes.len();
+    let (shapes, elems) = node_sizes(graph, bound)?;
+    let mut run = Run {
+        graph,
+        code,
+        bound,
+        opts,
+        dim_values: code
+            .dims
+            .iter()
+            .map(|d| d.eval(&bound.sizes).unwrap_or(0))
+            .collect(),
+        shapes,
+        elems,
+        bufs: (0..n).map(|_| None).collect(),
+        ptrs: vec![std::ptr::null_mut(); n],
+        counts: (0..n).map(|_| None).collect(),
+        gemm_k: vec![0; n],
+        given: vec![None; n],
+    };
+    let steps = stream::plan(
+        graph,
+        &code.stream,
+        opts.streaming,
+        opts.tile_rows,
+        &run.elems,
+        code.precision.bytes() as usize,
+        &|d| d.eval(&bound.sizes).map_or(0, |v| v.max(0) as usize),
+    );
+    let keep: Vec<bool> = (0..n)
+        .map(|i| {
+            let id = NodeId(i as u32);
+            !opts.lean
+                || graph.outputs.iter().any(|(_, o)| *o == id)
+                || graph.grads.iter().any(|(_, g)| *g == id)
+        })
+        .collect();
+    // The last step reading each node, to free it after.
+    let mut last_use = vec![0usize; n];
+    for (s, step) in steps.iter().enumerate() {
+        let nodes: Vec<NodeId> = match step {
+            Step::Whole(id) => vec![*id],
+            Step::Pass(p) => p.nodes.iter().map(|(id, _)| *id).collect(),
+        };
+        for id in nodes {
+            for op in graph.operands(id) {
+                last_use[op.index()] = s;
+            }
+        }
+    }
+    for (s, step) in steps.iter().enumerate() {
+        match step {
+            Step::Whole(id) => run.whole(*id)?,
+            Step::Pass(p) => run.pass(p)?,
+        }
+        if opts.lean {
+            for i in 0..n {
+                if !keep[i] && last_use[i] == s && run.bufs[i].is_some() {
+                    run.bufs[i] = None;
+                    run.ptrs[i] = std::ptr::null_mut();
+                }
+            }
+        }
+    }
+    run.finish(&keep)
+}
+
+impl<F: Real> Run<'_, F> {
+    fn whole(&mut self, id: NodeId) -> Result<(), Diagnostic> {
+        let i = id.index();
+        let node = self.graph.node(id);
+        match &node.kind {
+            NodeKind::Input { .. } => self.input(id),
+            NodeKind::Comp(_) => {
+                let kernel = self.kernel(id)?;
+                self.check_proofs(id, kernel)?;
+                self.allocate(id);
+                if self.accumulating(id) {
+                    self.counts[i] = Some(vec![0; self.elems[i]]);
+                }
+                let done = self.gemm(id, gemm::Part::Whole);
+                if !done {
+                    let rows = self.shapes[i].first().copied().unwrap_or(1);
+                    self.call(id, kernel, (0, rows as i64), (0, i64::MAX))?;
+                }
+                if self.accumulating(id) && !done {
+                    self.finalize(id);
+                }
+                self.counts[i] = None;
+                Ok(())
+            }
+            NodeKind::Concat { axis, parts } => self.concat(id, *axis, parts),
+            NodeKind::Slice { src, axis, start } => {
+                let begin = start.eval(&self.bound.sizes).unwrap_or(0);
+                self.slice(id, *src, *axis, begin)
+            }
+            NodeKind::Reshape { src } => {
+                let (i, s) = (id.index(), src.index());
+                if self.elems[s] != self.elems[i] {
+                    return Err(shape_error(format!(
+                        "reshape failed: {} elements into shape {:?}",
+                        self.elems[s], self.shapes[i]
+                    )));
+                }
+                let bytes = self.elems[i] * self.bytes(id);
+                self.allocate(id);
+                // SAFETY: both buffers hold `elems` elements of one dtype.
+                unsafe { std::ptr::copy_nonoverlapping(self.ptrs[s], self.ptrs[i], bytes) };
+                Ok(())
+            }
+        }
+    }
+
+    fn kernel(&self, id: NodeId) -> Result<&'static CompiledKernel, Diagnostic> {
+        let k = self.code.kernels[id.index()].as_ref().ok_or_else(|| {
+            shape_error(format!(
+                "internal error: %{} has no compiled kernel",
+                id.index()
+            ))
+        })?;
+        // SAFETY: the kernel lives as long as `self.code`, which outlives the
+        // run; the 'static only spares threading a lifetime through `Run`.
+        Ok(unsafe { &*(k as *const CompiledKernel) })
+    }
+
+    fn bytes(&self, id: NodeId) -> usize {
+        elem_bytes(self.graph.node(id).dtype, self.code.precision)
+    }
+
+    fn accumulating(&self, id: NodeId) -> bool {
+        self.code.stream.ranged_red[id.index()].is_some()
+    }
+
+    fn allocate(&mut self, id: NodeId) {
+        let i = id.index();
+        let mut buf = Buf::zeroed(self.graph.node(id).dtype, self.elems[i]);
+        self.ptrs[i] = buf.ptr();
+        self.bufs[i] = Some(buf);
+    }
+
+    /// An input: its data used in place when it is already in the run's
+    /// precision and the run is lean, else converted into a buffer.
+    fn input(&mut self, id: NodeId) -> Result<(), Diagnostic> {
+        let i = id.index();
+        let b = self
+            .bound
+            .input(id)
+            .ok_or_else(|| Diagnostic::error(codes::MISSING_TENSOR, "an input was not bound"))?;
+        if b.tensor.len() != self.elems[i] {
+            return Err(shape_error(format!(
+                "input `{}` does not match its shape",
+                b.name
+            )));
+        }
+        let dtype = self.graph.node(id).dtype;
+        let in_place = self.opts.lean
+            && match (&b.tensor.data, self.code.precision) {
+                (TensorData::F32(_), Precision::F32) | (TensorData::F64(_), Precision::F64) => true,
+                (TensorData::I64(_), _) => dtype == DType::Int,
+                _ => false,
+            };
+        if in_place {
+            // Kernels never write to another node's buffer: the pointer is
+            // only read through.
+            self.ptrs[i] = match &b.tensor.data {
+                TensorData::F32(v) => v.as_ptr() as *mut u8,
+                TensorData::F64(v) => v.as_ptr() as *mut u8,
+                TensorData::I64(v) => v.as_ptr() as *mut u8,
+                TensorData::Bool(v) => v.as_ptr() as *mut u8,
+            };
+            return Ok(());
+        }
+        let mut buf = match (&b.tensor.data, dtype) {
+            (TensorData::F64(v), DType::Float) => Buf::F(
+                v.iter()
+                    .map(|x| F::from_f64(*x).unwrap_or_else(F::nan))
+                    .collect(),
+            ),
+            (TensorData::F32(v), DType::Float) => Buf::F(
+                v.iter()
+                    .map(|x| F::from_f32(*x).unwrap_or_else(F::nan))
+                    .collect(),
+            ),
+            (TensorData::I64(v), DType::Int) => Buf::I(v.clone()),
+            (TensorData::Bool(v), DType::Bool) => Buf::B(v.iter().map(|b| u8::from(*b)).collect()),
+            _ => {
+                return Err(Diagnostic::error(
+                    codes::TENSOR_DTYPE,
+                    format!("input `{}` has the wrong dtype", b.name),
+                ))
+            }
+        };
+        self.ptrs[i] = buf.ptr();
+        self.bufs[i] = Some(buf);
+        self.given[i] = Some(b.tensor.shape.clone());
+        Ok(())
+    }
+
+    /// Unchecked reads stay in range when each proof holds at these sizes.
+    fn check_proofs(&self, id: NodeId, kernel: &CompiledKernel) -> Result<(), Diagnostic> {
+        let sizes = &self.bound.sizes;
+        for proof in &kernel.proofs {
+            let dim = proof.dim.eval(sizes).unwrap_or(0);
+            let need = proof.bound.eval(sizes).unwrap_or(0).max(0);
+            if dim < need {
+                return Err(Diagnostic::error(
+                    codes::INDEX_RANGE,
+                    format!(
+                        "index range {} = {need} exceeds the dim {} = {dim} it reads in %{}",
+                        proof.bound,
+                        proof.dim,
+                        id.index()
+                    ),
+                )
+                .with_help("these sizes break an assumption of the program's shapes"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The contraction through GEMM when the node is one (`false`: run the
+    /// kernel).
+    fn gemm(&mut self, id: NodeId, part: gemm::Part) -> bool {
+        let Some(con) = &self.code.contractions[id.index()] else {
+            return false;
+        };
+        let shapes = &self.shapes;
+        let graph = self.graph;
+        let operand_shape = |n: NodeId| -> Option<Vec<usize>> {
+            (graph.node(n).shape.len() == shapes[n.index()].len())
+                .then(|| shapes[n.index()].clone())
+        };
+        // SAFETY: every node the contraction reads has its buffer (or tile's
+        // virtual base) at `ptrs`, row-major in its node shape at these sizes,
+        // floats of `code.precision`, which is `F`'s; this node's buffer
+        // holds its shape's elements (or is a tile, when `part` is rows).
+        unsafe {
+            gemm::run(
+                con,
+                self.code.precision,
+                &self.bound.sizes,
+                &self.shapes[id.index()],
+                &operand_shape,
+                &self.ptrs,
+                self.ptrs[id.index()],
+                part,
+            )
+        }
+    }
+
+    /// Runs `kernel` on output rows `rows` (and, accumulating, reduced
+    /// elements `red`), split into one chunk of rows per thread when the
+    /// work pays for it.
+    fn call(
+        &mut self,
+        id: NodeId,
+        kernel: &CompiledKernel,
+        rows: (i64, i64),
+        red: (i64, i64),
+    ) -> Result<(), Diagnostic> {
+        let i = id.index();
+        let counts = self.counts[i]
+            .as_mut()
+            .map_or(std::ptr::null_mut(), |c| c.as_mut_ptr()) as i64;
+        let n_rows = (rows.1 - rows.0).max(0) as usize;
+        let shape = &self.graph.node(id).shape;
+        let all_rows = self.shapes[i].first().copied().unwrap_or(1).max(1);
+        let mut work = self.elems[i] / all_rows * n_rows;
+        if let NodeKind::Comp(c) = &self.graph.node(id).kind {
+            for (_, d) in c.reduce.iter().flat_map(|r| r.over.iter()) {
+                let e = d.eval(&self.bound.sizes).unwrap_or(0).max(1) as usize;
+                work = work.saturating_mul(e);
+            }
+        }
+        let chunks = if shape.is_empty() {
+            1
+        } else {
+            (work / MIN_WORK_PER_THREAD)
+                .clamp(1, self.opts.threads.max(1))
+                .min(n_rows.max(1))
+        };
+        let ptrs = Ptrs(self.ptrs.as_ptr());
+        let dims = self.dim_values.as_ptr() as usize;
+        let f = kernel.f;
+        let run_chunk = move |lo: i64, hi: i64| -> (i64, [i64; 2]) {
+            let ctl = [lo, hi, red.0, red.1, counts];
+            let mut err = [0i64; 2];
+            let p = ptrs;
+            // SAFETY: `ptrs` holds the base of every node the kernel reads
+            // (each exactly its shape's elements at these sizes, or a tile
+            // covering the rows it is given) and of its own output; `dims`
+            // has every slot of the dim table; the kernel writes only rows
+            // `lo .. hi` of its output (and their counts).
+            let status = unsafe { f(p.0, dims as *const i64, err.as_mut_ptr(), ctl.as_ptr()) };
+            (status, err)
+        };
+        let results: Vec<(i64, [i64; 2])> = if chunks <= 1 {
+            vec![run_chunk(rows.0, rows.1)]
+        } else {
+            let per = n_rows.div_ceil(chunks) as i64;
+            std::thread::scope(|s| {
+                let handles: Vec<_> = (0..chunks as i64)
+                    .map(|c| {
+                        let lo = rows.0 + c * per;
+                        let hi = (lo + per).min(rows.1);
+                        s.spawn(move || run_chunk(lo, hi))
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or((-1, [0, 0])))
+                    .collect()
+            })
+        };
+        match results.into_iter().find(|(status, _)| *status != 0) {
+            None => Ok(()),
+            Some((status, err)) => Err(kernel_error(
+                self.graph,
+                self.code,
+                &self.shapes,
+                status,
+                err,
+            )),
+        }
+    }
+
+    /// An accumulating node's sums and counts into the reduction's values:
+    /// the mean, and the empty value where nothing passed.
+    fn finalize(&mut self, id: NodeId) {
+        self.finalize_range(id, 0, usize::MAX);
+    }
+
+    /// `finalize` for elements `from .. to` only.
+    fn finalize_range(&mut self, id: NodeId, from: usize, to: usize) {
+        let i = id.index();
+        let NodeKind::Comp(c) = &self.graph.node(id).kind else {
+            return;
+        };
+        let Some(r) = &c.reduce else { return };
+        let (Some(buf), Some(counts)) = (self.bufs[i].as_mut(), self.counts[i].as_ref()) else {
+            return;
+        };
+        let extra = self.gemm_k[i];
+        match buf {
+            Buf::F(v) => {
+                let empty = F::from_f64(r.empty).unwrap_or_else(F::nan);
+                let to = to.min(v.len());
+                for (x, c) in v[from..to].iter_mut().zip(&counts[from..to]) {
+                    let n = c + extra;
+                    *x = match (n, r.op) {
+                        (0, _) => empty,
+                        (_, RedOp::Mean) => *x / F::from_i64(n).unwrap_or_else(F::nan),
+                        _ => *x,
+                    };
+                }
+            }
+            Buf::I(v) => {
+                let to = to.min(v.len());
+                for (x, c) in v[from..to].iter_mut().zip(&counts[from..to]) {
+                    if c + extra == 0 {
+                        *x = r.empty as i64;
+                    }
+                }
+            }
+            Buf::B(_) => {}
+        }
+    }
+
+    /// A pass: its members block by block (module doc).
+    fn pass(&mut self, p: &Pass) -> Result<(), Diagnostic> {
+        for (id, _) in &p.nodes {
+            let kernel = self.kernel(*id)?;
+            self.check_proofs(*id, kernel)?;
+        }
+        // Tiles for the streamed nodes; whole buffers for the others.
+        let mut tiles: Vec<(NodeId, Buf<F>, usize)> = Vec::new();
+        for &id in &p.streamed {
+            let row = self.elems[id.index()] / p.rows;
+            let buf = Buf::zeroed(self.graph.node(id).dtype, p.tile_rows * row);
+            tiles.push((id, buf, row));
+        }
+        for (id, mode) in &p.nodes {
+            if p.streamed.contains(id) {
+                continue;
+            }
+            self.allocate(*id);
+            if self.accumulating(*id) {
+                self.counts[id.index()] = Some(vec![0; self.elems[id.index()]]);
+                self.gemm_k[id.index()] = 0;
+            }
+            let _ = mode;
+        }
+        let mut lo = 0;
+        while lo < p.rows {
+            let hi = (lo + p.tile_rows).min(p.rows);
+            for (id, tile, row) in &mut tiles {
+                let bytes = self.bytes(*id);
+                // The virtual base: row `lo` of the node is the tile's first.
+                self.ptrs[id.index()] = tile.ptr().wrapping_sub(lo * *row * bytes);
+            }
+            for &(id, mode) in &p.nodes {
+                let kernel = self.kernel(id)?;
+                let (lo64, hi64) = (lo as i64, hi as i64);
+                match mode {
+                    Mode::RowLocal => {
+                        if !self.gemm(id, gemm::Part::Rows(lo, hi)) {
+                            self.call(id, kernel, (lo64, hi64), (0, i64::MAX))?;
+                            if self.accumulating(id) {
+                                // Read by later members at these rows: final now.
+                                let row = self.elems[id.index()] / p.rows;
+                                self.finalize_range(id, lo * row, hi * row);
+                            }
+                        }
+                    }
+                    Mode::Accumulate { .. } => {
+                        if self.gemm(id, gemm::Part::K(lo, hi)) {
+                            self.gemm_k[id.index()] += hi64 - lo64;
+                        } else {
+                            let rows = self.shapes[id.index()].first().copied().unwrap_or(1);
+                            self.call(id, kernel, (0, rows as i64), (lo64, hi64))?;
+                        }
+                    }
+                }
+            }
+            lo = hi;
+        }
+        for (id, mode) in &p.nodes {
+            if let Mode::Accumulate { .. } = mode {
+                self.finalize(*id);
+            }
+            self.counts[id.index()] = None;
+        }
+        for (id, _, _) in &tiles {
+            self.ptrs[id.index()] = std::ptr::null_mut();
+        }
+        Ok(())
+    }
+
+    fn concat(&mut self, id: NodeId, axis: usize, parts: &[NodeId]) -> Result<(), Diagnostic> {
+        let i = id.index();
+        let shape = self.shapes[i].clone();
+        let first = self.shapes[parts[0].index()].clone();
+        let mut joined = first.clone();
+        joined[axis] = 0;
+        for p in parts {
+            let s = &self.shapes[p.index()];
+            let agrees = s.len() == first.len()
+                && s.iter()
+                    .enumerate()
+                    .all(|(a, d)| a == axis || *d == first[a]);
+            if !agrees {
+                return Err(shape_error(format!(
+                    "concat failed: part shapes {first:?} and {s:?} differ off axis {axis}"
+                )));
+            }
+            joined[axis] += s[axis];
+        }
+        if joined != shape {
+            return Err(shape_error(format!(
+                "concat of shape {joined:?} where {shape:?} was expected"
+            )));
+        }
+        let esize = self.bytes(id);
+        let outer: usize = shape[..axis].iter().product();
+        let inner: usize = shape[axis + 1..].iter().product();
+        self.allocate(id);
+        let mut at = 0;
+        for o in 0..outer {
+            for p in parts {
+                let rows = self.shapes[p.index()][axis] * inner * esize;
+                // SAFETY: part `p` holds `outer * rows` bytes; the output
+                // holds the sum over parts, filled in order.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        self.ptrs[p.index()].add(o * rows),
+                        self.ptrs[i].add(at),
+                        rows,
+                    )
+                };
+                at += rows;
+            }
+        }
+        Ok(())
+    }
+
+    fn slice(
+        &mut self,
+        id: NodeId,
+        src: NodeId,
+        axis: usize,
+        begin: i64,
+    ) -> Result<(), Diagnostic> {
+        let i = id.index();
+        let shape = self.shapes[i].clone();
+        let s = self.shapes[src.index()].clone();
+        let fits = s.len() == shape.len()
+            && begin >= 0
+            && (begin as usize)
+                .checked_add(shape[axis])
+                .is_some_and(|e| e <= s[axis])
+            && s.iter()
+                .enumerate()
+                .all(|(a, d)| a == axis || *d == shape[a]);
+        if !fits {
+            return Err(shape_error(format!(
+                "slice {begin}..{begin}+{} along axis {axis} does not fit a value of shape {s:?}",
+                shape[axis]
+            )));
+        }
+        let esize = self.bytes(id);
+        let outer: usize = s[..axis].iter().product();
+        let inner = s[axis + 1..].iter().product::<usize>() * esize;
+        let (row, start, len) = (s[axis] * inner, begin as usize * inner, shape[axis] * inner);
+        self.allocate(id);
+        for o in 0..outer {
+            // SAFETY: the source holds `outer * row` bytes and
+            // `start + len <= row`; the output holds `outer * len`.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    self.ptrs[src.index()].add(o * row + start),
+                    self.ptrs[i].add(o * len),
+                    len,
+                )
+            };
+        }
+        Ok(())
+    }
+
+    /// The evaluation: kept buffers as tensors, the rest empty.
+    fn finish(self, keep: &[bool]) -> Result<Evaluation<F>, Diagnostic> {
+        let mut values = Vec::with_capacity(self.bufs.len());
+        for (i, buf) in self.bufs.into_iter().enumerate() {
+            let t = match buf {
+                Some(b) if keep[i] => b
+                    .into_tensor(self.given[i].as_ref().unwrap_or(&self.shapes[i]))
+                    .map_err(|e| shape_error(format!("internal shape error: {e}")))?,
+                _ => Tensor::F(ArrayD::zeros(IxDyn(&[0]))),
+            };
+            values.push(t);
+        }
+        let outputs = self
+            .graph
+            .outputs
+            .iter()
+            .map(|(name, id)| {
+                let x = match &values[id.index()] {
+                    Tensor::F(a) => a.iter().next().copied().unwrap_or_else(F::nan),
+                    _ => F::nan(),
+                };
+                (name.clone(), x)
+            })
+            .collect();
+        Ok(Evaluation { outputs, values })
+    }
+}

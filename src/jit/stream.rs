@@ -1,0 +1,401 @@
+//! The streaming schedule: which comprehensions may be computed a block of
+//! rows at a time and never materialised, and how the nodes that read them
+//! run block by block.
+//!
+//! In-batch losses build a `[B, N]` matrix (scores, their softmax, their
+//! adjoint) only to reduce it: along its rows (`logsumexp(c) s[i, c]`), along
+//! its columns (`sum(i) g[i, c]`), or through a contraction back to `[B, D]`.
+//! None of that needs the whole matrix at once. The analysis is general: it
+//! knows no loss, only reads.
+//!
+//! * **Region** (compile time, `analyse`). For a row dim `R`, a rank-2
+//!   comprehension of shape `[R, N]` that is no output is *streamable* when
+//!   every node reading it is a comprehension that reads it only at its own
+//!   *ranged* variable in the first position:
+//!   - *row-local*: the reader's first output index ranges over `R` and every
+//!     read is `x[i0, ..]` with `i0` that index — row `i0` of the reader
+//!     needs only row `i0` of `x`;
+//!   - *accumulating*: the reader is a `sum`, `mean` or `count` over a
+//!     variable `r` of extent `R` and every read is `x[r, ..]` — the reader
+//!     is a sum of per-block parts.
+//!
+//!   A fixpoint removes candidates with any other reader (a layout node, a
+//!   transposed or diagonal read outside the ranged variable, a reader that
+//!   would need two different ranged variables). Accumulating readers are
+//!   compiled as accumulating kernels (`translate.rs`), whatever the sizes.
+//! * **Passes** (run time, `plan`). Given the sizes, the region whose
+//!   streamable nodes are large (or, forced, all of them) is chosen. Its
+//!   members (streamed nodes and their readers) run in *passes* over blocks
+//!   of rows; everything else runs whole, between passes. A member runs in
+//!   the first pass after everything it needs is complete: a node outside
+//!   the region, an accumulating member (complete only after its pass), or
+//!   a row-local member read at another row. Streamed nodes live only in
+//!   per-block tiles and are recomputed in every pass that reads them (the
+//!   FlashAttention-style recomputation of the backward). Memory: the tiles,
+//!   `tile_rows × N` per streamed node, plus whole buffers for the rest.
+
+use crate::ir::{Dim, Expr, Graph, IdxVar, NodeId, NodeKind, RedOp};
+use std::collections::BTreeMap;
+
+/// How a member of a region runs in a pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Mode {
+    /// Output rows `lo .. hi` per block.
+    RowLocal,
+    /// Reduced variable at loop level `level` over `lo .. hi` per block,
+    /// added into the output.
+    Accumulate { level: usize },
+}
+
+/// The streamable nodes of one row dim and the modes of their readers.
+#[derive(Clone, Debug)]
+pub(super) struct Region {
+    pub row: Dim,
+    pub streamable: Vec<NodeId>,
+    /// Every reader of a streamable node (and every streamable node, which
+    /// runs row-local).
+    pub modes: BTreeMap<NodeId, Mode>,
+}
+
+/// The regions of a graph, and the reduced level each accumulating kernel
+/// ranges over.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Analysis {
+    pub regions: Vec<Region>,
+    pub ranged_red: Vec<Option<usize>>,
+}
+
+/// Every read of `of` in comprehension `reader` (body and filter).
+fn reads_of(graph: &Graph, reader: NodeId, of: NodeId) -> Vec<Vec<Expr>> {
+    let NodeKind::Comp(c) = &graph.node(reader).kind else {
+        return vec![];
+    };
+    let mut out = Vec::new();
+    let mut visit = |e: &Expr| {
+        if let Expr::Read { node, at } = e {
+            if *node == of {
+                out.push(at.clone());
+            }
+        }
+    };
+    c.body.walk(&mut visit);
+    if let Some(f) = c.reduce.as_ref().and_then(|r| r.filter.as_ref()) {
+        f.walk(&mut visit);
+    }
+    out
+}
+
+/// The mode in which `reader` can read `of` a block of rows at a time.
+fn mode_of(graph: &Graph, reader: NodeId, of: NodeId, row: &Dim) -> Option<Mode> {
+    let node = graph.node(reader);
+    let NodeKind::Comp(c) = &node.kind else {
+        return None;
+    };
+    let reads = reads_of(graph, reader, of);
+    let all_at = |v: IdxVar| {
+        reads
+            .iter()
+            .all(|at| matches!(at.first(), Some(Expr::Index(w)) if *w == v))
+    };
+    if node.shape.first() == Some(row) && all_at(c.indices[0]) {
+        return Some(Mode::RowLocal);
+    }
+    let r = c.reduce.as_ref()?;
+    let accumulable = matches!(
+        (r.op, node.dtype),
+        (RedOp::Sum, _) | (RedOp::Mean, crate::ir::DType::Float) | (RedOp::Count, _)
+    );
+    if !accumulable {
+        return None;
+    }
+    r.over.iter().enumerate().find_map(|(k, (v, d))| {
+        (d == row && all_at(*v)).then_some(Mode::Accumulate {
+            level: c.indices.len() + k,
+        })
+    })
+}
+
+/// The regions of `graph` (module doc).
+pub(super) fn analyse(graph: &Graph) -> Analysis {
+    let n = graph.nodes.len();
+    let mut readers: Vec<Vec<NodeId>> = vec![Vec::new(); n];
+    for i in 0..n {
+        let id = NodeId(i as u32);
+        for op in graph.operands(id) {
+            if !readers[op.index()].contains(&id) {
+                readers[op.index()].push(id);
+            }
+        }
+    }
+    let is_output = |id: NodeId| {
+        graph.outputs.iter().any(|(_, o)| *o == id) || graph.grads.iter().any(|(_, g)| *g == id)
+    };
+    let mut ranged_red: Vec<Option<usize>> = vec![None; n];
+    let mut taken = vec![false; n];
+    let mut rows: Vec<Dim> = Vec::new();
+    for node in &graph.nodes {
+        if matches!(node.kind, NodeKind::Comp(_)) && node.shape.len() == 2 {
+            if !rows.contains(&node.shape[0]) {
+                rows.push(node.shape[0].clone());
+            }
+        }
+    }
+    let mut regions = Vec::new();
+    for row in rows {
+        let mut cand: Vec<NodeId> = (0..n)
+            .map(|i| NodeId(i as u32))
+            .filter(|id| {
+                let node = graph.node(*id);
+                matches!(node.kind, NodeKind::Comp(_))
+                    && node.shape.len() == 2
+                    && node.shape[0] == row
+                    && !is_output(*id)
+                    && !taken[id.index()]
+                    && !readers[id.index()].is_empty()
+            })
+            .collect();
+        let modes = loop {
+            let mut modes: BTreeMap<NodeId, Mode> = BTreeMap::new();
+            let mut reject = None;
+            for &x in &cand {
+                modes.insert(x, Mode::RowLocal);
+            }
+            'scan: for &x in &cand {
+                for &reader in &readers[x.index()] {
+                    let mode = mode_of(graph, reader, x, &row);
+                    let fits = match (mode, modes.get(&reader)) {
+                        (None, _) => false,
+                        (Some(m), Some(old)) => m == *old,
+                        (Some(Mode::Accumulate { level }), None) => {
+                            ranged_red[reader.index()].is_none_or(|l| l == level)
+                        }
+                        (Some(_), None) => true,
+                    };
+                    if !fits {
+                        // A candidate that must accumulate over another
+                        // candidate is a sum of its blocks, not a block:
+                        // it gives way (its output is the smaller).
+                        let reader_gives_way =
+                            cand.contains(&reader) && matches!(mode, Some(Mode::Accumulate { .. }));
+                        reject = Some(if reader_gives_way { reader } else { x });
+                        break 'scan;
+                    }
+                    modes.insert(reader, mode.expect("checked above"));
+                }
+            }
+            match reject {
+                Some(x) => cand.retain(|c| *c != x),
+                None => break modes,
+            }
+        };
+        if cand.is_empty() {
+            continue;
+        }
+        for (id, mode) in &modes {
+            if let Mode::Accumulate { level } = mode {
+                ranged_red[id.index()] = Some(*level);
+            }
+        }
+        for c in &cand {
+            taken[c.index()] = true;
+        }
+        regions.push(Region {
+            row,
+            streamable: cand,
+            modes,
+        });
+    }
+    Analysis {
+        regions,
+        ranged_red,
+    }
+}
+
+/// One step of a run: a node computed whole, or a pass over blocks of rows.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) enum Step {
+    Whole(NodeId),
+    Pass(Pass),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct Pass {
+    /// The region's row dim at these sizes.
+    pub rows: usize,
+    pub tile_rows: usize,
+    /// The nodes computed per block, in graph order, with their modes.
+    pub nodes: Vec<(NodeId, Mode)>,
+    /// The streamed nodes among them (tiles only).
+    pub streamed: Vec<NodeId>,
+}
+
+/// How much a run may stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Streaming {
+    /// Stream the nodes that would take much memory (at least
+    /// `AUTO_MIN_BYTES` and more than the inputs' largest tensor).
+    Auto,
+    /// Stream everything streamable.
+    Always,
+    Never,
+}
+
+/// A streamed node's size from which `Auto` streams it.
+pub const AUTO_MIN_BYTES: usize = 32 << 20;
+/// The bytes of tiles a pass aims for: blocks of rows fit the caches.
+const TILE_BYTES: usize = 8 << 20;
+
+/// The steps of one run at these sizes (module doc). `elems[n]` is node
+/// `n`'s element count and `rows_of(dim)` a dim's value; blocks have
+/// `tile_rows` rows, or as many as make tiles of about `TILE_BYTES`.
+pub(super) fn plan(
+    graph: &Graph,
+    analysis: &Analysis,
+    streaming: Streaming,
+    tile_rows: Option<usize>,
+    elems: &[usize],
+    elem_bytes: usize,
+    rows_of: &dyn Fn(&Dim) -> usize,
+) -> Vec<Step> {
+    let n = graph.nodes.len();
+    let whole = || (0..n).map(|i| Step::Whole(NodeId(i as u32))).collect();
+    let largest_input = graph
+        .inputs()
+        .map(|(id, ..)| elems[id.index()])
+        .max()
+        .unwrap_or(0);
+    let pick = |r: &Region| -> Vec<NodeId> {
+        r.streamable
+            .iter()
+            .copied()
+            .filter(|id| analysis.ranged_red[id.index()].is_none())
+            .filter(|id| match streaming {
+                Streaming::Always => true,
+                Streaming::Never => false,
+                Streaming::Auto => {
+                    let e = elems[id.index()];
+                    e * elem_bytes >= AUTO_MIN_BYTES && e > largest_input
+                }
+            })
+            .collect()
+    };
+    let Some((region, streamed)) = analysis
+        .regions
+        .iter()
+        .map(|r| (r, pick(r)))
+        .filter(|(_, s)| !s.is_empty())
+        .max_by_key(|(_, s)| s.iter().map(|id| elems[id.index()]).sum::<usize>())
+    else {
+        return whole();
+    };
+    let rows = rows_of(&region.row);
+    if rows == 0 {
+        return whole();
+    }
+    let is_streamed = |id: NodeId| streamed.contains(&id);
+    // Members: the streamed nodes and everything that reads one.
+    let mut mode: Vec<Option<Mode>> = vec![None; n];
+    for (id, m) in &region.modes {
+        let reads_streamed = graph.operands(*id).iter().any(|o| is_streamed(*o));
+        if is_streamed(*id) || reads_streamed {
+            mode[id.index()] = Some(*m);
+        }
+    }
+    // `after[x]`: passes that must precede a whole node; `pass[x]`: a member's.
+    let mut after = vec![0usize; n];
+    let mut pass = vec![0usize; n];
+    for i in 0..n {
+        let id = NodeId(i as u32);
+        let ranged = match &graph.node(id).kind {
+            NodeKind::Comp(c) => match mode[i] {
+                Some(Mode::RowLocal) => c.indices.first().copied(),
+                Some(Mode::Accumulate { level }) => {
+                    c.reduce.as_ref().map(|r| r.over[level - c.indices.len()].0)
+                }
+                None => None,
+            },
+            _ => None,
+        };
+        let mut need = 0;
+        for d in graph.operands(id) {
+            let j = d.index();
+            need = need.max(match (mode[i], mode[j]) {
+                (_, None) => after[j],
+                (None, Some(_)) => pass[j] + 1,
+                (Some(_), Some(Mode::Accumulate { .. })) => pass[j] + 1,
+                (Some(_), Some(Mode::RowLocal)) => {
+                    let same_row = reads_of(graph, id, d).iter().all(|at| {
+                        matches!((at.first(), ranged), (Some(Expr::Index(w)), Some(v)) if *w == v)
+                    });
+                    if same_row || is_streamed(d) {
+                        pass[j]
+                    } else {
+                        pass[j] + 1
+                    }
+                }
+            });
+        }
+        if mode[i].is_some() {
+            pass[i] = need;
+        } else {
+            after[i] = need;
+        }
+    }
+    let passes = (0..n)
+        .filter(|i| mode[*i].is_some())
+        .map(|i| pass[i] + 1)
+        .max()
+        .unwrap_or(0);
+    let mut steps = Vec::new();
+    for q in 0..=passes {
+        for i in 0..n {
+            if mode[i].is_none() && after[i] == q {
+                steps.push(Step::Whole(NodeId(i as u32)));
+            }
+        }
+        if q == passes {
+            break;
+        }
+        // The members of pass q, and the streamed nodes they need,
+        // recomputed here.
+        let mut inside = vec![false; n];
+        for i in (0..n).rev() {
+            let id = NodeId(i as u32);
+            let own = mode[i].is_some() && !is_streamed(id) && pass[i] == q;
+            if own || inside[i] {
+                inside[i] = true;
+                for d in graph.operands(id) {
+                    if is_streamed(d) {
+                        inside[d.index()] = true;
+                    }
+                }
+            }
+        }
+        let nodes: Vec<(NodeId, Mode)> = (0..n)
+            .filter(|i| inside[*i])
+            .map(|i| (NodeId(i as u32), mode[i].expect("members have a mode")))
+            .collect();
+        if nodes.is_empty() {
+            continue;
+        }
+        let pass_streamed: Vec<NodeId> = nodes
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| is_streamed(*id))
+            .collect();
+        let row_bytes: usize = pass_streamed
+            .iter()
+            .map(|id| elems[id.index()] / rows * elem_bytes)
+            .sum();
+        let tile_rows = tile_rows
+            .unwrap_or(TILE_BYTES / row_bytes.max(1))
+            .clamp(1, rows);
+        steps.push(Step::Pass(Pass {
+            rows,
+            tile_rows,
+            nodes,
+            streamed: pass_streamed,
+        }));
+    }
+    steps
+}
