@@ -195,7 +195,14 @@ pub fn gradient_tensors<F: interp::Real>(
         let interp::Tensor::F(values) = &eval.values[node.index()] else {
             continue;
         };
-        let data: Vec<F> = values.iter().copied().collect();
+        let owned;
+        let data: &[F] = match values.as_slice() {
+            Some(s) => s,
+            None => {
+                owned = values.iter().copied().collect::<Vec<F>>();
+                &owned
+            }
+        };
         let shape = values.shape().to_vec();
         let keys: Vec<String> = input
             .columns
@@ -216,7 +223,7 @@ pub fn gradient_tensors<F: interp::Real>(
                     })
                     .collect()
             } else if let Some(key) = keys.first() {
-                vec![(key.clone(), shape.clone(), &data[..])]
+                vec![(key.clone(), shape.clone(), data)]
             } else {
                 continue;
             };
@@ -228,13 +235,15 @@ pub fn gradient_tensors<F: interp::Real>(
 }
 
 fn host_tensor<F: interp::Real>(shape: Vec<usize>, data: &[F]) -> tensor_io::HostTensor {
-    if std::mem::size_of::<F>() == 4 {
-        tensor_io::HostTensor::f32(
-            shape,
-            data.iter()
-                .map(|x| x.to_f32().unwrap_or(f32::NAN))
-                .collect(),
-        )
+    use std::any::TypeId;
+    if TypeId::of::<F>() == TypeId::of::<f32>() {
+        // SAFETY: `F` is `f32`, so the slice is a slice of f32.
+        let v = unsafe { std::slice::from_raw_parts(data.as_ptr() as *const f32, data.len()) };
+        tensor_io::HostTensor::f32(shape, v.to_vec())
+    } else if TypeId::of::<F>() == TypeId::of::<f64>() {
+        // SAFETY: `F` is `f64`, so the slice is a slice of f64.
+        let v = unsafe { std::slice::from_raw_parts(data.as_ptr() as *const f64, data.len()) };
+        tensor_io::HostTensor::f64(shape, v.to_vec())
     } else {
         tensor_io::HostTensor::f64(
             shape,

@@ -12,7 +12,7 @@
 
 use super::value::{Binding, Val, Value};
 use super::{params, Elab, Reported, Static, R};
-use crate::ir::{DType, Dim, Node, NodeKind};
+use crate::ir::{DType, Dim, Expr, Node, NodeKind};
 use crate::syntax::ast::{self, ElemTy, Stmt};
 use crate::syntax::{codes, Diagnostic, FileId, Span};
 use std::collections::HashMap;
@@ -339,7 +339,23 @@ impl<'p> Elab<'p> {
                 _ => None,
             };
             let value = match transform {
-                Some(f) => self.apply_lambda(f, value, span)?,
+                // The transformed input is a node of its own, read by the
+                // inner loss like any input: its similarity stays a plain
+                // contraction (GEMM) and its gradient flows through one
+                // adjoint instead of being re-derived inside every use.
+                Some(f) => match self.apply_lambda(f, value, span)? {
+                    Value::Tensor(v) => {
+                        let axes = v.axes.clone();
+                        let id = self.materialize_named(v, Some(input.clone()), span)?;
+                        let at = axes.iter().map(|(a, _)| Expr::Index(*a)).collect();
+                        Value::Tensor(Val {
+                            expr: Expr::read(id, at),
+                            ty: self.graph.nodes[id.index()].dtype,
+                            axes,
+                        })
+                    }
+                    other => other,
+                },
                 None => value,
             };
             values.insert(input, value);

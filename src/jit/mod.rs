@@ -67,6 +67,7 @@
 
 mod gemm;
 mod helpers;
+mod lower;
 mod plan;
 mod run;
 mod stream;
@@ -181,7 +182,10 @@ impl Drop for Code {
 
 /// A graph compiled to native code, runnable on any sizes.
 pub struct JitProgram {
+    /// The lowered graph the code computes (`lower.rs`).
     graph: Graph,
+    /// For each node of the graph given to `compile`, its id in `graph`.
+    map: Vec<NodeId>,
     code: Arc<Code>,
     /// Code for the other precision, compiled on first use.
     other: Mutex<Option<Arc<Code>>>,
@@ -190,9 +194,12 @@ pub struct JitProgram {
 /// Compiles every comprehension of `graph` for `dtype`.
 pub fn compile(graph: &Graph, dtype: Precision) -> Result<JitProgram, String> {
     crate::ir::verify::verify(graph)?;
-    let code = cached_code(graph, dtype)?;
+    let (lowered, map) = lower::lower(graph);
+    crate::ir::verify::verify(&lowered).map_err(|e| format!("internal error: lowering: {e}"))?;
+    let code = cached_code(&lowered, dtype)?;
     Ok(JitProgram {
-        graph: graph.clone(),
+        graph: lowered,
+        map,
         code,
         other: Mutex::new(None),
     })
@@ -244,7 +251,22 @@ impl JitProgram {
                 }
             }
         };
-        run::execute(&self.graph, &code, bound, opts)
+        let mut e = run::execute::<F>(&self.graph, &code, bound, opts)?;
+        // Values by the ids of the graph given to `compile`.
+        let values = self
+            .map
+            .iter()
+            .map(|l| {
+                std::mem::replace(
+                    &mut e.values[l.index()],
+                    crate::interp::Tensor::I(Default::default()),
+                )
+            })
+            .collect();
+        Ok(Evaluation {
+            outputs: e.outputs,
+            values,
+        })
     }
 }
 
@@ -265,14 +287,16 @@ impl JitProgram {
     /// nothing streams).
     pub fn schedule(&self, bound: &Bound, opts: RunOptions) -> Result<Vec<PassReport>, Diagnostic> {
         let steps = run::steps(&self.graph, &self.code, bound, opts)?;
+        // Lowered ids back to the caller's; nodes lowering added are left out.
+        let back = |ids: Vec<NodeId>| -> Vec<NodeId> { lower::original_ids(&self.map, &ids) };
         Ok(steps
             .into_iter()
             .filter_map(|s| match s {
                 stream::Step::Pass(p) => Some(PassReport {
                     rows: p.rows,
                     tile_rows: p.tile_rows,
-                    streamed: p.streamed,
-                    members: p.nodes.iter().map(|(id, _)| *id).collect(),
+                    streamed: back(p.streamed),
+                    members: back(p.nodes.iter().map(|(id, _)| *id).collect()),
                 }),
                 stream::Step::Whole(_) => None,
             })
@@ -283,16 +307,18 @@ impl JitProgram {
 /// The comprehensions this backend runs as GEMM (when their operands fit):
 /// their values may differ from the interpreter's in summation order.
 pub fn contraction_nodes(graph: &Graph) -> Vec<NodeId> {
-    graph
+    let (lowered, map) = lower::lower(graph);
+    let gemm: Vec<NodeId> = lowered
         .nodes
         .iter()
         .enumerate()
         .filter(|(_, n)| match &n.kind {
-            NodeKind::Comp(c) => gemm::recognise(graph, c, n.dtype).is_some(),
+            NodeKind::Comp(c) => gemm::recognise(&lowered, c, n.dtype).is_some(),
             _ => false,
         })
         .map(|(i, _)| NodeId(i as u32))
-        .collect()
+        .collect();
+    lower::original_ids(&map, &gemm)
 }
 
 // ---- cache -------------------------------------------------------------------
