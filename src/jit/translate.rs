@@ -465,9 +465,32 @@ impl<'a, 'f> Translator<'a, 'f> {
             acc,
         };
         let n_out = self.n_out();
+        // A filter over the output indices only (a diagonal mask, `j == j2`)
+        // is decided once per output element: when it fails, the reduced
+        // loops are skipped and nothing is counted. Only a safe filter may
+        // move, so errors come in the interpreter's order.
+        let outer_filter = self.filter.filter(|f| {
+            let t = &self.dag.terms[*f];
+            t.safe && t.level < n_out as i32
+        });
+        let skip = outer_filter.map(|f| {
+            let c = self.translate_expr(f);
+            let c = self.as_b(c, self.dag.terms[f].ty);
+            let pass = self.b.create_block();
+            let done = self.b.create_block();
+            self.b.ins().brif(c, pass, &[], done, &[]);
+            self.b.seal_block(pass);
+            self.b.switch_to_block(pass);
+            done
+        });
         self.translate_reduce_loops(n_out, &mut |t| {
             t.translate_filtered(&mut |t| t.translate_item(state))
         });
+        if let Some(done) = skip {
+            self.b.ins().jump(done, &[]);
+            self.b.seal_block(done);
+            self.b.switch_to_block(done);
+        }
         state
     }
 
