@@ -922,7 +922,7 @@ fn every_standard_loss_runs_on_random_inputs_in_text_and_json() {
         text.expect(0, &[]);
         let value = text.text_loss(loss);
         assert!(
-            text.stdout.contains("backend interp, f64") && text.stdout.contains("seed 0"),
+            text.stdout.contains("backend jit, f64") && text.stdout.contains("seed 0"),
             "{}",
             text.show()
         );
@@ -944,7 +944,7 @@ fn every_standard_loss_runs_on_random_inputs_in_text_and_json() {
             out.show()
         );
         assert!(json["grads"].is_object(), "{}", out.show());
-        assert_eq!(json["backend"], "interp", "{}", out.show());
+        assert_eq!(json["backend"], "jit", "{}", out.show());
         assert_eq!(json["dtype"], "f64", "{}", out.show());
         assert_eq!(json["dims"]["B"], 8, "{}", out.show());
         assert_eq!(json["dims"]["D"], 16, "{}", out.show());

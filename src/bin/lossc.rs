@@ -193,8 +193,9 @@ struct RunArgs {
     /// Without it, lossc draws seeded random inputs of small dims.
     #[arg(long, value_name = "FILE")]
     inputs: Option<PathBuf>,
-    /// The backend that evaluates the loss.
-    #[arg(long, value_enum, default_value_t = Backend::Interp)]
+    /// The backend that evaluates the loss: native code (falls back to the interpreter,
+    /// with a note, on a machine Cranelift does not support), or the reference interpreter.
+    #[arg(long, value_enum, default_value_t = Backend::Jit)]
     backend: Backend,
     /// Floating-point precision of the evaluation.
     #[arg(long, value_enum, default_value_t = DTypeArg::F64)]
@@ -585,10 +586,17 @@ fn jit_program(
     } else {
         lossc::jit::Precision::F64
     };
-    lossc::jit::compile(full, precision).map(Some).map_err(|e| {
-        eprintln!("error: internal error: the jit backend cannot compile `{name}`: {e}");
-        Failure::Diagnostics
-    })
+    match lossc::jit::compile(full, precision) {
+        Ok(program) => Ok(Some(program)),
+        Err(e) if e.starts_with(lossc::jit::UNSUPPORTED_MACHINE) => {
+            eprintln!("note: {e}; using the interpreter (--backend interp)");
+            Ok(None)
+        }
+        Err(e) => {
+            eprintln!("error: internal error: the jit backend cannot compile `{name}`: {e}");
+            Err(Failure::Diagnostics)
+        }
+    }
 }
 
 /// Seeded random inputs, sized by --dims and the defaults.
@@ -785,7 +793,7 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
                 "loss": json_number(loss),
                 "grads": grads_json,
                 "components": components,
-                "backend": backend_name(args.backend),
+                "backend": backend_name(if jit.is_some() { Backend::Jit } else { Backend::Interp }),
                 "dtype": dtype,
                 "dims": bound.sizes,
             });
@@ -811,7 +819,11 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
             };
             outln!(
                 "(backend {}, {dtype}, {}; {source})",
-                backend_name(args.backend),
+                backend_name(if jit.is_some() {
+                    Backend::Jit
+                } else {
+                    Backend::Interp
+                }),
                 dims.join(" ")
             );
         }
@@ -936,7 +948,7 @@ fn bench(args: &BenchArgs) -> Result<(), Failure> {
     let json = serde_json::json!({
         "loss_name": graph.name,
         "loss": json_number(loss),
-        "backend": backend_name(args.backend),
+        "backend": backend_name(if jit.is_some() { Backend::Jit } else { Backend::Interp }),
         "dtype": dtype,
         "dims": bound.sizes,
         "threads": if jit.is_some() { opts.threads } else { 1 },
@@ -974,7 +986,11 @@ fn bench(args: &BenchArgs) -> Result<(), Failure> {
             outln!(
                 "{} forward+gradient, {} {dtype}, {}",
                 graph.name,
-                backend_name(args.backend),
+                backend_name(if jit.is_some() {
+                    Backend::Jit
+                } else {
+                    Backend::Interp
+                }),
                 dims.join(" ")
             );
             outln!(

@@ -304,6 +304,9 @@ impl JitProgram {
     }
 }
 
+/// How a compile error on a machine Cranelift cannot target begins.
+pub const UNSUPPORTED_MACHINE: &str = "this machine is not supported by Cranelift";
+
 /// The comprehensions this backend runs as GEMM (when their operands fit):
 /// their values may differ from the interpreter's in summation order.
 pub fn contraction_nodes(graph: &Graph) -> Vec<NodeId> {
@@ -383,7 +386,7 @@ fn compile_code(graph: &Graph, p: Precision) -> Result<Code, String> {
         },
     )?;
     let isa = cranelift_native::builder()
-        .map_err(|e| format!("this machine is not supported by Cranelift: {e}"))?
+        .map_err(|e| format!("{UNSUPPORTED_MACHINE}: {e}"))?
         .finish(settings::Flags::new(flags))
         .map_err(|e| format!("cranelift: {e}"))?;
     let mut jb = JITBuilder::with_isa(isa, default_libcall_names());

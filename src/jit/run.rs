@@ -146,6 +146,18 @@ struct Run<'a, F> {
     given: Vec<Option<Vec<usize>>>,
 }
 
+/// Rows per streamed block: the option, else the Cached losses'
+/// `mini_batch_size` (a hint in the graph), else chosen by `stream::plan`.
+fn tile_rows(graph: &Graph, opts: RunOptions) -> Option<usize> {
+    opts.tile_rows.or_else(|| {
+        graph
+            .hints
+            .get("mini_batch_size")
+            .and_then(|n| usize::try_from(*n).ok())
+            .filter(|n| *n > 0)
+    })
+}
+
 /// Each node's shape and element count at the bound sizes.
 fn node_sizes(graph: &Graph, bound: &Bound) -> Result<(Vec<Vec<usize>>, Vec<usize>), Diagnostic> {
     let mut shapes = Vec::with_capacity(graph.nodes.len());
@@ -184,7 +196,7 @@ pub(super) fn steps(
         graph,
         &code.stream,
         opts.streaming,
-        opts.tile_rows,
+        tile_rows(graph, opts),
         &elems,
         code.precision.bytes() as usize,
         &|d| d.eval(&bound.sizes).map_or(0, |v| v.max(0) as usize),
@@ -221,7 +233,7 @@ pub(super) fn execute<F: Real>(
         graph,
         &code.stream,
         opts.streaming,
-        opts.tile_rows,
+        tile_rows(graph, opts),
         &run.elems,
         code.precision.bytes() as usize,
         &|d| d.eval(&bound.sizes).map_or(0, |v| v.max(0) as usize),
