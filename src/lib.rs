@@ -187,70 +187,80 @@ pub fn gradient_tensors<F: interp::Real>(
     bound: &bind::Bound,
     eval: &interp::Evaluation<F>,
 ) -> Vec<(String, tensor_io::HostTensor)> {
+    gradients(graph, bound, |node| match &eval.values[node.index()] {
+        interp::Tensor::F(a) => Some((
+            a.shape().to_vec(),
+            a.as_slice()
+                .map_or_else(|| a.iter().copied().collect(), |s| s.to_vec()),
+        )),
+        _ => None,
+    })
+}
+
+/// `gradient_tensors`, moving the values out of the evaluation instead of
+/// copying them (one gradient tensor per input: no copy at all).
+pub fn into_gradient_tensors<F: interp::Real>(
+    graph: &ir::Graph,
+    bound: &bind::Bound,
+    mut eval: interp::Evaluation<F>,
+) -> Vec<(String, tensor_io::HostTensor)> {
+    gradients(graph, bound, |node| {
+        let empty = interp::Tensor::I(Default::default());
+        match std::mem::replace(&mut eval.values[node.index()], empty) {
+            interp::Tensor::F(a) => {
+                let shape = a.shape().to_vec();
+                let a = a.as_standard_layout().into_owned();
+                let (data, offset) = a.into_raw_vec_and_offset();
+                match offset {
+                    Some(0) | None => Some((shape, data)),
+                    Some(_) => None,
+                }
+            }
+            _ => None,
+        }
+    })
+}
+
+fn gradients<F: interp::Real>(
+    graph: &ir::Graph,
+    bound: &bind::Bound,
+    mut values: impl FnMut(ir::NodeId) -> Option<(Vec<usize>, Vec<F>)>,
+) -> Vec<(String, tensor_io::HostTensor)> {
     let mut out = Vec::new();
     for (name, node) in &graph.grads {
         let Some(input) = bound.inputs.iter().find(|i| &i.name == name) else {
             continue;
         };
-        let interp::Tensor::F(values) = &eval.values[node.index()] else {
+        let Some((shape, data)) = values(*node) else {
             continue;
         };
-        let owned;
-        let data: &[F] = match values.as_slice() {
-            Some(s) => s,
-            None => {
-                owned = values.iter().copied().collect::<Vec<F>>();
-                &owned
-            }
-        };
-        let shape = values.shape().to_vec();
         let keys: Vec<String> = input
             .columns
             .iter()
             .map(|k| k.strip_prefix("input.").unwrap_or(k).to_string())
             .collect();
-        let pieces: Vec<(String, Vec<usize>, &[F])> =
-            if input.split_columns && shape.first() == Some(&keys.len()) && !keys.is_empty() {
-                let per = data.len() / keys.len();
-                keys.iter()
-                    .enumerate()
-                    .map(|(c, k)| {
-                        (
-                            k.clone(),
-                            shape[1..].to_vec(),
-                            &data[c * per..(c + 1) * per],
-                        )
-                    })
-                    .collect()
-            } else if let Some(key) = keys.first() {
-                vec![(key.clone(), shape.clone(), data)]
-            } else {
-                continue;
-            };
-        for (key, shape, slice) in pieces {
-            out.push((key, host_tensor(shape, slice)));
+        if input.split_columns && shape.first() == Some(&keys.len()) && !keys.is_empty() {
+            let per = data.len() / keys.len();
+            for (c, k) in keys.iter().enumerate() {
+                let piece = data[c * per..(c + 1) * per].to_vec();
+                out.push((k.clone(), host_tensor(shape[1..].to_vec(), piece)));
+            }
+        } else if let Some(key) = keys.first() {
+            out.push((key.clone(), host_tensor(shape, data)));
         }
     }
     out
 }
 
-fn host_tensor<F: interp::Real>(shape: Vec<usize>, data: &[F]) -> tensor_io::HostTensor {
-    use std::any::TypeId;
-    if TypeId::of::<F>() == TypeId::of::<f32>() {
-        // SAFETY: `F` is `f32`, so the slice is a slice of f32.
-        let v = unsafe { std::slice::from_raw_parts(data.as_ptr() as *const f32, data.len()) };
-        tensor_io::HostTensor::f32(shape, v.to_vec())
-    } else if TypeId::of::<F>() == TypeId::of::<f64>() {
-        // SAFETY: `F` is `f64`, so the slice is a slice of f64.
-        let v = unsafe { std::slice::from_raw_parts(data.as_ptr() as *const f64, data.len()) };
-        tensor_io::HostTensor::f64(shape, v.to_vec())
-    } else {
-        tensor_io::HostTensor::f64(
-            shape,
-            data.iter()
-                .map(|x| x.to_f64().unwrap_or(f64::NAN))
-                .collect(),
-        )
+/// A host tensor of the evaluated dtype, without a copy.
+fn host_tensor<F: interp::Real>(shape: Vec<usize>, data: Vec<F>) -> tensor_io::HostTensor {
+    let any: Box<dyn std::any::Any> = Box::new(data);
+    match any.downcast::<Vec<f32>>() {
+        Ok(v) => tensor_io::HostTensor::f32(shape, *v),
+        Err(any) => match any.downcast::<Vec<f64>>() {
+            Ok(v) => tensor_io::HostTensor::f64(shape, *v),
+            Err(_) => tensor_io::HostTensor::f64(shape, Vec::new()),
+        },
     }
 }
 

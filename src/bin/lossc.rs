@@ -228,7 +228,7 @@ struct ExecArgs {
     /// `always` every matrix that can stream, `never` none.
     #[arg(long, value_enum, default_value_t = StreamArg::Auto)]
     stream: StreamArg,
-    /// Rows per streamed block [default: blocks of about 8 MiB of tiles].
+    /// Rows per streamed block [default: about 32 MiB of tiles, at least 256 rows; a Cached loss's mini_batch_size].
     #[arg(long, value_name = "ROWS")]
     tile_rows: Option<usize>,
 }
@@ -893,11 +893,13 @@ fn bench(args: &BenchArgs) -> Result<(), Failure> {
         match args.dtype {
             DTypeArg::F64 => {
                 let e = evaluate::<f64>(&full, &bound, jit, opts).map_err(fail)?;
-                Ok((e.outputs[0].1, lossc::gradient_tensors(&full, &bound, &e)))
+                let loss = e.outputs[0].1;
+                Ok((loss, lossc::into_gradient_tensors(&full, &bound, e)))
             }
             DTypeArg::F32 => {
                 let e = evaluate::<f32>(&full, &bound, jit, opts).map_err(fail)?;
-                Ok((e.outputs[0].1 as f64, lossc::gradient_tensors(&full, &bound, &e)))
+                let loss = e.outputs[0].1 as f64;
+                Ok((loss, lossc::into_gradient_tensors(&full, &bound, e)))
             }
         }
     };

@@ -189,6 +189,8 @@ pub struct JitProgram {
     code: Arc<Code>,
     /// Code for the other precision, compiled on first use.
     other: Mutex<Option<Arc<Code>>>,
+    /// Buffers of earlier runs, reused by the next.
+    pool: Mutex<run::Pool>,
 }
 
 /// Compiles every comprehension of `graph` for `dtype`.
@@ -202,6 +204,7 @@ pub fn compile(graph: &Graph, dtype: Precision) -> Result<JitProgram, String> {
         map,
         code,
         other: Mutex::new(None),
+        pool: Mutex::new(run::Pool::default()),
     })
 }
 
@@ -251,7 +254,7 @@ impl JitProgram {
                 }
             }
         };
-        let mut e = run::execute::<F>(&self.graph, &code, bound, opts)?;
+        let mut e = run::execute::<F>(&self.graph, &code, bound, opts, &self.pool)?;
         // Values by the ids of the graph given to `compile`.
         let values = self
             .map

@@ -25,6 +25,8 @@ use crate::ir::{DType, Graph, NodeId, NodeKind, RedOp};
 use crate::syntax::{codes, Diagnostic};
 use crate::tensor_io::TensorData;
 use ndarray::{ArrayD, IxDyn};
+use std::any::Any;
+use std::sync::Mutex;
 
 /// How to run: threads, streaming, and whether to keep every node's value.
 #[derive(Clone, Copy, Debug)]
@@ -32,7 +34,7 @@ pub struct RunOptions {
     /// Threads for kernels (GEMM threads are `matrixmultiply`'s own).
     pub threads: usize,
     pub streaming: Streaming,
-    /// Rows per streamed block (default: tiles of about 8 MiB).
+    /// Rows per streamed block (default: tiles of about 32 MiB, at least 256 rows).
     pub tile_rows: Option<usize>,
     /// Keep only the outputs and gradients, freeing every other buffer after
     /// its last reader (its value in the `Evaluation` is an empty tensor).
@@ -66,6 +68,51 @@ impl RunOptions {
 /// one thread: starting a thread costs about as much as this much work.
 const MIN_WORK_PER_THREAD: usize = 1 << 16;
 
+/// Buffers of earlier runs of a program, reused: a fresh allocation of a
+/// large buffer costs a page fault per 4 KiB on first touch, which for
+/// O(B·D) losses costs more than the arithmetic.
+#[derive(Default)]
+pub(super) struct Pool {
+    bufs: Vec<Box<dyn Any + Send>>,
+}
+
+/// Buffers smaller than this are not worth keeping.
+const POOL_MIN_ELEMS: usize = 4096;
+const POOL_MAX_BUFS: usize = 64;
+
+impl Pool {
+    /// A zeroed vector of `n` elements, reusing the smallest pooled one that
+    /// fits.
+    fn take<T: Copy + Default + Send + 'static>(&mut self, n: usize) -> Vec<T> {
+        let mut best: Option<(usize, usize)> = None;
+        for (i, b) in self.bufs.iter().enumerate() {
+            if let Some(v) = b.downcast_ref::<Vec<T>>() {
+                let c = v.capacity();
+                if c >= n && best.is_none_or(|(_, bc)| c < bc) {
+                    best = Some((i, c));
+                }
+            }
+        }
+        match best {
+            Some((i, _)) => match self.bufs.swap_remove(i).downcast::<Vec<T>>() {
+                Ok(mut v) => {
+                    v.clear();
+                    v.resize(n, T::default());
+                    *v
+                }
+                Err(_) => vec![T::default(); n],
+            },
+            None => vec![T::default(); n],
+        }
+    }
+
+    fn give<T: Send + 'static>(&mut self, v: Vec<T>) {
+        if v.capacity() >= POOL_MIN_ELEMS && self.bufs.len() < POOL_MAX_BUFS {
+            self.bufs.push(Box::new(v));
+        }
+    }
+}
+
 /// A node's value while running: row-major, exactly its shape's elements.
 enum Buf<F> {
     F(Vec<F>),
@@ -74,11 +121,19 @@ enum Buf<F> {
 }
 
 impl<F: Real> Buf<F> {
-    fn zeroed(dtype: DType, n: usize) -> Buf<F> {
+    fn zeroed(pool: &mut Pool, dtype: DType, n: usize) -> Buf<F> {
         match dtype {
-            DType::Float => Buf::F(vec![F::zero(); n]),
-            DType::Int => Buf::I(vec![0; n]),
-            DType::Bool => Buf::B(vec![0; n]),
+            DType::Float => Buf::F(pool.take(n)),
+            DType::Int => Buf::I(pool.take(n)),
+            DType::Bool => Buf::B(pool.take(n)),
+        }
+    }
+
+    fn recycle(self, pool: &mut Pool) {
+        match self {
+            Buf::F(v) => pool.give(v),
+            Buf::I(v) => pool.give(v),
+            Buf::B(v) => pool.give(v),
         }
     }
 
@@ -144,6 +199,7 @@ struct Run<'a, F> {
     gemm_k: Vec<i64>,
     /// The shape each input was given in (the interpreter reports it).
     given: Vec<Option<Vec<usize>>>,
+    pool: Pool,
 }
 
 /// Rows per streamed block: the option, else the Cached losses'
@@ -208,6 +264,7 @@ pub(super) fn execute<F: Real>(
     code: &Code,
     bound: &Bound,
     opts: RunOptions,
+    pool: &Mutex<Pool>,
 ) -> Result<Evaluation<F>, Diagnostic> {
     let n = graph.nodes.len();
     let (shapes, elems) = node_sizes(graph, bound)?;
@@ -228,6 +285,7 @@ pub(super) fn execute<F: Real>(
         counts: (0..n).map(|_| None).collect(),
         gemm_k: vec![0; n],
         given: vec![None; n],
+        pool: std::mem::take(&mut *pool.lock().unwrap_or_else(|e| e.into_inner())),
     };
     let steps = stream::plan(
         graph,
@@ -266,14 +324,23 @@ pub(super) fn execute<F: Real>(
         }
         if opts.lean {
             for i in 0..n {
-                if !keep[i] && last_use[i] == s && run.bufs[i].is_some() {
-                    run.bufs[i] = None;
-                    run.ptrs[i] = std::ptr::null_mut();
+                if !keep[i] && last_use[i] == s {
+                    if let Some(b) = run.bufs[i].take() {
+                        b.recycle(&mut run.pool);
+                        run.ptrs[i] = std::ptr::null_mut();
+                    }
                 }
             }
         }
     }
-    run.finish(&keep)
+    // A run that fails drops its buffers instead: errors are rare.
+    run.finish(&keep).map(|(e, spare)| {
+        let mut p = pool.lock().unwrap_or_else(|e| e.into_inner());
+        if p.bufs.is_empty() {
+            *p = spare;
+        }
+        e
+    })
 }
 
 impl<F: Real> Run<'_, F> {
@@ -287,7 +354,7 @@ impl<F: Real> Run<'_, F> {
                 self.check_proofs(id, kernel)?;
                 self.allocate(id);
                 if self.accumulating(id) {
-                    self.counts[i] = Some(vec![0; self.elems[i]]);
+                    self.counts[i] = Some(self.pool.take(self.elems[i]));
                 }
                 let done = self.gemm(id, gemm::Part::Whole);
                 if !done {
@@ -297,7 +364,9 @@ impl<F: Real> Run<'_, F> {
                 if self.accumulating(id) && !done {
                     self.finalize(id);
                 }
-                self.counts[i] = None;
+                if let Some(c) = self.counts[i].take() {
+                    self.pool.give(c);
+                }
                 Ok(())
             }
             NodeKind::Concat { axis, parts } => self.concat(id, *axis, parts),
@@ -344,7 +413,7 @@ impl<F: Real> Run<'_, F> {
 
     fn allocate(&mut self, id: NodeId) {
         let i = id.index();
-        let mut buf = Buf::zeroed(self.graph.node(id).dtype, self.elems[i]);
+        let mut buf = Buf::zeroed(&mut self.pool, self.graph.node(id).dtype, self.elems[i]);
         self.ptrs[i] = buf.ptr();
         self.bufs[i] = Some(buf);
     }
@@ -587,7 +656,7 @@ impl<F: Real> Run<'_, F> {
         let mut tiles: Vec<(NodeId, Buf<F>, usize)> = Vec::new();
         for &id in &p.streamed {
             let row = self.elems[id.index()] / p.rows;
-            let buf = Buf::zeroed(self.graph.node(id).dtype, p.tile_rows * row);
+            let buf = Buf::zeroed(&mut self.pool, self.graph.node(id).dtype, p.tile_rows * row);
             tiles.push((id, buf, row));
         }
         for (id, mode) in &p.nodes {
@@ -596,7 +665,7 @@ impl<F: Real> Run<'_, F> {
             }
             self.allocate(*id);
             if self.accumulating(*id) {
-                self.counts[id.index()] = Some(vec![0; self.elems[id.index()]]);
+                self.counts[id.index()] = Some(self.pool.take(self.elems[id.index()]));
                 self.gemm_k[id.index()] = 0;
             }
             let _ = mode;
@@ -639,10 +708,13 @@ impl<F: Real> Run<'_, F> {
             if let Mode::Accumulate { .. } = mode {
                 self.finalize(*id);
             }
-            self.counts[id.index()] = None;
+            if let Some(c) = self.counts[id.index()].take() {
+                self.pool.give(c);
+            }
         }
-        for (id, _, _) in &tiles {
+        for (id, tile, _) in tiles {
             self.ptrs[id.index()] = std::ptr::null_mut();
+            tile.recycle(&mut self.pool);
         }
         Ok(())
     }
@@ -737,15 +809,20 @@ impl<F: Real> Run<'_, F> {
         Ok(())
     }
 
-    /// The evaluation: kept buffers as tensors, the rest empty.
-    fn finish(self, keep: &[bool]) -> Result<Evaluation<F>, Diagnostic> {
+    /// The evaluation: kept buffers as tensors, the rest empty (and back in
+    /// the pool, which is returned).
+    fn finish(mut self, keep: &[bool]) -> Result<(Evaluation<F>, Pool), Diagnostic> {
         let mut values = Vec::with_capacity(self.bufs.len());
-        for (i, buf) in self.bufs.into_iter().enumerate() {
+        for (i, buf) in std::mem::take(&mut self.bufs).into_iter().enumerate() {
             let t = match buf {
                 Some(b) if keep[i] => b
                     .into_tensor(self.given[i].as_ref().unwrap_or(&self.shapes[i]))
                     .map_err(|e| shape_error(format!("internal shape error: {e}")))?,
-                _ => Tensor::F(ArrayD::zeros(IxDyn(&[0]))),
+                Some(b) => {
+                    b.recycle(&mut self.pool);
+                    Tensor::F(ArrayD::zeros(IxDyn(&[0])))
+                }
+                None => Tensor::F(ArrayD::zeros(IxDyn(&[0]))),
             };
             values.push(t);
         }
@@ -761,6 +838,6 @@ impl<F: Real> Run<'_, F> {
                 (name.clone(), x)
             })
             .collect();
-        Ok(Evaluation { outputs, values })
+        Ok((Evaluation { outputs, values }, self.pool))
     }
 }

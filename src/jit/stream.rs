@@ -32,7 +32,8 @@
 //!   a row-local member read at another row. Streamed nodes live only in
 //!   per-block tiles and are recomputed in every pass that reads them (the
 //!   FlashAttention-style recomputation of the backward). Memory: the tiles,
-//!   `tile_rows × N` per streamed node, plus whole buffers for the rest.
+//!   `tile_rows × N` per streamed node (about 32 MiB in all, at least 256
+//!   rows), plus whole buffers for the rest.
 
 use crate::ir::{Dim, Expr, Graph, IdxVar, NodeId, NodeKind, RedOp};
 use std::collections::BTreeMap;
@@ -242,12 +243,16 @@ pub enum Streaming {
 
 /// A streamed node's size from which `Auto` streams it.
 pub const AUTO_MIN_BYTES: usize = 32 << 20;
-/// The bytes of tiles a pass aims for: blocks of rows fit the caches.
-const TILE_BYTES: usize = 8 << 20;
+/// The bytes of tiles a pass aims for, and the fewest rows a block has: a
+/// block's contractions run as GEMMs of that many rows, and every GEMM call
+/// packs its other operand again, so short blocks cost more than memory.
+const TILE_BYTES: usize = 32 << 20;
+const MIN_TILE_ROWS: usize = 256;
 
 /// The steps of one run at these sizes (module doc). `elems[n]` is node
 /// `n`'s element count and `rows_of(dim)` a dim's value; blocks have
-/// `tile_rows` rows, or as many as make tiles of about `TILE_BYTES`.
+/// `tile_rows` rows, or as many as make tiles of about `TILE_BYTES` (at least
+/// `MIN_TILE_ROWS`).
 pub(super) fn plan(
     graph: &Graph,
     analysis: &Analysis,
@@ -388,7 +393,7 @@ pub(super) fn plan(
             .map(|id| elems[id.index()] / rows * elem_bytes)
             .sum();
         let tile_rows = tile_rows
-            .unwrap_or(TILE_BYTES / row_bytes.max(1))
+            .unwrap_or((TILE_BYTES / row_bytes.max(1)).max(MIN_TILE_ROWS))
             .clamp(1, rows);
         steps.push(Step::Pass(Pass {
             rows,
