@@ -357,3 +357,382 @@ fn cli_cuda_prints_the_kernels() {
         .unwrap();
     assert_eq!(bad.status.code(), Some(1));
 }
+
+/// The generated kernels compiled for the CPU (`tests/cuda_emu/shim.h`) and
+/// run through the backend's own host logic (`cuda::execute_on`): checks the
+/// kernels' semantics and the runtime (pointer table, dim table, proofs,
+/// error word, freeing dead buffers) on machines without a GPU.
+mod emu {
+    use lossc::cuda::codegen::{Launch, Source, BLOCK, TILE};
+    use lossc::cuda::Machine;
+    use lossc::syntax::Diagnostic;
+    use std::path::PathBuf;
+
+    type KernelFn = unsafe extern "C" fn(*const u64, *const i64, *mut i64);
+
+    pub struct Emu {
+        kernels: Vec<KernelFn>,
+        begin: unsafe extern "C" fn(u32),
+        end: unsafe extern "C" fn(),
+        thread: unsafe extern "C" fn(u32, u32, u32, u32),
+        _lib: libloading::Library,
+    }
+
+    fn shim() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/cuda_emu/shim.h")
+    }
+
+    /// `None` when no host C++ compiler can be run (the reason is returned).
+    pub fn available() -> Result<(), String> {
+        match std::process::Command::new("g++").arg("--version").output() {
+            Ok(o) if o.status.success() => Ok(()),
+            _ => Err("no host C++ compiler (g++) to emulate the kernels with".into()),
+        }
+    }
+
+    impl Emu {
+        pub fn compile(source: &Source, tag: &str) -> Result<Emu, String> {
+            let dir = std::env::temp_dir().join(format!("lossc-cuda-emu-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+            let cu = dir.join(format!("{tag}.cpp"));
+            let so = dir.join(format!("{tag}.so"));
+            std::fs::write(&cu, &source.text).map_err(|e| e.to_string())?;
+            let out = std::process::Command::new("g++")
+                .args(["-std=c++17", "-O0", "-w", "-shared", "-fPIC", "-include"])
+                .arg(shim())
+                .arg(&cu)
+                .arg("-o")
+                .arg(&so)
+                .arg("-lpthread")
+                .output()
+                .map_err(|e| e.to_string())?;
+            if !out.status.success() {
+                return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+            }
+            // SAFETY: a library we just built from generated code and the shim.
+            unsafe {
+                let lib = libloading::Library::new(&so).map_err(|e| e.to_string())?;
+                let mut kernels = Vec::new();
+                for k in &source.kernels {
+                    let f: libloading::Symbol<KernelFn> =
+                        lib.get(k.name.as_bytes()).map_err(|e| e.to_string())?;
+                    kernels.push(*f);
+                }
+                let begin = *lib
+                    .get::<unsafe extern "C" fn(u32)>(b"lossc_emu_begin")
+                    .map_err(|e| e.to_string())?;
+                let end = *lib
+                    .get::<unsafe extern "C" fn()>(b"lossc_emu_end")
+                    .map_err(|e| e.to_string())?;
+                let thread = *lib
+                    .get::<unsafe extern "C" fn(u32, u32, u32, u32)>(b"lossc_emu_thread")
+                    .map_err(|e| e.to_string())?;
+                let _ = std::fs::remove_file(&so);
+                let _ = std::fs::remove_file(&cu);
+                Ok(Emu {
+                    kernels,
+                    begin,
+                    end,
+                    thread,
+                    _lib: lib,
+                })
+            }
+        }
+    }
+
+    /// Host memory in u64 words (aligned for every element type), and its
+    /// size in bytes.
+    pub struct Buf(Vec<u64>, usize);
+
+    impl Machine for Emu {
+        type Buf = Buf;
+
+        fn alloc(&self, bytes: usize) -> Result<Buf, Diagnostic> {
+            let bytes = bytes.max(1);
+            Ok(Buf(vec![0u64; bytes.div_ceil(8)], bytes))
+        }
+
+        fn upload(&self, bytes: &[u8]) -> Result<Buf, Diagnostic> {
+            let mut b = self.alloc(bytes.len())?;
+            // SAFETY: the words hold at least `bytes.len()` bytes.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    bytes.as_ptr(),
+                    b.0.as_mut_ptr() as *mut u8,
+                    bytes.len(),
+                )
+            };
+            Ok(b)
+        }
+
+        fn size(&self, buf: &Buf) -> usize {
+            buf.1
+        }
+
+        fn address(&self, buf: &Buf) -> u64 {
+            buf.0.as_ptr() as u64
+        }
+
+        fn set_address(&self, table: &mut Buf, i: usize, address: u64) -> Result<(), Diagnostic> {
+            table.0[i] = address;
+            Ok(())
+        }
+
+        fn launch(
+            &self,
+            k: usize,
+            launch: &Launch,
+            sizes: &[i64],
+            args: [&Buf; 3],
+        ) -> Result<(), Diagnostic> {
+            let (bx, by) = match launch {
+                Launch::Grid { total } if sizes[*total] <= 0 => return Ok(()),
+                Launch::Grid { .. } => (1, 1),
+                // Any power of two up to BLOCK works; fewer threads spawn faster.
+                Launch::Block => (BLOCK / 32, 1),
+                Launch::Tiled { .. } => (TILE, TILE),
+            };
+            let f = self.kernels[k];
+            let (t, d, e) = (
+                args[0].0.as_ptr() as usize,
+                args[1].0.as_ptr() as usize,
+                args[2].0.as_ptr() as usize,
+            );
+            let thread = self.thread;
+            // SAFETY: the shim's barrier for bx * by threads.
+            unsafe { (self.begin)(bx * by) };
+            std::thread::scope(|s| {
+                for y in 0..by {
+                    for x in 0..bx {
+                        s.spawn(move || {
+                            // SAFETY: the kernel reads the pointer table and
+                            // the buffers it names, which outlive the launch
+                            // (`execute_on` holds them); bounds as on a GPU.
+                            unsafe {
+                                thread(x, y, bx, by);
+                                f(t as *const u64, d as *const i64, e as *mut i64);
+                            }
+                        });
+                    }
+                }
+            });
+            // SAFETY: every thread of the launch has finished.
+            unsafe { (self.end)() };
+            Ok(())
+        }
+
+        fn download(&self, buf: &Buf) -> Result<Vec<u8>, Diagnostic> {
+            // SAFETY: the words hold `buf.1` bytes.
+            Ok(unsafe { std::slice::from_raw_parts(buf.0.as_ptr() as *const u8, buf.1) }.to_vec())
+        }
+    }
+}
+
+/// Every node's value of two evaluations agrees to `rtol` relative, floored
+/// at a thousandth of the node's largest magnitude and at `rtol * 1e-3`
+/// absolute (reductions to a scalar and contractions sum in another order,
+/// so values that are pure cancellation noise differ).
+fn compare_all<F: lossc::interp::Real>(
+    graph: &lossc::ir::Graph,
+    want: &lossc::interp::Evaluation<F>,
+    got: &lossc::interp::Evaluation<F>,
+    rtol: f64,
+) -> Result<(), String> {
+    use lossc::interp::Tensor;
+    for (i, (w, g)) in want.values.iter().zip(&got.values).enumerate() {
+        let node =
+            lossc::ir::print::print_node(graph, lossc::ir::NodeId(i as u32), &graph.nodes[i]);
+        match (w, g) {
+            (Tensor::F(w), Tensor::F(g)) => {
+                if w.shape() != g.shape() {
+                    return Err(format!("%{i}: shape {:?} vs {:?}", g.shape(), w.shape()));
+                }
+                let f = |x: &F| x.to_f64().unwrap_or(f64::NAN);
+                let scale = w
+                    .iter()
+                    .map(f)
+                    .filter(|x| x.is_finite())
+                    .fold(0.0f64, |m, x| m.max(x.abs()));
+                for (k, (a, b)) in g.iter().zip(w.iter()).enumerate() {
+                    // Intermediate nodes that are pure rounding noise (a
+                    // cancellation of O(1) terms) agree to an absolute floor.
+                    let noise = (f(a) - f(b)).abs() <= rtol * 1e-3;
+                    if !noise && !agree(f(a), f(b), rtol, scale) {
+                        return Err(format!(
+                            "%{i}[{k}]: emulated {:e}, interp {:e}\n  {node}",
+                            f(a),
+                            f(b)
+                        ));
+                    }
+                }
+            }
+            (Tensor::I(w), Tensor::I(g)) if w == g => {}
+            (Tensor::B(w), Tensor::B(g)) if w == g => {}
+            _ => return Err(format!("%{i}: int/bool values differ\n  {node}")),
+        }
+    }
+    Ok(())
+}
+
+fn emulate_case<F: lossc::interp::Real>(
+    full: &lossc::ir::Graph,
+    bound: &bind::Bound,
+    p: Precision,
+    machine: &emu::Emu,
+    rtol: f64,
+) -> Result<(), String> {
+    let source = cuda::source(full, p)?;
+    let want = lossc::interp::evaluate::<F>(full, bound);
+    let got = cuda::execute_on::<F, _>(full, &source, p, machine, bound, true);
+    let (want, (got, peak_all)) = match (want, got) {
+        (Ok(w), Ok(g)) => (w, g),
+        (Err(w), Err(g)) if w.code == g.code => return Ok(()),
+        (w, g) => {
+            return Err(format!(
+                "interp {:?} vs emulated {:?}",
+                w.err().map(|d| d.message),
+                g.err().map(|d| d.message)
+            ))
+        }
+    };
+    compare_all(full, &want, &got, rtol)?;
+    // The lean run (outputs and gradients only, dead buffers freed) agrees.
+    let (lean, peak) =
+        cuda::execute_on::<F, _>(full, &source, p, machine, bound, false).map_err(|d| d.message)?;
+    if lean.outputs != got.outputs {
+        return Err("outputs of the lean run differ".into());
+    }
+    let gw = lossc::gradient_tensors(full, bound, &got);
+    let gl = lossc::gradient_tensors(full, bound, &lean);
+    if gw.len() != gl.len()
+        || gw
+            .iter()
+            .zip(&gl)
+            .any(|(a, b)| a.1.to_f64_vec() != b.1.to_f64_vec())
+    {
+        return Err("gradients of the lean run differ".into());
+    }
+    if peak > peak_all {
+        return Err(format!(
+            "freeing dead buffers raised the peak: {peak} > {peak_all}"
+        ));
+    }
+    Ok(())
+}
+
+#[test]
+fn emulated_kernels_agree_with_the_interpreter_on_fixture_cases() {
+    if let Err(e) = emu::available() {
+        eprintln!("SKIP emulated kernels: {e}");
+        return;
+    }
+    let start = std::time::Instant::now();
+    let program = lossc::elab::Program::new();
+    // Cases grouped by generated program: each group compiles once, and the
+    // two workers never share a library (the shim's barrier is global).
+    let mut groups: std::collections::BTreeMap<
+        String,
+        Vec<(String, lossc::ir::Graph, bind::Bound)>,
+    > = Default::default();
+    // CI time is tight: by default the first two cases of each class (every
+    // class, every kind of kernel); LOSSC_EMU_ALL=1 runs all 129 (about a
+    // minute on two cores; all pass).
+    let all = std::env::var_os("LOSSC_EMU_ALL").is_some_and(|v| v == "1");
+    let mut per_class: std::collections::BTreeMap<String, usize> = Default::default();
+    for case in manifest() {
+        if lossc::select_loss(&program, None, Some(&case.class)).is_err() {
+            continue;
+        }
+        let seen = per_class.entry(case.class.clone()).or_default();
+        *seen += 1;
+        if *seen > 2 && !all {
+            continue;
+        }
+        let tensors = read_case(&case);
+        let Ok(graph) = compile_std_for(&case.class, &case.params, &tensors) else {
+            continue;
+        };
+        let full = lossc::differentiate(&graph).0;
+        let Ok(bound) = bind::bind(&full, &tensors) else {
+            continue;
+        };
+        let source = cuda::source(&full, Precision::F32).unwrap();
+        let key = cuda::nvrtc::cache_key(&source.text, &[], (0, 0));
+        groups
+            .entry(key)
+            .or_default()
+            .push((case.id.clone(), full, bound));
+    }
+    let groups: Vec<_> = groups.into_iter().collect();
+    let setup_s = start.elapsed().as_secs_f64();
+    let ran: usize = groups.iter().map(|g| g.1.len()).sum();
+    let failures = std::sync::Mutex::new(Vec::new());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let Some((key, cases)) = groups.get(i) else {
+                    break;
+                };
+                let source = cuda::source(&cases[0].1, Precision::F32).unwrap();
+                let machine = match emu::Emu::compile(&source, key) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("{}: host compile: {e}", cases[0].0));
+                        continue;
+                    }
+                };
+                for (id, full, bound) in cases {
+                    if let Err(e) = emulate_case::<f32>(full, bound, Precision::F32, &machine, 1e-4)
+                    {
+                        failures.lock().unwrap().push(format!("{id} f32: {e}"));
+                    }
+                }
+            });
+        }
+    });
+    let failures = failures.into_inner().unwrap();
+    eprintln!(
+        "emulated: {ran} fixture cases, {} programs, {:.1} s ({setup_s:.1} s compiling the losses)",
+        groups.len(),
+        start.elapsed().as_secs_f64()
+    );
+    assert!(ran >= 50, "only {ran} cases ran");
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn emulated_out_of_range_index_is_the_interpreters_diagnostic() {
+    if let Err(e) = emu::available() {
+        eprintln!("SKIP emulated kernels: {e}");
+        return;
+    }
+    let src =
+        "loss L() {\n input x: [N]\n input idx: int[M]\n let y[m] = x[idx[m]]\n sum(m) y[m]\n}\n";
+    let graph = compile_src(src, None, &lossc::Params::new()).unwrap();
+    let full = lossc::differentiate(&graph).0;
+    let source = cuda::source(&full, Precision::F64).unwrap();
+    let machine = emu::Emu::compile(&source, "index_error").unwrap();
+    let run = |json: &str| {
+        let bound = bind::bind(&full, &tensors_of(json)).unwrap();
+        let want = lossc::interp::evaluate::<f64>(&full, &bound);
+        let got =
+            cuda::execute_on::<f64, _>(&full, &source, Precision::F64, &machine, &bound, true);
+        (want, got.map(|x| x.0))
+    };
+    let (want, got) = run(r#"{"x": [1.0, 2.0, 4.0], "idx": [0, 2, 2]}"#);
+    assert_eq!(want.unwrap().outputs, got.unwrap().outputs);
+    let (want, got) = run(r#"{"x": [1.0, 2.0], "idx": [0, 5]}"#);
+    let (want, got) = (want.err().unwrap(), got.err().unwrap());
+    assert_eq!(got.code, "LC0506");
+    assert_eq!(got.message, want.message);
+}

@@ -791,12 +791,11 @@ impl Acc {
             _ => s.push_str("    s_v[tid] = acc;\n"),
         }
         s.push_str("    __syncthreads();\n");
-        let _ = writeln!(s, "    for (int w = {} / 2; w > 0; w >>= 1) {{", BLOCK);
+        // blockDim.x is a power of two, at most BLOCK (the shared arrays' size).
+        s.push_str("    for (int w = blockDim.x / 2; w > 0; w >>= 1) {\n");
         s.push_str("        if (tid < w) {\n");
-        if pass == 0 {
-            s.push_str("            const bool a_has = s_n[tid] > 0, b_has = s_n[tid + w] > 0;\n");
-        }
         if combine == "MAXMIN" {
+            s.push_str("            const bool a_has = s_n[tid] > 0, b_has = s_n[tid + w] > 0;\n");
             let b_better = better(self.op, self.item_ty(), "s_v[tid + w]", "s_v[tid]");
             let a_better = better(self.op, self.item_ty(), "s_v[tid]", "s_v[tid + w]");
             let _ = writeln!(

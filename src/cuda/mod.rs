@@ -48,8 +48,9 @@ use crate::interp::{Evaluation, Real, Tensor};
 use crate::ir::{DType, Graph, NodeId, NodeKind};
 use crate::syntax::{codes, Diagnostic};
 use crate::tensor_io::TensorData;
-use cudarc::driver::PushKernelArg;
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+};
 use ndarray::{ArrayD, IxDyn};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
@@ -442,8 +443,105 @@ fn launch_config(launch: &codegen::Launch, dims: &[i64]) -> Option<LaunchConfig>
     }
 }
 
-/// Runs every kernel once (module doc, step 4); returns the evaluation and
-/// the peak bytes of node buffers.
+/// What running a program needs from a device: byte buffers, a pointer
+/// table, launches. `Gpu` is the real one; the tests also run the generated
+/// kernels on an emulation of this interface (compiled for the CPU), so the
+/// host logic below is checked on machines without a GPU.
+#[doc(hidden)]
+pub trait Machine {
+    type Buf;
+    /// A zeroed buffer of at least `bytes` bytes (at least one).
+    fn alloc(&self, bytes: usize) -> Result<Self::Buf, Diagnostic>;
+    fn upload(&self, bytes: &[u8]) -> Result<Self::Buf, Diagnostic>;
+    fn size(&self, buf: &Self::Buf) -> usize;
+    /// The address kernels see for `buf`.
+    fn address(&self, buf: &Self::Buf) -> u64;
+    /// Stores `address` as the `i`-th u64 of `table`.
+    fn set_address(&self, table: &mut Self::Buf, i: usize, address: u64) -> Result<(), Diagnostic>;
+    /// Launches kernel `k` of the program with `(table, dims, err)`;
+    /// `sizes` is the dim table's values (for the launch shape).
+    fn launch(
+        &self,
+        k: usize,
+        launch: &codegen::Launch,
+        sizes: &[i64],
+        args: [&Self::Buf; 3],
+    ) -> Result<(), Diagnostic>;
+    /// Waits for every launch, then copies a buffer back.
+    fn download(&self, buf: &Self::Buf) -> Result<Vec<u8>, Diagnostic>;
+}
+
+/// The GPU as a `Machine`: one stream, cudarc buffers.
+struct Gpu<'a> {
+    stream: &'a Arc<CudaStream>,
+    functions: &'a [CudaFunction],
+}
+
+impl Machine for Gpu<'_> {
+    type Buf = CudaSlice<u8>;
+
+    fn alloc(&self, bytes: usize) -> Result<CudaSlice<u8>, Diagnostic> {
+        self.stream
+            .alloc_zeros::<u8>(bytes.max(1))
+            .map_err(driver("allocation"))
+    }
+
+    fn upload(&self, bytes: &[u8]) -> Result<CudaSlice<u8>, Diagnostic> {
+        if bytes.is_empty() {
+            return self.alloc(1);
+        }
+        self.stream.clone_htod(bytes).map_err(driver("copy"))
+    }
+
+    fn size(&self, buf: &CudaSlice<u8>) -> usize {
+        buf.len()
+    }
+
+    fn address(&self, buf: &CudaSlice<u8>) -> u64 {
+        buf.device_ptr(self.stream).0
+    }
+
+    fn set_address(
+        &self,
+        table: &mut CudaSlice<u8>,
+        i: usize,
+        address: u64,
+    ) -> Result<(), Diagnostic> {
+        self.stream
+            .memcpy_htod(
+                &address.to_ne_bytes(),
+                &mut table.slice_mut(i * 8..i * 8 + 8),
+            )
+            .map_err(driver("copy"))
+    }
+
+    fn launch(
+        &self,
+        k: usize,
+        launch: &codegen::Launch,
+        sizes: &[i64],
+        args: [&CudaSlice<u8>; 3],
+    ) -> Result<(), Diagnostic> {
+        let Some(cfg) = launch_config(launch, sizes) else {
+            return Ok(());
+        };
+        let mut builder = self.stream.launch_builder(&self.functions[k]);
+        builder.arg(args[0]).arg(args[1]).arg(args[2]);
+        // SAFETY: every kernel takes (bufs, dims, err) as three device
+        // pointers; `execute` passes the pointer table (the buffer of this
+        // node and of every node it reads, each exactly its shape's
+        // elements), the dim table and three error words. Reads are proven
+        // (proofs re-checked by `execute`) or bounds-checked in the kernel.
+        unsafe { builder.launch(cfg) }.map_err(driver("kernel launch"))?;
+        Ok(())
+    }
+
+    fn download(&self, buf: &CudaSlice<u8>) -> Result<Vec<u8>, Diagnostic> {
+        self.stream.synchronize().map_err(driver("execution"))?;
+        self.stream.clone_dtoh(buf).map_err(driver("copy"))
+    }
+}
+
 fn execute<F: Real>(
     graph: &Graph,
     c: &Compiled,
@@ -451,15 +549,34 @@ fn execute<F: Real>(
     bound: &Bound,
     keep_all: bool,
 ) -> Result<(Evaluation<F>, u64), Diagnostic> {
-    let stream = &dev.stream;
+    let gpu = Gpu {
+        stream: &dev.stream,
+        functions: &c.functions,
+    };
+    execute_on(graph, &c.source, c.precision, &gpu, bound, keep_all)
+}
+
+/// Runs every kernel of `source` once on `m` (module doc, step 4); returns
+/// the evaluation and the peak bytes of node buffers held at once.
+#[doc(hidden)]
+pub fn execute_on<F: Real, M: Machine>(
+    graph: &Graph,
+    source: &codegen::Source,
+    p: Precision,
+    m: &M,
+    bound: &Bound,
+    keep_all: bool,
+) -> Result<(Evaluation<F>, u64), Diagnostic> {
+    if Precision::of::<F>() != Some(p) {
+        return Err(failed("internal error: a program run in another precision"));
+    }
     let sizes = &bound.sizes;
-    let dim_values: Vec<i64> = c
-        .source
+    let dim_values: Vec<i64> = source
         .dims
         .iter()
         .map(|d| d.eval(sizes).unwrap_or(0))
         .collect();
-    for (b, d) in &c.source.proofs {
+    for (b, d) in &source.proofs {
         let need = b.eval(sizes).unwrap_or(0).max(0);
         let have = d.eval(sizes).unwrap_or(-1);
         if have < need {
@@ -472,7 +589,7 @@ fn execute<F: Real>(
     }
     let shapes = node_shapes(graph, bound)?;
     let n = graph.nodes.len();
-    // Which nodes are copied back, and the last kernel reading each node.
+    // Which nodes are copied back, and the last node reading each node.
     let mut keep = vec![keep_all; n];
     for (_, id) in graph.outputs.iter().chain(&graph.grads) {
         keep[id.index()] = true;
@@ -483,15 +600,13 @@ fn execute<F: Real>(
             last_use[o.index()] = i;
         }
     }
-    let p = c.precision;
-    let dims_dev = stream.clone_htod(&dim_values).map_err(driver("copy"))?;
-    let err_dev = stream.alloc_zeros::<i64>(3).map_err(driver("allocation"))?;
-    let mut table = stream
-        .alloc_zeros::<u64>(n.max(1))
-        .map_err(driver("allocation"))?;
-    let mut bufs: Vec<Option<CudaSlice<u8>>> = (0..n).map(|_| None).collect();
+    let dim_bytes: Vec<u8> = dim_values.iter().flat_map(|d| d.to_ne_bytes()).collect();
+    let dims_buf = m.upload(&dim_bytes)?;
+    let err_buf = m.alloc(3 * 8)?;
+    let mut table = m.alloc(n.max(1) * 8)?;
+    let mut bufs: Vec<Option<M::Buf>> = (0..n).map(|_| None).collect();
     let (mut live, mut peak) = (0u64, 0u64);
-    let mut kernels = c.functions.iter().zip(&c.source.kernels).peekable();
+    let mut kernels = source.kernels.iter().enumerate().peekable();
     for i in 0..n {
         let node = &graph.nodes[i];
         let count: usize = shapes[i].iter().product();
@@ -508,61 +623,49 @@ fn execute<F: Real>(
                     input.name
                 )));
             }
-            if data.is_empty() {
-                stream.alloc_zeros::<u8>(1).map_err(driver("allocation"))?
-            } else {
-                stream.clone_htod(&data).map_err(driver("copy"))?
-            }
+            m.upload(&data)?
         } else {
-            stream
-                .alloc_zeros::<u8>(bytes.max(1))
-                .map_err(driver("allocation"))?
+            m.alloc(bytes)?
         };
-        live += buf.len() as u64;
+        live += m.size(&buf) as u64;
         peak = peak.max(live);
-        let (ptr, _sync) = buf.device_ptr(stream);
-        stream
-            .memcpy_htod(&[ptr], &mut table.slice_mut(i..i + 1))
-            .map_err(driver("copy"))?;
-        drop(_sync);
+        m.set_address(&mut table, i, m.address(&buf))?;
         bufs[i] = Some(buf);
-        if let Some((func, k)) = kernels.next_if(|(_, k)| k.node.index() == i) {
-            if let Some(cfg) = launch_config(&k.launch, &dim_values) {
-                let mut args = stream.launch_builder(func);
-                args.arg(&table).arg(&dims_dev).arg(&err_dev);
-                // SAFETY: every kernel takes (bufs, dims, err); `table` holds
-                // the buffer of this node and of every node it reads (each
-                // exactly its shape's elements at these sizes: inputs checked
-                // above, the rest allocated so), `dims_dev` every slot of the
-                // dim table, `err_dev` three words. Reads are proven (proofs
-                // checked above) or bounds-checked in the kernel.
-                unsafe { args.launch(cfg) }.map_err(driver("kernel launch"))?;
-            }
+        if let Some((k, kernel)) = kernels.next_if(|(_, k)| k.node.index() == i) {
+            m.launch(
+                k,
+                &kernel.launch,
+                &dim_values,
+                [&table, &dims_buf, &err_buf],
+            )?;
         }
         if !keep_all {
-            for o in graph.operands(NodeId(i as u32)) {
-                if last_use[o.index()] == i && !keep[o.index()] {
+            let mut dead = graph.operands(NodeId(i as u32));
+            dead.push(NodeId(i as u32));
+            for o in dead {
+                let unread =
+                    last_use[o.index()] == i || (o.index() == i && last_use[i] == usize::MAX);
+                if unread && !keep[o.index()] {
                     if let Some(b) = bufs[o.index()].take() {
-                        live -= b.len() as u64;
+                        live -= m.size(&b) as u64;
                     }
-                }
-            }
-            if last_use[i] == usize::MAX && !keep[i] {
-                if let Some(b) = bufs[i].take() {
-                    live -= b.len() as u64;
                 }
             }
         }
     }
-    stream.synchronize().map_err(driver("execution"))?;
-    let err = stream.clone_dtoh(&err_dev).map_err(driver("copy"))?;
-    if err[0] != 0 {
+    let err_bytes = m.download(&err_buf)?;
+    let word = |k: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&err_bytes[k * 8..k * 8 + 8]);
+        i64::from_ne_bytes(b)
+    };
+    if word(0) != 0 {
         return Err(kernel_error(
             graph,
-            &c.source,
+            source,
             &shapes,
-            err[0],
-            [err[1], err[2]],
+            word(0),
+            [word(1), word(2)],
         ));
     }
     let mut values = Vec::with_capacity(n);
@@ -570,7 +673,7 @@ fn execute<F: Real>(
         match (&bufs[i], keep[i]) {
             (Some(b), true) => {
                 let count: usize = shapes[i].iter().product();
-                let mut host = stream.clone_dtoh(b).map_err(driver("copy"))?;
+                let mut host = m.download(b)?;
                 host.truncate(count * elem_bytes(node.dtype, p));
                 values.push(tensor_of::<F>(&host, node.dtype, &shapes[i])?);
             }
