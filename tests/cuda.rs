@@ -351,6 +351,13 @@ fn cli_cuda_prints_the_kernels() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&f64_out.stdout).contains("typedef double real;"));
+    let help = lossc().args(["cuda", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for flag in [
+        "--loss", "--params", "--dtype", "--ptx", "--arch", "Examples",
+    ] {
+        assert!(help.contains(flag), "cuda --help lacks {flag}\n{help}");
+    }
     let bad = lossc()
         .args(["cuda", "--loss", "NoSuchLoss"])
         .output()
