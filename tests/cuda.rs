@@ -109,8 +109,8 @@ fn every_kernel_of_every_standard_loss_compiles_to_ptx_for_sm_90() {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let Some(case) = cases.get(i) else { break };
                 let full = full_graph(case);
-                // f32 for every loss, f64 too for the first few.
-                let precisions: &[Precision] = if i < 4 {
+                // f32 for every loss, f64 too for the first.
+                let precisions: &[Precision] = if i < 1 {
                     &[Precision::F32, Precision::F64]
                 } else {
                     &[Precision::F32]
@@ -237,22 +237,8 @@ fn gpu_every_fixture_case_agrees_with_the_interpreter() {
                 continue;
             }
         };
-        for ((name, w), (_, g)) in want.outputs.iter().zip(&got.outputs) {
-            if !agree(f64::from(*g), f64::from(*w), 1e-4, 0.0) {
-                failures.push(format!("{} {name}: cuda {g:e}, interp {w:e}", case.id));
-            }
-        }
-        let gw = lossc::gradient_tensors(&full, &bound, &want);
-        let gg = lossc::gradient_tensors(&full, &bound, &got);
-        for ((name, w), (_, g)) in gw.iter().zip(&gg) {
-            let (w, g) = (w.to_f64_vec(), g.to_f64_vec());
-            let scale = w.iter().fold(0.0f64, |m, x| m.max(x.abs()));
-            if let Some(k) = (0..w.len()).find(|&k| !agree(g[k], w[k], 1e-4, scale)) {
-                failures.push(format!(
-                    "{} grad.{name}[{k}]: cuda {:e}, interp {:e}",
-                    case.id, g[k], w[k]
-                ));
-            }
+        if let Err(e) = check_outputs(&full, &bound, &want, &got, 1e-4) {
+            failures.push(format!("{}: {e}", case.id));
         }
         // The output-only run gives the same loss and gradients.
         let lean = gpu.run_outputs::<f32>(&bound).expect("second run");
@@ -497,6 +483,8 @@ mod emu {
                 Launch::Grid { .. } => (1, 1),
                 // Any power of two up to BLOCK works; fewer threads spawn faster.
                 Launch::Block => (BLOCK / 32, 1),
+                Launch::Rows { total, .. } if sizes[*total] <= 0 => return Ok(()),
+                Launch::Rows { .. } => (4, 1),
                 Launch::Tiled { .. } => (TILE, TILE),
             };
             let f = self.kernels[k];
@@ -535,10 +523,14 @@ mod emu {
     }
 }
 
-/// Every node's value of two evaluations agrees to `rtol` relative, floored
-/// at a thousandth of the node's largest magnitude and at `rtol * 1e-3`
-/// absolute (reductions to a scalar and contractions sum in another order,
-/// so values that are pure cancellation noise differ).
+/// Every node's value of two evaluations agrees to `rtol` relative to the
+/// larger of the element and the node's largest magnitude: block reductions
+/// and contractions sum in another order than the interpreter, and under
+/// cancellation an element's rounding error is relative to its terms, not
+/// to its value (as tests/jit.rs compares GEMM nodes); nodes that are zero
+/// in exact arithmetic agree to `rtol / 1000` absolute. The loss, its
+/// components and the gradients, what users see, are then compared as the
+/// GPU agreement test does (`check_outputs`).
 fn compare_all<F: lossc::interp::Real>(
     graph: &lossc::ir::Graph,
     want: &lossc::interp::Evaluation<F>,
@@ -561,10 +553,12 @@ fn compare_all<F: lossc::interp::Real>(
                     .filter(|x| x.is_finite())
                     .fold(0.0f64, |m, x| m.max(x.abs()));
                 for (k, (a, b)) in g.iter().zip(w.iter()).enumerate() {
-                    // Intermediate nodes that are pure rounding noise (a
-                    // cancellation of O(1) terms) agree to an absolute floor.
+                    // `agree` floors at a thousandth of `scale`: this floors
+                    // at `rtol` times the node's largest magnitude. Nodes
+                    // that are zero in exact arithmetic hold rounding noise
+                    // of the O(1) inputs: an absolute floor of rtol / 1000.
                     let noise = (f(a) - f(b)).abs() <= rtol * 1e-3;
-                    if !noise && !agree(f(a), f(b), rtol, scale) {
+                    if !noise && !agree(f(a), f(b), rtol, scale * 1e3) {
                         return Err(format!(
                             "%{i}[{k}]: emulated {:e}, interp {:e}\n  {node}",
                             f(a),
@@ -576,6 +570,33 @@ fn compare_all<F: lossc::interp::Real>(
             (Tensor::I(w), Tensor::I(g)) if w == g => {}
             (Tensor::B(w), Tensor::B(g)) if w == g => {}
             _ => return Err(format!("%{i}: int/bool values differ\n  {node}")),
+        }
+    }
+    Ok(())
+}
+
+/// The loss, components and gradient tensors agree: relative `rtol` for
+/// values, and for gradients the fixture tests' standard,
+/// |got - want| <= rtol (|want| + max |want|) (`common::grad_error`).
+fn check_outputs<F: lossc::interp::Real>(
+    full: &lossc::ir::Graph,
+    bound: &bind::Bound,
+    want: &lossc::interp::Evaluation<F>,
+    got: &lossc::interp::Evaluation<F>,
+    rtol: f64,
+) -> Result<(), String> {
+    let f = |x: &F| x.to_f64().unwrap_or(f64::NAN);
+    for ((name, w), (_, g)) in want.outputs.iter().zip(&got.outputs) {
+        if !agree(f(g), f(w), rtol, 1e-3) {
+            return Err(format!("{name}: got {:e}, interp {:e}", f(g), f(w)));
+        }
+    }
+    let gw = lossc::gradient_tensors(full, bound, want);
+    let gg = lossc::gradient_tensors(full, bound, got);
+    for ((name, w), (_, g)) in gw.iter().zip(&gg) {
+        let err = grad_error(&g.to_f64_vec(), &w.to_f64_vec(), &w.shape, rtol, true);
+        if err > 1.0 {
+            return Err(format!("grad.{name}: error {err:.2} times the allowance"));
         }
     }
     Ok(())
@@ -603,6 +624,7 @@ fn emulate_case<F: lossc::interp::Real>(
         }
     };
     compare_all(full, &want, &got, rtol)?;
+    check_outputs(full, bound, &want, &got, rtol)?;
     // The lean run (outputs and gradients only, dead buffers freed) agrees.
     let (lean, peak) =
         cuda::execute_on::<F, _>(full, &source, p, machine, bound, false).map_err(|d| d.message)?;
@@ -663,7 +685,7 @@ fn emulated_kernels_agree_with_the_interpreter_on_fixture_cases() {
         let Ok(bound) = bind::bind(&full, &tensors) else {
             continue;
         };
-        let source = cuda::source(&full, Precision::F32).unwrap();
+        let source = cuda::source(&full, Precision::F64).unwrap();
         let key = cuda::nvrtc::cache_key(&source.text, &[], (0, 0));
         groups
             .entry(key)
@@ -682,7 +704,7 @@ fn emulated_kernels_agree_with_the_interpreter_on_fixture_cases() {
                 let Some((key, cases)) = groups.get(i) else {
                     break;
                 };
-                let source = cuda::source(&cases[0].1, Precision::F32).unwrap();
+                let source = cuda::source(&cases[0].1, Precision::F64).unwrap();
                 let machine = match emu::Emu::compile(&source, key) {
                     Ok(m) => m,
                     Err(e) => {
@@ -694,9 +716,11 @@ fn emulated_kernels_agree_with_the_interpreter_on_fixture_cases() {
                     }
                 };
                 for (id, full, bound) in cases {
-                    if let Err(e) = emulate_case::<f32>(full, bound, Precision::F32, &machine, 1e-4)
+                    // f64, where a semantic slip cannot hide in rounding:
+                    // only the summation order differs from the interpreter.
+                    if let Err(e) = emulate_case::<f64>(full, bound, Precision::F64, &machine, 1e-9)
                     {
-                        failures.lock().unwrap().push(format!("{id} f32: {e}"));
+                        failures.lock().unwrap().push(format!("{id} f64: {e}"));
                     }
                 }
             });

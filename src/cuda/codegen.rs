@@ -13,8 +13,10 @@
 //!   loop over output elements, the reduction an inner loop nest per element.
 //!   A reduction to a scalar is one block of `BLOCK` threads striding over
 //!   the reduced space and a shared-memory tree combine (fixed order, so
-//!   deterministic). Contractions (`contract.rs`) are a 16×16 shared-memory
-//!   tiled kernel. Layout nodes (concat, slice, reshape) are copy kernels.
+//!   deterministic); so is each output element of a reduction whose
+//!   innermost reduced index walks the contiguous dim of a read (a row of a
+//!   score matrix, a norm), one block per element (`Launch::Rows`). Contractions (`contract.rs`) are a shared-memory tiled
+//!   kernel (64×64 output tiles, 4×4 per thread). Layout nodes (concat, slice, reshape) are copy kernels.
 //! * Semantics are the interpreter's: `if` evaluates only the taken branch
 //!   (control flow, never a select of both), max/min keep the first extreme
 //!   (a NaN beats a number), NaN-propagating maximum/minimum/clamp,
@@ -35,8 +37,11 @@ use std::fmt::Write;
 
 /// Threads per block of every kernel but the tiled contraction.
 pub const BLOCK: u32 = 256;
-/// Side of a contraction tile (threads per block: TILE × TILE).
+/// Side of a contraction kernel's thread block (TILE × TILE threads).
 pub const TILE: u32 = 16;
+/// Each contraction thread computes MICRO × MICRO outputs: an output tile
+/// is (TILE · MICRO)² elements.
+pub const MICRO: u32 = 4;
 
 /// The generated program of one graph at one precision.
 #[derive(Clone, Debug)]
@@ -65,7 +70,11 @@ pub enum Launch {
     Grid { total: usize },
     /// One block of `BLOCK` threads (a reduction to a scalar).
     Block,
-    /// TILE × TILE threads per block over an `m × n` output, per batch.
+    /// One block per output element (of `total`), each reducing `len`
+    /// elements; the block size is a power of two up to `BLOCK`.
+    Rows { total: usize, len: usize },
+    /// TILE × TILE threads per block, one block per (TILE·MICRO)² tile of
+    /// an `m × n` output, per batch.
     Tiled {
         m: usize,
         n: usize,
@@ -354,9 +363,16 @@ impl Gen<'_> {
             .copied()
             .zip(node.shape.iter().cloned())
             .collect();
-        if c.indices.is_empty() {
-            if let Some(r) = &c.reduce {
+        if let Some(r) = &c.reduce {
+            if c.indices.is_empty() {
                 return Ok((self.block_reduce(id, c, r)?, Launch::Block));
+            }
+            if self.rows_pay(c, r) {
+                let total = self.slot(&Self::product(&node.shape));
+                let len = r.over.iter().fold(Dim::lit(1), |a, (_, d)| a.mul(d));
+                let len = self.slot(&len);
+                let text = self.block_reduce(id, c, r)?;
+                return Ok((text, Launch::Rows { total, len }));
             }
         }
         let (decl, total) = self.out_decl(id);
@@ -391,13 +407,25 @@ impl Gen<'_> {
 
     /// A reduction to a scalar: one block, a strided pass per thread, then a
     /// shared-memory tree in a fixed order.
+    /// A reduction by a whole block: to a scalar (one block), or, with an
+    /// index space (`rows`), one output element per block in a block-stride
+    /// loop. Each thread folds a strided share of the reduced space, then a
+    /// shared-memory tree combines the shares in a fixed order.
     fn block_reduce(
         &mut self,
         id: NodeId,
         c: &Comp,
         r: &crate::ir::Reduce,
     ) -> Result<String, String> {
-        let dtype = self.graph.node(id).dtype;
+        let node = self.graph.node(id);
+        let dtype = node.dtype;
+        let rows = !c.indices.is_empty();
+        let out_levels: Vec<(IdxVar, Dim)> = c
+            .indices
+            .iter()
+            .copied()
+            .zip(node.shape.iter().cloned())
+            .collect();
         let ty = storage_type(dtype);
         let mut s = format!("    {ty}* __restrict__ out = ({ty}*)bufs[{}];\n", id.0);
         s.push_str("    const int tid = threadIdx.x;\n");
@@ -412,13 +440,34 @@ impl Gen<'_> {
             ext.join(" * ")
         };
         let _ = writeln!(s, "    const long long rtotal = {rtotal};");
+        let (ind, slot) = if rows {
+            let total = self.slot(&Self::product(&node.shape));
+            let _ = writeln!(s, "    const long long total = dims[{total}];");
+            s.push_str(
+                "    for (long long o_flat = blockIdx.x; o_flat < total; o_flat += gridDim.x) {\n",
+            );
+            s.push_str("    long long o_rest = o_flat;\n");
+            for (k, (v, d)) in out_levels.iter().enumerate().rev() {
+                if k == 0 {
+                    let _ = writeln!(s, "    const long long v{} = o_rest;", v.0);
+                } else {
+                    let d = self.dim(d);
+                    let _ = writeln!(s, "    const long long v{} = o_rest % {d};", v.0);
+                    let _ = writeln!(s, "    o_rest /= {d};");
+                }
+            }
+            ("o_flat", Some(total))
+        } else {
+            ("0", None)
+        };
+        let _ = slot;
         let body_ty = self.body_ty(&c.body);
         let acc = self.acc_kind(r.op, dtype, body_ty);
         // Per-thread state, one pass (two for logsumexp).
         let passes = if r.op == RedOp::LogSumExp { 2 } else { 1 };
         for pass in 0..passes {
             let mut e = Emitter::new(self, 2);
-            e.levels = r.over.clone();
+            e.levels = out_levels.iter().chain(&r.over).cloned().collect();
             let mut rest_used = false;
             for (k, (v, d)) in r.over.iter().enumerate().rev() {
                 if k == 0 {
@@ -453,9 +502,42 @@ impl Gen<'_> {
         }
         let _ = writeln!(s, "    if (tid == 0) {{");
         let result = acc.result(self, r, dtype);
-        let _ = writeln!(s, "        out[0] = {};", store(&result, dtype));
+        let _ = writeln!(s, "        out[{ind}] = {};", store(&result, dtype));
         s.push_str("    }\n");
+        if rows {
+            // The next element reuses the shared arrays.
+            s.push_str("    __syncthreads();\n    }\n");
+        }
         Ok(s)
+    }
+
+    /// Whether a reduction with an index space is better done by a block per
+    /// output element: its innermost reduced variable indexes the last
+    /// (contiguous) dim of some read, so a block's threads read adjacent
+    /// elements, and its reduced space is not a short constant.
+    fn rows_pay(&self, c: &Comp, r: &crate::ir::Reduce) -> bool {
+        let Some((inner, _)) = r.over.last() else {
+            return false;
+        };
+        let short = r
+            .over
+            .iter()
+            .map(|(_, d)| d.as_lit())
+            .try_fold(1i64, |a, d| d.map(|d| a.saturating_mul(d)))
+            .is_some_and(|n| n < 64);
+        let mut contiguous = false;
+        let mut visit = |e: &Expr| {
+            if let Expr::Read { at, .. } = e {
+                if matches!(at.last(), Some(Expr::Index(v)) if v == inner) {
+                    contiguous = true;
+                }
+            }
+        };
+        c.body.walk(&mut visit);
+        if let Some(f) = &r.filter {
+            f.walk(&mut visit);
+        }
+        contiguous && !short
     }
 
     fn body_ty(&self, e: &Expr) -> Ty {
@@ -513,7 +595,14 @@ impl Gen<'_> {
         let st = |g: &mut Self, d: &Dim| g.dim(d);
         let (sab, sai, sak) = (st(self, &sa[0]), st(self, &sa[1]), st(self, &sa[2]));
         let (sbb, sbj, sbk) = (st(self, &sb[0]), st(self, &sb[1]), st(self, &sb[2]));
-        let t = TILE;
+        // TILE × TILE threads; each computes a MICRO × MICRO block of a
+        // (TILE·MICRO)² output tile, rows ty + TILE·i and columns tx + TILE·j
+        // (so shared reads broadcast or hit distinct banks and stores
+        // coalesce); k advances TILE at a time through shared memory, each
+        // output summing in k order.
+        let (t, mt, side) = (TILE, MICRO, TILE * MICRO);
+        let loads = side * t / (t * t);
+        let empty = float_lit(con.empty);
         let mut s = String::new();
         let _ = writeln!(s, "    real* __restrict__ out = (real*)bufs[{}];", id.0);
         let _ = writeln!(
@@ -530,45 +619,82 @@ impl Gen<'_> {
             s,
             "    const long long M = {m}, N = {n}, K = {k}, NB = {nb};"
         );
-        let _ = writeln!(s, "    __shared__ real As[{t}][{}];", t + 1);
-        let _ = writeln!(s, "    __shared__ real Bs[{t}][{}];", t + 1);
-        let _ = writeln!(s, "    const int tx = threadIdx.x, ty = threadIdx.y;");
+        let _ = writeln!(s, "    __shared__ real As[{t}][{}];", side + 1);
+        let _ = writeln!(s, "    __shared__ real Bs[{t}][{}];", side + 1);
+        let _ = writeln!(
+            s,
+            "    const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * {t} + tx;"
+        );
         let _ = writeln!(
             s,
             "    for (long long b = blockIdx.z; b < NB; b += gridDim.z) {{"
         );
         let _ = writeln!(
             s,
-            "    for (long long r0 = (long long)blockIdx.y * {t}; r0 < M; r0 += (long long)gridDim.y * {t}) {{"
+            "    for (long long r0 = (long long)blockIdx.y * {side}; r0 < M; r0 += (long long)gridDim.y * {side}) {{"
         );
         let _ = writeln!(
             s,
-            "    for (long long c0 = (long long)blockIdx.x * {t}; c0 < N; c0 += (long long)gridDim.x * {t}) {{"
+            "    for (long long c0 = (long long)blockIdx.x * {side}; c0 < N; c0 += (long long)gridDim.x * {side}) {{"
         );
-        let _ = writeln!(s, "        const long long row = r0 + ty, col = c0 + tx;");
-        let _ = writeln!(s, "        real acc = (real)0;");
+        let _ = writeln!(s, "        real acc[{mt}][{mt}];");
+        let _ = writeln!(s, "        #pragma unroll");
+        let _ = writeln!(
+            s,
+            "        for (int i = 0; i < {mt}; ++i) for (int j = 0; j < {mt}; ++j) acc[i][j] = (real)0;"
+        );
         let _ = writeln!(s, "        for (long long k0 = 0; k0 < K; k0 += {t}) {{");
+        let _ = writeln!(s, "            #pragma unroll");
+        let _ = writeln!(s, "            for (int q = 0; q < {loads}; ++q) {{");
         let _ = writeln!(
             s,
-            "            As[ty][tx] = (row < M && k0 + tx < K) ? A[b * {sab} + row * {sai} + (k0 + tx) * {sak}] : (real)0;"
+            "                const int e = tid + {} * q, r = e / {t}, kk = e % {t};",
+            t * t
         );
         let _ = writeln!(
             s,
-            "            Bs[ty][tx] = (c0 + tx < N && k0 + ty < K) ? B[b * {sbb} + (c0 + tx) * {sbj} + (k0 + ty) * {sbk}] : (real)0;"
+            "                const long long gk = k0 + kk, gr = r0 + r, gc = c0 + r;"
         );
+        let _ = writeln!(
+            s,
+            "                As[kk][r] = (gr < M && gk < K) ? A[b * {sab} + gr * {sai} + gk * {sak}] : (real)0;"
+        );
+        let _ = writeln!(
+            s,
+            "                Bs[kk][r] = (gc < N && gk < K) ? B[b * {sbb} + gc * {sbj} + gk * {sbk}] : (real)0;"
+        );
+        let _ = writeln!(s, "            }}");
         let _ = writeln!(s, "            __syncthreads();");
         let _ = writeln!(s, "            #pragma unroll");
+        let _ = writeln!(s, "            for (int kk = 0; kk < {t}; ++kk) {{");
+        let _ = writeln!(s, "                real a[{mt}], v[{mt}];");
+        let _ = writeln!(s, "                #pragma unroll");
         let _ = writeln!(
             s,
-            "            for (int kk = 0; kk < {t}; ++kk) acc += As[ty][kk] * Bs[kk][tx];"
+            "                for (int i = 0; i < {mt}; ++i) {{ a[i] = As[kk][ty + {t} * i]; v[i] = Bs[kk][tx + {t} * i]; }}"
         );
+        let _ = writeln!(s, "                #pragma unroll");
+        let _ = writeln!(
+            s,
+            "                for (int i = 0; i < {mt}; ++i) for (int j = 0; j < {mt}; ++j) acc[i][j] += a[i] * v[j];"
+        );
+        let _ = writeln!(s, "            }}");
         let _ = writeln!(s, "            __syncthreads();");
         let _ = writeln!(s, "        }}");
+        let _ = writeln!(s, "        #pragma unroll");
         let _ = writeln!(
             s,
-            "        if (row < M && col < N) out[(b * M + row) * N + col] = K > 0 ? acc : {};",
-            float_lit(con.empty)
+            "        for (int i = 0; i < {mt}; ++i) for (int j = 0; j < {mt}; ++j) {{"
         );
+        let _ = writeln!(
+            s,
+            "            const long long row = r0 + ty + {t} * i, col = c0 + tx + {t} * j;"
+        );
+        let _ = writeln!(
+            s,
+            "            if (row < M && col < N) out[(b * M + row) * N + col] = K > 0 ? acc[i][j] : {empty};"
+        );
+        let _ = writeln!(s, "        }}");
         s.push_str("    }\n    }\n    }\n");
         let launch = Launch::Tiled {
             m: self.slot(&mdim),

@@ -135,7 +135,10 @@ pub struct CudaProgram {
 /// `graph` for precision `p`.
 pub fn compile(graph: &Graph, p: Precision) -> Result<CudaProgram, Diagnostic> {
     let dev = device()?;
-    let compiled = Arc::new(compile_for(graph, p, dev)?);
+    let compiled = std::panic::catch_unwind(|| compile_for(graph, p, dev)).map_err(|_| {
+        failed("the CUDA driver or NVRTC library lacks a function lossc needs (too old?)")
+    })??;
+    let compiled = Arc::new(compiled);
     Ok(CudaProgram {
         graph: graph.clone(),
         compiled,
@@ -230,7 +233,14 @@ impl CudaProgram {
                 }
             }
         };
-        let (eval, peak) = execute::<F>(&self.graph, &compiled, dev, bound, keep_all)?;
+        // cudarc panics on a driver symbol it cannot find; that is a
+        // diagnostic here, not a crash.
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            execute::<F>(&self.graph, &compiled, dev, bound, keep_all)
+        }));
+        let (eval, peak) = run.map_err(|_| {
+            failed("the CUDA driver library lacks a function lossc needs (driver too old?)")
+        })??;
         let mut best = self.peak.lock().unwrap_or_else(|e| e.into_inner());
         *best = (*best).max(peak);
         Ok(eval)
@@ -426,10 +436,22 @@ fn launch_config(launch: &codegen::Launch, dims: &[i64]) -> Option<LaunchConfig>
             block_dim: (codegen::BLOCK, 1, 1),
             shared_mem_bytes: 0,
         }),
+        codegen::Launch::Rows { total, len } => {
+            let t = dims[*total];
+            // A power of two between a warp and BLOCK, near the row length.
+            let threads = (dims[*len].max(1) as u64)
+                .next_power_of_two()
+                .clamp(32, u64::from(codegen::BLOCK)) as u32;
+            (t > 0).then(|| LaunchConfig {
+                grid_dim: (clamp(t, 1 << 20), 1, 1),
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
         codegen::Launch::Tiled { m, n, batch } => {
             let (m, n) = (dims[*m], dims[*n]);
             let nb = batch.map_or(1, |b| dims[b]);
-            let t = codegen::TILE as i64;
+            let t = (codegen::TILE * codegen::MICRO) as i64;
             (m > 0 && n > 0 && nb > 0).then(|| LaunchConfig {
                 grid_dim: (
                     clamp(ceil(n, t), 1 << 30),
