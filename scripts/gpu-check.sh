@@ -87,14 +87,18 @@ if [[ ! -x "$LOSSC_BIN" ]] && command -v cargo >/dev/null 2>&1; then
     say "gpu-check: building the release binary"
     bounded 400 cargo build --release --locked >&2
 fi
-TEST_BIN=${LOSSC_TEST_BIN:-}
-if [[ -z "$TEST_BIN" ]]; then
-    TEST_BIN=$(ls -t "$REPO"/target/*/deps/cuda-* 2>/dev/null | grep -v '\.d$' | head -1)
-fi
+# The newest `cargo test --test cuda --no-run` artefact: target/*/deps/cuda-<hash>.
+find_test_bin() {
+    local f
+    for f in $(ls -t "$REPO"/target/*/deps/cuda-* 2>/dev/null); do
+        if [[ -f "$f" && -x "$f" && "$f" != *.* ]]; then echo "$f"; return; fi
+    done
+}
+TEST_BIN=${LOSSC_TEST_BIN:-$(find_test_bin)}
 if [[ -z "$TEST_BIN" ]] && command -v cargo >/dev/null 2>&1; then
     say "gpu-check: building the test binary"
     bounded 400 cargo test --locked --test cuda --no-run >&2
-    TEST_BIN=$(ls -t "$REPO"/target/*/deps/cuda-* 2>/dev/null | grep -v '\.d$' | head -1)
+    TEST_BIN=$(find_test_bin)
 fi
 
 # ---- 1. agreement tests --------------------------------------------------------------
