@@ -767,3 +767,45 @@ fn emulated_out_of_range_index_is_the_interpreters_diagnostic() {
     assert_eq!(got.code, "LC0506");
     assert_eq!(got.message, want.message);
 }
+
+#[test]
+fn emulated_kernels_agree_at_sizes_that_cross_tiles() {
+    // The fixtures are smaller than one 64×64 contraction tile; these sizes
+    // make every kernel loop over several tiles, partial tiles and rows
+    // longer than a block.
+    if let Err(e) = emu::available() {
+        eprintln!("SKIP emulated kernels: {e}");
+        return;
+    }
+    let cases: &[(&str, &str)] = &[
+        ("MultipleNegativesRankingLoss", "{}"),
+        ("CoSENTLoss", "{}"),
+        ("BatchHardTripletLoss", "{}"),
+        (
+            "MatryoshkaLoss",
+            r#"{"loss": {"st_class": "MultipleNegativesRankingLoss", "params": {}}, "matryoshka_dims": [40, 16]}"#,
+        ),
+    ];
+    let dims: std::collections::BTreeMap<String, i64> = [("B", 70), ("D", 40), ("K", 1)]
+        .map(|(k, v)| (k.to_string(), v))
+        .into();
+    let mut failures = Vec::new();
+    for (class, params) in cases {
+        let graph = compile_std(class, &params_of(params)).unwrap();
+        let full = lossc::differentiate(&graph).0;
+        let known = full.dim_names();
+        let dims = dims
+            .iter()
+            .filter(|(k, _)| known.contains(k))
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        let tensors = bind::random_inputs(&full, 7, &dims).unwrap();
+        let bound = bind::bind(&full, &tensors).unwrap();
+        let source = cuda::source(&full, Precision::F64).unwrap();
+        let machine = emu::Emu::compile(&source, &format!("tiles_{class}")).unwrap();
+        if let Err(e) = emulate_case::<f64>(&full, &bound, Precision::F64, &machine, 1e-9) {
+            failures.push(format!("{class}: {e}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
