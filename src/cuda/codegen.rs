@@ -11,12 +11,14 @@
 //!   first error seen (site + 1, then two operands).
 //! * Elementwise nodes and reductions with an index space are a grid-stride
 //!   loop over output elements, the reduction an inner loop nest per element.
-//!   A reduction to a scalar is one block of `BLOCK` threads striding over
-//!   the reduced space and a shared-memory tree combine (fixed order, so
+//!   A reduction to a scalar is one block of `SCALAR_BLOCK` threads striding
+//!   over the reduced space and a shared-memory tree combine (fixed order, so
 //!   deterministic); so is each output element of a reduction whose
 //!   innermost reduced index walks the contiguous dim of a read (a row of a
-//!   score matrix, a norm), one block per element (`Launch::Rows`). Contractions (`contract.rs`) are a shared-memory tiled
-//!   kernel (64×64 output tiles, 4×4 per thread). Layout nodes (concat, slice, reshape) are copy kernels.
+//!   score matrix, a norm), one block per element (`Launch::Rows`).
+//!   Contractions (`contract.rs`) are a shared-memory tiled kernel (64×64
+//!   output tiles, 4×4 per thread). Layout nodes (concat, slice, reshape)
+//!   are copy kernels.
 //! * Semantics are the interpreter's: `if` evaluates only the taken branch
 //!   (control flow, never a select of both), max/min keep the first extreme
 //!   (a NaN beats a number), NaN-propagating maximum/minimum/clamp,
@@ -35,8 +37,13 @@ use crate::jit::Precision;
 use std::collections::HashMap;
 use std::fmt::Write;
 
-/// Threads per block of every kernel but the tiled contraction.
+/// Threads per block of grid-stride kernels, and the most a block
+/// reduction over rows uses.
 pub const BLOCK: u32 = 256;
+/// Threads of the one block that reduces to a scalar (the most a block may
+/// have): such a reduction runs on one multiprocessor, so it takes them all.
+/// Block reductions' shared arrays hold this many partial states.
+pub const SCALAR_BLOCK: u32 = 1024;
 /// Side of a contraction kernel's thread block (TILE × TILE threads).
 pub const TILE: u32 = 16;
 /// Each contraction thread computes MICRO × MICRO outputs: an output tile
@@ -68,7 +75,7 @@ pub struct Kernel {
 pub enum Launch {
     /// `BLOCK` threads per block, enough blocks for `total` elements.
     Grid { total: usize },
-    /// One block of `BLOCK` threads (a reduction to a scalar).
+    /// One block of `SCALAR_BLOCK` threads (a reduction to a scalar).
     Block,
     /// One block per output element (of `total`), each reducing `len`
     /// elements; the block size is a power of two up to `BLOCK`.
@@ -440,7 +447,7 @@ impl Gen<'_> {
             ext.join(" * ")
         };
         let _ = writeln!(s, "    const long long rtotal = {rtotal};");
-        let (ind, slot) = if rows {
+        let ind = if rows {
             let total = self.slot(&Self::product(&node.shape));
             let _ = writeln!(s, "    const long long total = dims[{total}];");
             s.push_str(
@@ -456,13 +463,16 @@ impl Gen<'_> {
                     let _ = writeln!(s, "    o_rest /= {d};");
                 }
             }
-            ("o_flat", Some(total))
+            "o_flat"
         } else {
-            ("0", None)
+            "0"
         };
-        let _ = slot;
         let body_ty = self.body_ty(&c.body);
-        let acc = self.acc_kind(r.op, dtype, body_ty);
+        let acc = Acc {
+            op: r.op,
+            dtype,
+            body: body_ty,
+        };
         // Per-thread state, one pass (two for logsumexp).
         let passes = if r.op == RedOp::LogSumExp { 2 } else { 1 };
         for pass in 0..passes {
@@ -501,7 +511,7 @@ impl Gen<'_> {
             acc.tree(&mut s, pass);
         }
         let _ = writeln!(s, "    if (tid == 0) {{");
-        let result = acc.result(self, r, dtype);
+        let result = acc.result(r, dtype);
         let _ = writeln!(s, "        out[{ind}] = {};", store(&result, dtype));
         s.push_str("    }\n");
         if rows {
@@ -550,10 +560,6 @@ impl Gen<'_> {
             Expr::Binary(op, a, b) => binary_ty(*op, self.body_ty(a), self.body_ty(b)),
             Expr::Select(_, a, _) => self.body_ty(a),
         }
-    }
-
-    fn acc_kind(&self, op: RedOp, dtype: DType, body: Ty) -> Acc {
-        Acc { op, dtype, body }
     }
 
     /// A contraction as a tiled kernel, when every operand extent provably
@@ -804,7 +810,7 @@ impl Acc {
     /// Shared arrays and the per-thread state of `pass` (block reduction).
     fn declare(&self, s: &mut String, pass: usize) {
         let t = c_type(self.item_ty());
-        let n = BLOCK;
+        let n = SCALAR_BLOCK;
         if pass == 0 {
             let _ = writeln!(s, "    __shared__ long long s_n[{n}];");
             let _ = writeln!(s, "    long long n = 0;");
@@ -917,7 +923,8 @@ impl Acc {
             _ => s.push_str("    s_v[tid] = acc;\n"),
         }
         s.push_str("    __syncthreads();\n");
-        // blockDim.x is a power of two, at most BLOCK (the shared arrays' size).
+        // blockDim.x is a power of two, at most SCALAR_BLOCK (the shared
+        // arrays' size).
         s.push_str("    for (int w = blockDim.x / 2; w > 0; w >>= 1) {\n");
         s.push_str("        if (tid < w) {\n");
         if combine == "MAXMIN" {
@@ -940,13 +947,12 @@ impl Acc {
 
     /// The C expression of the reduction's value (block reduction, thread 0),
     /// of the node's type.
-    fn result(&self, g: &mut Gen, r: &crate::ir::Reduce, dtype: DType) -> String {
+    fn result(&self, r: &crate::ir::Reduce, dtype: DType) -> String {
         let empty = match dtype {
             DType::Float => float_lit(r.empty),
             DType::Int => format!("{}LL", r.empty as i64),
             DType::Bool => (r.empty != 0.0).to_string(),
         };
-        let _ = g;
         let target = ty_of(dtype);
         let value = match self.op {
             RedOp::Count => convert_c("s_n[0]", Ty::I, target),

@@ -433,7 +433,7 @@ fn launch_config(launch: &codegen::Launch, dims: &[i64]) -> Option<LaunchConfig>
         }
         codegen::Launch::Block => Some(LaunchConfig {
             grid_dim: (1, 1, 1),
-            block_dim: (codegen::BLOCK, 1, 1),
+            block_dim: (codegen::SCALAR_BLOCK, 1, 1),
             shared_mem_bytes: 0,
         }),
         codegen::Launch::Rows { total, len } => {
