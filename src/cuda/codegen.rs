@@ -652,23 +652,38 @@ impl Gen<'_> {
         let _ = writeln!(s, "        for (long long k0 = 0; k0 < K; k0 += {t}) {{");
         let _ = writeln!(s, "            #pragma unroll");
         let _ = writeln!(s, "            for (int q = 0; q < {loads}; ++q) {{");
+        // Consecutive threads load consecutive addresses: along k when k is
+        // the operand's contiguous dim, along the rows when they are.
+        let mapping = |outer_stride: &str| {
+            if outer_stride == "1LL" {
+                format!("r = e % {side}, kk = e / {side}")
+            } else {
+                format!("r = e / {t}, kk = e % {t}")
+            }
+        };
+        let _ = writeln!(s, "                const int e = tid + {} * q;", t * t);
+        let _ = writeln!(s, "                {{");
+        let _ = writeln!(s, "                    const int {};", mapping(&sai));
         let _ = writeln!(
             s,
-            "                const int e = tid + {} * q, r = e / {t}, kk = e % {t};",
-            t * t
+            "                    const long long gk = k0 + kk, gr = r0 + r;"
         );
         let _ = writeln!(
             s,
-            "                const long long gk = k0 + kk, gr = r0 + r, gc = c0 + r;"
+            "                    As[kk][r] = (gr < M && gk < K) ? A[b * {sab} + gr * {sai} + gk * {sak}] : (real)0;"
+        );
+        let _ = writeln!(s, "                }}");
+        let _ = writeln!(s, "                {{");
+        let _ = writeln!(s, "                    const int {};", mapping(&sbj));
+        let _ = writeln!(
+            s,
+            "                    const long long gk = k0 + kk, gc = c0 + r;"
         );
         let _ = writeln!(
             s,
-            "                As[kk][r] = (gr < M && gk < K) ? A[b * {sab} + gr * {sai} + gk * {sak}] : (real)0;"
+            "                    Bs[kk][r] = (gc < N && gk < K) ? B[b * {sbb} + gc * {sbj} + gk * {sbk}] : (real)0;"
         );
-        let _ = writeln!(
-            s,
-            "                Bs[kk][r] = (gc < N && gk < K) ? B[b * {sbb} + gc * {sbj} + gk * {sbk}] : (real)0;"
-        );
+        let _ = writeln!(s, "                }}");
         let _ = writeln!(s, "            }}");
         let _ = writeln!(s, "            __syncthreads();");
         let _ = writeln!(s, "            #pragma unroll");
