@@ -89,7 +89,7 @@ fn generation_is_deterministic_and_precision_specific() {
     assert!(a
         .kernels
         .iter()
-        .any(|k| k.launch == cuda::codegen::Launch::Block));
+        .any(|k| matches!(k.launch, cuda::codegen::Launch::Scalar { .. })));
 }
 
 #[test]
@@ -356,7 +356,7 @@ fn cli_cuda_prints_the_kernels() {
 /// kernels' semantics and the runtime (pointer table, dim table, proofs,
 /// error word, freeing dead buffers) on machines without a GPU.
 mod emu {
-    use lossc::cuda::codegen::{Launch, Source, BLOCK, TILE};
+    use lossc::cuda::codegen::{Launch, Source, TILE};
     use lossc::cuda::Machine;
     use lossc::syntax::Diagnostic;
     use std::path::PathBuf;
@@ -367,7 +367,7 @@ mod emu {
         kernels: Vec<KernelFn>,
         begin: unsafe extern "C" fn(u32),
         end: unsafe extern "C" fn(),
-        thread: unsafe extern "C" fn(u32, u32, u32, u32),
+        thread: unsafe extern "C" fn(u32, u32, u32, u32, u32, u32),
         _lib: libloading::Library,
     }
 
@@ -418,7 +418,7 @@ mod emu {
                     .get::<unsafe extern "C" fn()>(b"lossc_emu_end")
                     .map_err(|e| e.to_string())?;
                 let thread = *lib
-                    .get::<unsafe extern "C" fn(u32, u32, u32, u32)>(b"lossc_emu_thread")
+                    .get::<unsafe extern "C" fn(u32, u32, u32, u32, u32, u32)>(b"lossc_emu_thread")
                     .map_err(|e| e.to_string())?;
                 let _ = std::fs::remove_file(&so);
                 let _ = std::fs::remove_file(&cu);
@@ -478,14 +478,15 @@ mod emu {
             sizes: &[i64],
             args: [&Buf; 3],
         ) -> Result<(), Diagnostic> {
-            let (bx, by) = match launch {
+            let (bx, by, grid) = match launch {
                 Launch::Grid { total } if sizes[*total] <= 0 => return Ok(()),
-                Launch::Grid { .. } => (1, 1),
-                // Any power of two up to BLOCK works; fewer threads spawn faster.
-                Launch::Block => (BLOCK / 32, 1),
+                Launch::Grid { .. } => (1, 1, 1),
+                // Any power of two up to the shared arrays' size works, and
+                // up to that many blocks; fewer threads spawn faster.
+                Launch::Scalar { .. } => (8, 1, 3),
                 Launch::Rows { total, .. } if sizes[*total] <= 0 => return Ok(()),
-                Launch::Rows { .. } => (4, 1),
-                Launch::Tiled { .. } => (TILE, TILE),
+                Launch::Rows { .. } => (4, 1, 1),
+                Launch::Tiled { .. } => (TILE, TILE, 1),
             };
             let f = self.kernels[k];
             let (t, d, e) = (
@@ -496,21 +497,25 @@ mod emu {
             let thread = self.thread;
             // SAFETY: the shim's barrier for bx * by threads.
             unsafe { (self.begin)(bx * by) };
-            std::thread::scope(|s| {
-                for y in 0..by {
-                    for x in 0..bx {
-                        s.spawn(move || {
-                            // SAFETY: the kernel reads the pointer table and
-                            // the buffers it names, which outlive the launch
-                            // (`execute_on` holds them); bounds as on a GPU.
-                            unsafe {
-                                thread(x, y, bx, by);
-                                f(t as *const u64, d as *const i64, e as *mut i64);
-                            }
-                        });
+            // Blocks run one after the other, each block's threads at once.
+            for block in 0..grid {
+                std::thread::scope(|s| {
+                    for y in 0..by {
+                        for x in 0..bx {
+                            s.spawn(move || {
+                                // SAFETY: the kernel reads the pointer table
+                                // and the buffers it names, which outlive the
+                                // launch (`execute_on` holds them); bounds as
+                                // on a GPU.
+                                unsafe {
+                                    thread(x, y, bx, by, block, grid);
+                                    f(t as *const u64, d as *const i64, e as *mut i64);
+                                }
+                            });
+                        }
                     }
-                }
-            });
+                });
+            }
             // SAFETY: every thread of the launch has finished.
             unsafe { (self.end)() };
             Ok(())
@@ -808,4 +813,47 @@ fn emulated_kernels_agree_at_sizes_that_cross_tiles() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn emulated_reductions_keep_the_interpreters_special_values() {
+    // -inf items (log 0), NaN items (log of a negative), ties: logsumexp,
+    // max/min (first extreme, NaN wins), mean of an empty filtered set, both
+    // to a scalar (the multi-block kernel) and per row.
+    if let Err(e) = emu::available() {
+        eprintln!("SKIP emulated kernels: {e}");
+        return;
+    }
+    let src = "loss L() {\n input x: [N]\n input y: [M, P]\n \
+        output lse = logsumexp(i) log(x[i])\n \
+        output mx = max(i) log(x[i])\n \
+        output mn = min(i) log(x[i])\n \
+        output empty = mean(i | x[i] > 100.0, else 7.0) x[i]\n \
+        let row_lse[m] = logsumexp(j) log(y[m, j])\n \
+        let row_max[m] = max(j) log(y[m, j])\n \
+        output rows = sum(m) (row_lse[m] + row_max[m])\n \
+        sum(i) x[i]\n}\n";
+    let graph = compile_src(src, None, &lossc::Params::new()).unwrap();
+    let source = cuda::source(&graph, Precision::F64).unwrap();
+    let machine = emu::Emu::compile(&source, "special").unwrap();
+    for (x, y) in [
+        ("[0.0, 0.0, 0.0]", "[[0.0, 0.0], [1.0, 0.0]]"),
+        ("[0.0, 1.0, 1.0]", "[[2.0, 2.0], [0.0, 3.0]]"),
+        ("[1.0, -1.0, 2.0]", "[[1.0, -1.0], [-2.0, 5.0]]"),
+        ("[3.0, 3.0, -1.0]", "[[0.0, -1.0], [4.0, 4.0]]"),
+    ] {
+        let tensors = tensors_of(&format!(r#"{{"x": {x}, "y": {y}}}"#));
+        let bound = bind::bind(&graph, &tensors).unwrap();
+        let want = lossc::interp::evaluate::<f64>(&graph, &bound).unwrap();
+        let (got, _) =
+            cuda::execute_on::<f64, _>(&graph, &source, Precision::F64, &machine, &bound, true)
+                .unwrap();
+        compare_all(&graph, &want, &got, 1e-12).unwrap_or_else(|e| panic!("x = {x}: {e}"));
+        for ((name, w), (_, g)) in want.outputs.iter().zip(&got.outputs) {
+            assert!(
+                w == g || (w.is_nan() && g.is_nan()) || (w - g).abs() <= 1e-12 * w.abs(),
+                "x = {x}, y = {y}: {name}: emulated {g}, interp {w}"
+            );
+        }
+    }
 }

@@ -11,9 +11,11 @@
 //!   first error seen (site + 1, then two operands).
 //! * Elementwise nodes and reductions with an index space are a grid-stride
 //!   loop over output elements, the reduction an inner loop nest per element.
-//!   A reduction to a scalar is one block of `SCALAR_BLOCK` threads striding
-//!   over the reduced space and a shared-memory tree combine (fixed order, so
-//!   deterministic); so is each output element of a reduction whose
+//!   A reduction to a scalar is up to `SCALAR_GRID` blocks striding over the
+//!   reduced space, each combining its threads' partial states in a
+//!   shared-memory tree, and the last block to finish combining the blocks'
+//!   states in the same tree (fixed order, so deterministic). A block
+//!   reduction also computes each output element of a reduction whose
 //!   innermost reduced index walks the contiguous dim of a read (a row of a
 //!   score matrix, a norm), one block per element (`Launch::Rows`).
 //!   Contractions (`contract.rs`) are a shared-memory tiled kernel (64×64
@@ -29,7 +31,8 @@
 //!   is re-checked numerically on the host before launching) or checked in
 //!   the kernel; a failed check records the site in `err` and reads nothing
 //!   (the value is 0), and the host turns `err` into the interpreter's
-//!   diagnostic. Kernels never return early, so block barriers stay uniform.
+//!   diagnostic. Kernels never return from a divergent branch, so block
+//!   barriers stay uniform.
 
 use super::contract;
 use crate::ir::{BinOp, Comp, DType, Dim, Expr, Graph, IdxVar, NodeId, NodeKind, RedOp, UnOp};
@@ -44,6 +47,11 @@ pub const BLOCK: u32 = 256;
 /// have): such a reduction runs on one multiprocessor, so it takes them all.
 /// Block reductions' shared arrays hold this many partial states.
 pub const SCALAR_BLOCK: u32 = 1024;
+/// The most blocks a reduction to a scalar uses.
+pub const SCALAR_GRID: u32 = 256;
+/// Bytes a reduction to a scalar needs after its output element: a ticket
+/// counter and four arrays of `SCALAR_GRID` partial-state words.
+pub const SCALAR_SCRATCH: usize = 8 + 8 + 4 * 8 * SCALAR_GRID as usize;
 /// Side of a contraction kernel's thread block (TILE × TILE threads).
 pub const TILE: u32 = 16;
 /// Each contraction thread computes MICRO × MICRO outputs: an output tile
@@ -75,8 +83,11 @@ pub struct Kernel {
 pub enum Launch {
     /// `BLOCK` threads per block, enough blocks for `total` elements.
     Grid { total: usize },
-    /// One block of `SCALAR_BLOCK` threads (a reduction to a scalar).
-    Block,
+    /// A reduction to a scalar: up to `SCALAR_GRID` blocks of
+    /// `SCALAR_BLOCK` threads over `len` elements; the last block to finish
+    /// combines the blocks' partial states (kept in `SCALAR_SCRATCH` bytes
+    /// after the output element, zeroed before the launch).
+    Scalar { len: usize },
     /// One block per output element (of `total`), each reducing `len`
     /// elements; the block size is a power of two up to `BLOCK`.
     Rows { total: usize, len: usize },
@@ -372,7 +383,9 @@ impl Gen<'_> {
             .collect();
         if let Some(r) = &c.reduce {
             if c.indices.is_empty() {
-                return Ok((self.block_reduce(id, c, r)?, Launch::Block));
+                let len = r.over.iter().fold(Dim::lit(1), |a, (_, d)| a.mul(d));
+                let len = self.slot(&len);
+                return Ok((self.grid_reduce(id, c, r), Launch::Scalar { len }));
             }
             if self.rows_pay(c, r) {
                 let total = self.slot(&Self::product(&node.shape));
@@ -519,6 +532,228 @@ impl Gen<'_> {
             s.push_str("    __syncthreads();\n    }\n");
         }
         Ok(s)
+    }
+
+    /// A reduction to a scalar over many blocks: each thread folds a strided
+    /// share of the reduced space into a partial state, each block combines
+    /// its threads' states in a shared-memory tree and stores the result in
+    /// the scratch after the output, and the last block to finish (a ticket
+    /// counter) combines the blocks' states in the same tree, in block
+    /// order, so the result does not depend on timing. Logsumexp keeps an
+    /// online (max, scaled sum, saw-NaN) state; its value is the interpreter's
+    /// up to rounding.
+    fn grid_reduce(&mut self, id: NodeId, c: &Comp, r: &crate::ir::Reduce) -> String {
+        let dtype = self.graph.node(id).dtype;
+        let acc = Acc {
+            op: r.op,
+            dtype,
+            body: self.body_ty(&c.body),
+        };
+        let vt = c_type(acc.item_ty());
+        let (g, n) = (SCALAR_GRID, SCALAR_BLOCK);
+        let ty = storage_type(dtype);
+        let mut s = String::new();
+        let _ = writeln!(s, "    {ty}* __restrict__ out = ({ty}*)bufs[{}];", id.0);
+        s.push_str("    const int tid = threadIdx.x;\n");
+        let _ = writeln!(s, "    char* scratch = (char*)bufs[{}] + 8;", id.0);
+        s.push_str("    unsigned long long* ticket = (unsigned long long*)scratch;\n");
+        let _ = writeln!(
+            s,
+            "    volatile long long* p_n = (volatile long long*)(scratch + 8);"
+        );
+        let _ = writeln!(
+            s,
+            "    volatile {vt}* p_v = (volatile {vt}*)(scratch + {});",
+            8 + 8 * g
+        );
+        let _ = writeln!(
+            s,
+            "    volatile long long* p_pos = (volatile long long*)(scratch + {});",
+            8 + 16 * g
+        );
+        let _ = writeln!(
+            s,
+            "    volatile real* p_s = (volatile real*)(scratch + {});",
+            8 + 16 * g
+        );
+        let _ = writeln!(
+            s,
+            "    volatile int* p_nan = (volatile int*)(scratch + {});",
+            8 + 24 * g
+        );
+        let mut ext = Vec::new();
+        for (_, d) in &r.over {
+            let d = self.dim(d);
+            ext.push(format!("({d} > 0 ? {d} : 0LL)"));
+        }
+        let rtotal = if ext.is_empty() {
+            "1LL".to_string()
+        } else {
+            ext.join(" * ")
+        };
+        let _ = writeln!(s, "    const long long rtotal = {rtotal};");
+        let _ = writeln!(s, "    __shared__ long long s_n[{n}];");
+        let _ = writeln!(s, "    __shared__ {vt} s_v[{n}];");
+        let _ = writeln!(s, "    __shared__ long long s_pos[{n}];");
+        let _ = writeln!(s, "    __shared__ real s_s[{n}];");
+        let _ = writeln!(s, "    __shared__ int s_nan[{n}];");
+        let _ = writeln!(s, "    __shared__ bool last;");
+        // The empty state, then the thread's fold.
+        let identity = match r.op {
+            RedOp::All => "true".to_string(),
+            RedOp::Any => "false".to_string(),
+            RedOp::LogSumExp => "-LOSSC_INF".to_string(),
+            _ => format!("({vt})0"),
+        };
+        let _ = writeln!(
+            s,
+            "    long long n = 0, pos = 0x7fffffffffffffffLL;\n    {vt} v = {identity};\n    real sum = (real)0;\n    int nan = 0;"
+        );
+        let mut e = Emitter::new(self, 2);
+        e.levels = r.over.clone();
+        let mut rest_used = false;
+        for (k, (v, d)) in r.over.iter().enumerate().rev() {
+            if k == 0 {
+                e.line(&format!("const long long v{} = rest;", v.0));
+            } else {
+                let d = e.g.dim(d);
+                e.line(&format!("const long long v{} = rest % {d};", v.0));
+                e.line(&format!("rest /= {d};"));
+            }
+            rest_used = true;
+        }
+        if let Some(f) = &r.filter {
+            let (fv, ft) = e.expr(f);
+            let b = e.convert(&fv, ft, Ty::B);
+            e.line(&format!("if (!({b})) continue;"));
+        }
+        if r.op != RedOp::Count {
+            let (x, t) = e.expr(&c.body);
+            let x = e.convert(&x, t, acc.item_ty());
+            match r.op {
+                RedOp::Sum | RedOp::Mean if acc.item_ty() == Ty::I => {
+                    e.line(&format!("v = lossc_iadd(v, {x});"))
+                }
+                RedOp::Sum | RedOp::Mean => e.line(&format!("v += {x};")),
+                RedOp::Any => e.line(&format!("v = v || {x};")),
+                RedOp::All => e.line(&format!("v = v && {x};")),
+                RedOp::Max | RedOp::Min => {
+                    let better = better(r.op, acc.item_ty(), &x, "v");
+                    e.line(&format!(
+                        "if (n == 0 || {better}) {{ v = {x}; pos = flat; }}"
+                    ));
+                }
+                RedOp::LogSumExp => {
+                    e.line(&format!("if (lossc_isnan({x})) nan = 1;"));
+                    e.line(&format!(
+                        "else if ({x} > v) {{ sum = (v == -LOSSC_INF ? (real)1 : sum * exp(v - {x}) + (real)1); v = {x}; }}"
+                    ));
+                    e.line(&format!("else if ({x} != -LOSSC_INF) sum += exp({x} - v);"));
+                }
+                RedOp::Count => {}
+            }
+        }
+        e.line("++n;");
+        let inner = e.out;
+        s.push_str("    for (long long flat = (long long)blockIdx.x * blockDim.x + tid; flat < rtotal; flat += (long long)gridDim.x * blockDim.x) {\n");
+        if rest_used {
+            s.push_str("        long long rest = flat;\n");
+        }
+        s.push_str(&inner);
+        s.push_str("    }\n");
+        s.push_str(
+            "    s_n[tid] = n; s_v[tid] = v; s_pos[tid] = pos; s_s[tid] = sum; s_nan[tid] = nan;\n",
+        );
+        s.push_str("    __syncthreads();\n");
+        let tree = self.scalar_tree(&acc);
+        s.push_str(&tree);
+        s.push_str("    if (tid == 0) {\n");
+        s.push_str("        p_n[blockIdx.x] = s_n[0]; p_v[blockIdx.x] = s_v[0]; p_nan[blockIdx.x] = s_nan[0];\n");
+        if matches!(r.op, RedOp::Max | RedOp::Min) {
+            s.push_str("        p_pos[blockIdx.x] = s_pos[0];\n");
+        }
+        if r.op == RedOp::LogSumExp {
+            s.push_str("        p_s[blockIdx.x] = s_s[0];\n");
+        }
+        s.push_str("        __threadfence();\n");
+        s.push_str(
+            "        last = atomicAdd(ticket, 1ULL) == (unsigned long long)gridDim.x - 1ULL;\n",
+        );
+        s.push_str("    }\n    __syncthreads();\n");
+        s.push_str("    if (!last) return;\n");
+        s.push_str("    // The last block: combine every block's state, in block order.\n");
+        s.push_str("    __threadfence();\n");
+        let _ = writeln!(
+            s,
+            "    if (tid < gridDim.x) {{ s_n[tid] = p_n[tid]; s_v[tid] = p_v[tid]; s_nan[tid] = p_nan[tid]; s_pos[tid] = {}; s_s[tid] = {}; }}",
+            if matches!(r.op, RedOp::Max | RedOp::Min) { "p_pos[tid]" } else { "0" },
+            if r.op == RedOp::LogSumExp { "p_s[tid]" } else { "(real)0" },
+        );
+        let _ = writeln!(
+            s,
+            "    else {{ s_n[tid] = 0; s_v[tid] = {identity}; s_nan[tid] = 0; s_pos[tid] = 0x7fffffffffffffffLL; s_s[tid] = (real)0; }}"
+        );
+        s.push_str("    __syncthreads();\n");
+        s.push_str(&tree);
+        let empty = match dtype {
+            DType::Float => float_lit(r.empty),
+            DType::Int => format!("{}LL", r.empty as i64),
+            DType::Bool => (r.empty != 0.0).to_string(),
+        };
+        let target = ty_of(dtype);
+        let value = match r.op {
+            RedOp::Count => convert_c("s_n[0]", Ty::I, target),
+            RedOp::Any | RedOp::All => convert_c("s_v[0]", Ty::B, target),
+            RedOp::Mean => convert_c("(s_v[0] / (real)s_n[0])", Ty::F, target),
+            RedOp::LogSumExp => convert_c(
+                "(isinf(s_v[0]) ? s_v[0] : (s_nan[0] ? LOSSC_NAN : s_v[0] + log(s_s[0])))",
+                Ty::F,
+                target,
+            ),
+            _ => convert_c("s_v[0]", acc.item_ty(), target),
+        };
+        s.push_str("    if (tid == 0) {\n");
+        let _ = writeln!(
+            s,
+            "        out[0] = {};",
+            store(&format!("(s_n[0] == 0 ? {empty} : {value})"), dtype)
+        );
+        s.push_str("    }\n");
+        s
+    }
+
+    /// The shared-memory tree of `grid_reduce`: slot `tid` absorbs slot
+    /// `tid + w`, the lower slot first (positions break max/min ties).
+    fn scalar_tree(&self, acc: &Acc) -> String {
+        let combine = match acc.op {
+            RedOp::Count => String::new(),
+            RedOp::Sum | RedOp::Mean if acc.item_ty() == Ty::I => {
+                "s_v[tid] = lossc_iadd(s_v[tid], s_v[tid + w]);".into()
+            }
+            RedOp::Sum | RedOp::Mean => "s_v[tid] += s_v[tid + w];".into(),
+            RedOp::Any => "s_v[tid] = s_v[tid] || s_v[tid + w];".into(),
+            RedOp::All => "s_v[tid] = s_v[tid] && s_v[tid + w];".into(),
+            RedOp::Max | RedOp::Min => {
+                let b = better(acc.op, acc.item_ty(), "s_v[tid + w]", "s_v[tid]");
+                let a = better(acc.op, acc.item_ty(), "s_v[tid]", "s_v[tid + w]");
+                format!(
+                    "if (s_n[tid + w] > 0 && (s_n[tid] == 0 || {b} || (!({a}) && s_pos[tid + w] < s_pos[tid]))) {{ s_v[tid] = s_v[tid + w]; s_pos[tid] = s_pos[tid + w]; }}"
+                )
+            }
+            RedOp::LogSumExp => "{ const real ma = s_v[tid], mb = s_v[tid + w], m = fmax(ma, mb); \
+                 s_s[tid] = (ma == -LOSSC_INF ? (real)0 : s_s[tid] * exp(ma - m)) + (mb == -LOSSC_INF ? (real)0 : s_s[tid + w] * exp(mb - m)); \
+                 s_v[tid] = m; s_nan[tid] = s_nan[tid] | s_nan[tid + w]; }"
+                .into(),
+        };
+        let mut s = String::new();
+        s.push_str("    for (int w = blockDim.x / 2; w > 0; w >>= 1) {\n");
+        s.push_str("        if (tid < w) {\n");
+        if !combine.is_empty() {
+            let _ = writeln!(s, "            {combine}");
+        }
+        s.push_str("            s_n[tid] += s_n[tid + w];\n");
+        s.push_str("        }\n        __syncthreads();\n    }\n");
+        s
     }
 
     /// Whether a reduction with an index space is better done by a block per

@@ -431,11 +431,16 @@ fn launch_config(launch: &codegen::Launch, dims: &[i64]) -> Option<LaunchConfig>
                 shared_mem_bytes: 0,
             })
         }
-        codegen::Launch::Block => Some(LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (codegen::SCALAR_BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        }),
+        codegen::Launch::Scalar { len } => {
+            // Each thread folds at least 8 elements before another block helps.
+            let per_block = i64::from(codegen::SCALAR_BLOCK) * 8;
+            let blocks = ceil(dims[*len].max(1), per_block);
+            Some(LaunchConfig {
+                grid_dim: (clamp(blocks, i64::from(codegen::SCALAR_GRID)), 1, 1),
+                block_dim: (codegen::SCALAR_BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
         codegen::Launch::Rows { total, len } => {
             let t = dims[*total];
             // A power of two between a warp and BLOCK, near the row length.
@@ -647,7 +652,15 @@ pub fn execute_on<F: Real, M: Machine>(
             }
             m.upload(&data)?
         } else {
-            m.alloc(bytes)?
+            // A reduction to a scalar keeps its blocks' partial states after
+            // the output element (codegen::Launch::Scalar).
+            let scratch = match source.kernels.iter().find(|k| k.node.index() == i) {
+                Some(k) if matches!(k.launch, codegen::Launch::Scalar { .. }) => {
+                    8 + codegen::SCALAR_SCRATCH
+                }
+                _ => 0,
+            };
+            m.alloc(bytes + scratch)?
         };
         live += m.size(&buf) as u64;
         peak = peak.max(live);
