@@ -15,6 +15,7 @@
 //! files and prints; everything here returns values or diagnostics.
 
 pub mod bind;
+pub mod cuda;
 pub mod data;
 pub mod elab;
 pub mod grad;

@@ -72,6 +72,18 @@ enum Command {
     /// compile time, peak RSS and the RSS before the first call. Compare backends in one
     /// run; the numbers are for this machine only.
     Bench(BenchArgs),
+    /// Print the CUDA C kernels the CUDA backend generates for a loss.
+    ///
+    /// The forward+gradient program of the loss, one `extern "C" __global__` kernel per node
+    /// (elementwise nodes as grid-stride loops, reductions to a scalar as block reductions,
+    /// contractions as tiled kernels, concat/slice/reshape as copy kernels), each preceded by
+    /// the IR node it computes. Needs no GPU; with --ptx, NVRTC compiles it to PTX.
+    ///
+    /// Examples:
+    ///   lossc cuda --loss MultipleNegativesRankingLoss
+    ///   lossc cuda --loss CoSENTLoss --dtype f64
+    ///   LOSSC_NVRTC=/path/to/libnvrtc.so.13 lossc cuda --loss TripletLoss --ptx --arch compute_90
+    Cuda(CudaArgs),
     /// List the standard library: every loss with its inputs and parameters.
     List {
         /// `text` for the terminal, `markdown` for a table (losses/README.md is made with it).
@@ -115,6 +127,22 @@ struct BenchArgs {
     /// Seed for random inputs.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+}
+
+#[derive(Args)]
+struct CudaArgs {
+    #[command(flatten)]
+    loss: LossArgs,
+    /// Precision the kernels compute in.
+    #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
+    dtype: DTypeArg,
+    /// Print the PTX NVRTC makes of the kernels instead of their CUDA C (needs libnvrtc:
+    /// LOSSC_NVRTC=/path/to/libnvrtc.so, or a CUDA toolkit on LD_LIBRARY_PATH; no GPU).
+    #[arg(long)]
+    ptx: bool,
+    /// The virtual architecture --ptx compiles for.
+    #[arg(long, default_value = "compute_90", value_name = "compute_XY")]
+    arch: String,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -269,6 +297,8 @@ enum Backend {
     Interp,
     /// Native code compiled with Cranelift, one function per comprehension.
     Jit,
+    /// CUDA kernels compiled with NVRTC, on GPU 0 (needs an NVIDIA driver).
+    Cuda,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -309,6 +339,7 @@ fn main() -> ExitCode {
         Command::Grad(args) => print_grad(&args),
         Command::Gradcheck(args) => gradcheck(&args),
         Command::Bench(args) => bench(&args),
+        Command::Cuda(args) => print_cuda(&args),
         Command::List { format } => {
             list(format);
             Ok(())
@@ -484,6 +515,47 @@ fn print_ir(args: &IrArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+fn print_cuda(args: &CudaArgs) -> Result<(), Failure> {
+    let (program, graph) = compile(&args.loss, &lossc::Specialize::default())?;
+    let (full, _) = lossc::differentiate(&graph);
+    let precision = if args.dtype == DTypeArg::F32 {
+        lossc::jit::Precision::F32
+    } else {
+        lossc::jit::Precision::F64
+    };
+    let source = lossc::cuda::source(&full, precision).map_err(|e| {
+        eprintln!(
+            "error: internal error: CUDA code generation failed for `{}`: {e}",
+            graph.name
+        );
+        Failure::Diagnostics
+    })?;
+    if args.ptx {
+        let ptx = lossc::cuda::nvrtc::compile(&source.text, &args.arch).map_err(|e| {
+            report(
+                &program,
+                &[Diagnostic::error(
+                    lossc::syntax::codes::BACKEND_UNAVAILABLE,
+                    e,
+                )],
+            );
+            Failure::Diagnostics
+        })?;
+        out!("{ptx}");
+    } else {
+        out!("{}", source.text);
+    }
+    eprintln!(
+        "{}: {} kernels for {} nodes ({}), {} runtime dims",
+        graph.name,
+        source.kernels.len(),
+        full.nodes.len(),
+        args.dtype.name(),
+        source.dims.len()
+    );
+    Ok(())
+}
+
 fn explain(report: &lossc::opt::Report) {
     eprintln!("rules fired:");
     for line in report.lines() {
@@ -571,31 +643,56 @@ fn prepare(
     Ok((program, graph, tensors))
 }
 
-/// The JIT program for a backend choice (`None` for the interpreter).
-fn jit_program(
+/// A backend ready to evaluate one graph.
+enum Engine {
+    Interp,
+    Jit(lossc::jit::JitProgram),
+    Cuda(lossc::cuda::CudaProgram),
+}
+
+impl Engine {
+    /// The backend that actually runs (the JIT may have fallen back).
+    fn name(&self) -> &'static str {
+        backend_name(match self {
+            Engine::Interp => Backend::Interp,
+            Engine::Jit(_) => Backend::Jit,
+            Engine::Cuda(_) => Backend::Cuda,
+        })
+    }
+}
+
+/// Compiles the graph for a backend choice.
+fn engine(
+    program: &Program,
     backend: Backend,
     dtype: DTypeArg,
     full: &ir::Graph,
     name: &str,
-) -> Result<Option<lossc::jit::JitProgram>, Failure> {
-    if backend == Backend::Interp {
-        return Ok(None);
-    }
+) -> Result<Engine, Failure> {
     let precision = if dtype == DTypeArg::F32 {
         lossc::jit::Precision::F32
     } else {
         lossc::jit::Precision::F64
     };
-    match lossc::jit::compile(full, precision) {
-        Ok(program) => Ok(Some(program)),
-        Err(e) if e.starts_with(lossc::jit::UNSUPPORTED_MACHINE) => {
-            eprintln!("note: {e}; using the interpreter (--backend interp)");
-            Ok(None)
-        }
-        Err(e) => {
-            eprintln!("error: internal error: the jit backend cannot compile `{name}`: {e}");
-            Err(Failure::Diagnostics)
-        }
+    match backend {
+        Backend::Interp => Ok(Engine::Interp),
+        Backend::Jit => match lossc::jit::compile(full, precision) {
+            Ok(p) => Ok(Engine::Jit(p)),
+            Err(e) if e.starts_with(lossc::jit::UNSUPPORTED_MACHINE) => {
+                eprintln!("note: {e}; using the interpreter (--backend interp)");
+                Ok(Engine::Interp)
+            }
+            Err(e) => {
+                eprintln!("error: internal error: the jit backend cannot compile `{name}`: {e}");
+                Err(Failure::Diagnostics)
+            }
+        },
+        Backend::Cuda => lossc::cuda::compile(full, precision)
+            .map(Engine::Cuda)
+            .map_err(|d| {
+                report(program, &[d]);
+                Failure::Diagnostics
+            }),
     }
 }
 
@@ -739,18 +836,18 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
         Failure::Diagnostics
     };
     let opts = args.exec.options()?;
-    let jit = jit_program(args.backend, args.dtype, &full, &graph.name)?;
+    let jit = engine(&program, args.backend, args.dtype, &full, &graph.name)?;
     let (outputs, grads): (Vec<(String, f64)>, Vec<(String, tensor_io::HostTensor)>) =
         match args.dtype {
             DTypeArg::F64 => {
-                let e = evaluate::<f64>(&full, &bound, jit.as_ref(), opts).map_err(fail)?;
+                let e = evaluate::<f64>(&full, &bound, &jit, opts).map_err(fail)?;
                 (
                     e.outputs.clone(),
                     lossc::gradient_tensors(&full, &bound, &e),
                 )
             }
             DTypeArg::F32 => {
-                let e = evaluate::<f32>(&full, &bound, jit.as_ref(), opts).map_err(fail)?;
+                let e = evaluate::<f32>(&full, &bound, &jit, opts).map_err(fail)?;
                 (
                     e.outputs
                         .iter()
@@ -793,7 +890,7 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
                 "loss": json_number(loss),
                 "grads": grads_json,
                 "components": components,
-                "backend": backend_name(if jit.is_some() { Backend::Jit } else { Backend::Interp }),
+                "backend": jit.name(),
                 "dtype": dtype,
                 "dims": bound.sizes,
             });
@@ -819,11 +916,7 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
             };
             outln!(
                 "(backend {}, {dtype}, {}; {source})",
-                backend_name(if jit.is_some() {
-                    Backend::Jit
-                } else {
-                    Backend::Interp
-                }),
+                jit.name(),
                 dims.join(" ")
             );
         }
@@ -886,10 +979,10 @@ fn bench(args: &BenchArgs) -> Result<(), Failure> {
     };
     let (baseline_rss, _) = rss_mb();
     let start = std::time::Instant::now();
-    let jit = jit_program(args.backend, args.dtype, &full, &graph.name)?;
+    let jit = engine(&program, args.backend, args.dtype, &full, &graph.name)?;
     let compile_ms = start.elapsed().as_secs_f64() * 1e3;
     // One timed call: forward + gradient, returning the loss and the gradients.
-    let call = |jit: Option<&lossc::jit::JitProgram>| -> Result<(f64, Vec<(String, tensor_io::HostTensor)>), Failure> {
+    let call = |jit: &Engine| -> Result<(f64, Vec<(String, tensor_io::HostTensor)>), Failure> {
         match args.dtype {
             DTypeArg::F64 => {
                 let e = evaluate::<f64>(&full, &bound, jit, opts).map_err(fail)?;
@@ -905,7 +998,7 @@ fn bench(args: &BenchArgs) -> Result<(), Failure> {
     };
     // What the JIT streams at these sizes: one entry per pass over blocks of rows.
     let passes: Vec<serde_json::Value> = match &jit {
-        Some(program) => program
+        Engine::Jit(program) => program
             .schedule(&bound, opts)
             .map_err(fail)?
             .iter()
@@ -921,20 +1014,20 @@ fn bench(args: &BenchArgs) -> Result<(), Failure> {
                 })
             })
             .collect(),
-        None => Vec::new(),
+        _ => Vec::new(),
     };
-    let (mut loss, mut grads) = call(jit.as_ref())?;
+    let (mut loss, mut grads) = call(&jit)?;
     let first_call_ms = start.elapsed().as_secs_f64() * 1e3;
     for _ in 0..args.warmup {
         drop(std::mem::take(&mut grads));
-        (loss, grads) = call(jit.as_ref())?;
+        (loss, grads) = call(&jit)?;
     }
     let mut times = Vec::with_capacity(args.repeats);
     for _ in 0..args.repeats {
         // Only one call's gradients alive at a time, as in a training step.
         drop(std::mem::take(&mut grads));
         let t = std::time::Instant::now();
-        let (l, g) = call(jit.as_ref())?;
+        let (l, g) = call(&jit)?;
         times.push(t.elapsed().as_secs_f64() * 1e3);
         (loss, grads) = (l, g);
     }
@@ -950,13 +1043,13 @@ fn bench(args: &BenchArgs) -> Result<(), Failure> {
         write_grads(&program, path, &grads)?;
     }
     let dtype = args.dtype.name();
-    let json = serde_json::json!({
+    let mut json = serde_json::json!({
         "loss_name": graph.name,
         "loss": json_number(loss),
-        "backend": backend_name(if jit.is_some() { Backend::Jit } else { Backend::Interp }),
+        "backend": jit.name(),
         "dtype": dtype,
         "dims": bound.sizes,
-        "threads": if jit.is_some() { opts.threads } else { 1 },
+        "threads": if matches!(jit, Engine::Jit(_)) { opts.threads } else { 1 },
         "warmup": args.warmup,
         "times_ms": times,
         "median_ms": median,
@@ -966,6 +1059,14 @@ fn bench(args: &BenchArgs) -> Result<(), Failure> {
         "baseline_rss_mb": baseline_rss,
         "passes": passes,
     });
+    if let Engine::Cuda(program) = &jit {
+        // Node buffers only (inputs included), freed as soon as they are dead.
+        json["peak_device_mb"] = json_number(program.peak_device_bytes() as f64 / (1 << 20) as f64);
+        json["ptx_from_cache"] = serde_json::Value::Bool(program.from_cache());
+        if let Ok(dev) = lossc::cuda::device() {
+            json["device"] = serde_json::Value::String(dev.name.clone());
+        }
+    }
     if let Some(path) = &args.json_out {
         let text = format!("{json}\n");
         let tmp = path.with_extension("tmp-json");
@@ -991,11 +1092,7 @@ fn bench(args: &BenchArgs) -> Result<(), Failure> {
             outln!(
                 "{} forward+gradient, {} {dtype}, {}",
                 graph.name,
-                backend_name(if jit.is_some() {
-                    Backend::Jit
-                } else {
-                    Backend::Interp
-                }),
+                jit.name(),
                 dims.join(" ")
             );
             outln!(
@@ -1005,6 +1102,12 @@ fn bench(args: &BenchArgs) -> Result<(), Failure> {
             );
             outln!("  first call {first_call_ms:.1} ms (compile {compile_ms:.1} ms)");
             outln!("  peak RSS {peak_rss:.0} MiB (before the first call {baseline_rss:.0} MiB)");
+            if let Engine::Cuda(program) = &jit {
+                outln!(
+                    "  peak device memory of node buffers {:.1} MiB",
+                    program.peak_device_bytes() as f64 / (1 << 20) as f64
+                );
+            }
             outln!("  loss = {loss}");
         }
     }
@@ -1014,12 +1117,14 @@ fn bench(args: &BenchArgs) -> Result<(), Failure> {
 fn evaluate<F: interp::Real>(
     full: &ir::Graph,
     bound: &bind::Bound,
-    jit: Option<&lossc::jit::JitProgram>,
+    engine: &Engine,
     opts: lossc::jit::RunOptions,
 ) -> Result<interp::Evaluation<F>, Diagnostic> {
-    match jit {
-        Some(program) => program.run_with::<F>(bound, opts),
-        None => interp::evaluate::<F>(full, bound),
+    match engine {
+        Engine::Jit(program) => program.run_with::<F>(bound, opts),
+        // Only the loss, its components and the gradients are read here.
+        Engine::Cuda(program) => program.run_outputs::<F>(bound),
+        Engine::Interp => interp::evaluate::<F>(full, bound),
     }
 }
 
@@ -1027,6 +1132,7 @@ fn backend_name(backend: Backend) -> &'static str {
     match backend {
         Backend::Interp => "interp",
         Backend::Jit => "jit",
+        Backend::Cuda => "cuda",
     }
 }
 

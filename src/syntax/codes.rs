@@ -43,3 +43,9 @@ pub const TENSOR_DTYPE: &str = "LC0504";
 pub const NON_FINITE: &str = "LC0505";
 pub const INDEX_RANGE: &str = "LC0506";
 pub const TENSOR_FILE: &str = "LC0507";
+
+// Backends.
+/// The chosen backend cannot run here (no CUDA driver, no device, no NVRTC).
+pub const BACKEND_UNAVAILABLE: &str = "LC0601";
+/// The backend failed while running (a driver error, an internal compile error).
+pub const BACKEND_FAILED: &str = "LC0602";

@@ -7,8 +7,14 @@ use lossc::tensor_io::{read_tensors, TensorMap};
 use lossc::{bind, interp, ir, Params};
 use std::path::{Path, PathBuf};
 
+/// `tests/fixtures` of this checkout; `LOSSC_REPO` overrides the checkout
+/// (test binaries built elsewhere and copied along, as scripts/gpu-check.sh
+/// runs them).
 pub fn fixtures_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    match std::env::var_os("LOSSC_REPO") {
+        Some(repo) => PathBuf::from(repo).join("tests/fixtures"),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"),
+    }
 }
 
 pub struct Case {

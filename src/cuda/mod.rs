@@ -1,0 +1,775 @@
+//! The CUDA backend: the optimised forward-plus-gradient graph as CUDA C
+//! kernels, compiled at run time with NVRTC and launched through cudarc. It
+//! returns the interpreter's `Evaluation`, so gradients, tests and the CLI
+//! work unchanged with it.
+//!
+//! # Steps
+//!
+//! 1. **Generate** (`codegen.rs`, pure, runs anywhere): one kernel per
+//!    non-input node, the dim table, the bounds proofs and the error sites.
+//!    Contractions are recognised by `contract.rs` and become tiled kernels.
+//! 2. **Find the device** (`device`): cudarc loads libcuda at run time
+//!    (dynamic loading), so the crate builds and its CPU tests pass without
+//!    CUDA. No driver is the diagnostic LC0601 "no CUDA driver found", never a
+//!    panic: presence is checked before cudarc is asked for the library, and
+//!    the first driver call runs under `catch_unwind`.
+//! 3. **Compile** (`nvrtc.rs`): the program's source to PTX for the device's
+//!    compute capability, through the on-disk cache keyed by a hash of the
+//!    source, options and NVRTC version; the driver loads the PTX as one
+//!    module.
+//! 4. **Run** (`CudaProgram::run`): evaluate the dim table from the bound
+//!    sizes and re-check every bounds proof numerically; upload the inputs
+//!    (converted to the precision); then node by node allocate the output,
+//!    publish its pointer in the device table every kernel reads, and launch
+//!    its kernel, all on one stream. Buffers no later kernel reads are freed
+//!    as soon as their last reader is launched (`run_outputs`), so device
+//!    memory holds the live nodes only. Finally read the error word and copy
+//!    back every node (`run`) or only the outputs and gradients
+//!    (`run_outputs`, what the CLI needs).
+//!
+//! # Invariants
+//!
+//! * Kernels never read or write out of bounds (see `codegen`): proofs are
+//!   re-checked on the host before any launch, the rest is checked in the
+//!   kernel, and a failed check becomes the interpreter's diagnostic
+//!   (LC0506). Which failing element is reported may differ from the
+//!   interpreter's when several fail: threads race for the error word.
+//! * Same semantics as `interp` for every operation (codegen's module doc);
+//!   sums in reductions to a scalar and in contractions are in another order
+//!   (tree, tiles) and math functions are CUDA's, so values agree to rounding.
+//! * Nothing here panics on a missing library or device.
+
+pub mod codegen;
+mod contract;
+pub mod nvrtc;
+
+use crate::bind::Bound;
+use crate::interp::{Evaluation, Real, Tensor};
+use crate::ir::{DType, Graph, NodeId, NodeKind};
+use crate::syntax::{codes, Diagnostic};
+use crate::tensor_io::TensorData;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+};
+use ndarray::{ArrayD, IxDyn};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+pub use crate::jit::Precision;
+
+/// The CUDA C of a graph (every kernel, in node order), for `lossc cuda` and
+/// the snapshot tests.
+pub fn source(graph: &Graph, p: Precision) -> Result<codegen::Source, String> {
+    crate::ir::verify::verify(graph)?;
+    codegen::generate(graph, p)
+}
+
+/// The GPU every program runs on: device 0, its primary context and stream.
+pub struct Device {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    /// `compute_XY` for NVRTC.
+    pub arch: String,
+    pub name: String,
+}
+
+fn unavailable(message: impl Into<String>) -> Diagnostic {
+    Diagnostic::error(codes::BACKEND_UNAVAILABLE, message).with_help(
+        "the CUDA backend needs an NVIDIA GPU with its driver (libcuda.so) and NVRTC; \
+         use --backend jit or --backend interp on this machine",
+    )
+}
+
+fn failed(message: impl Into<String>) -> Diagnostic {
+    Diagnostic::error(codes::BACKEND_FAILED, message)
+}
+
+/// The device, found once per process; the diagnostic says why there is none.
+pub fn device() -> Result<&'static Device, Diagnostic> {
+    static DEVICE: OnceLock<Result<Device, String>> = OnceLock::new();
+    DEVICE
+        .get_or_init(find_device)
+        .as_ref()
+        .map_err(|e| unavailable(e.clone()))
+}
+
+fn find_device() -> Result<Device, String> {
+    // SAFETY: only tries to open candidate library names.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err("no CUDA driver found (libcuda.so could not be loaded)".into());
+    }
+    let ctx = std::panic::catch_unwind(|| CudaContext::new(0))
+        .map_err(|_| "no CUDA driver found (libcuda.so lacks a required function)".to_string())?
+        .map_err(|e| format!("no usable CUDA device: {e:?}"))?;
+    let (major, minor) = ctx
+        .compute_capability()
+        .map_err(|e| format!("cannot query the CUDA device: {e:?}"))?;
+    let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
+    let stream = ctx.default_stream();
+    Ok(Device {
+        ctx,
+        stream,
+        arch: format!("compute_{major}{minor}"),
+        name,
+    })
+}
+
+/// A graph's kernels compiled and loaded at one precision.
+struct Compiled {
+    precision: Precision,
+    source: codegen::Source,
+    functions: Vec<CudaFunction>,
+    compile_ms: f64,
+    from_cache: bool,
+}
+
+/// A graph compiled for the GPU, runnable on any sizes.
+pub struct CudaProgram {
+    graph: Graph,
+    compiled: Arc<Compiled>,
+    other: Mutex<Option<Arc<Compiled>>>,
+    peak: Mutex<u64>,
+}
+
+/// Generates, compiles (through the PTX cache) and loads the kernels of
+/// `graph` for precision `p`.
+pub fn compile(graph: &Graph, p: Precision) -> Result<CudaProgram, Diagnostic> {
+    let dev = device()?;
+    let compiled = std::panic::catch_unwind(|| compile_for(graph, p, dev)).map_err(|_| {
+        failed("the CUDA driver or NVRTC library lacks a function lossc needs (too old?)")
+    })??;
+    let compiled = Arc::new(compiled);
+    Ok(CudaProgram {
+        graph: graph.clone(),
+        compiled,
+        other: Mutex::new(None),
+        peak: Mutex::new(0),
+    })
+}
+
+fn compile_for(graph: &Graph, p: Precision, dev: &Device) -> Result<Compiled, Diagnostic> {
+    let start = Instant::now();
+    let source = source(graph, p)
+        .map_err(|e| failed(format!("internal error: CUDA code generation failed: {e}")))?;
+    nvrtc::load().map_err(unavailable)?;
+    let (ptx, from_cache) = nvrtc::compile_cached(&source.text, &dev.arch).map_err(|e| {
+        failed(format!(
+            "internal error: NVRTC rejected the generated CUDA C of `{}`: {e}",
+            graph.name
+        ))
+    })?;
+    let module = dev
+        .ctx
+        .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+        .map_err(|e| {
+            failed(format!(
+                "the CUDA driver cannot load the PTX ({e:?}); if the driver is older than NVRTC, \
+                 point LOSSC_NVRTC at a libnvrtc of the driver's CUDA version"
+            ))
+        })?;
+    let mut functions = Vec::with_capacity(source.kernels.len());
+    for k in &source.kernels {
+        functions.push(
+            module
+                .load_function(&k.name)
+                .map_err(|e| failed(format!("kernel {}: {e:?}", k.name)))?,
+        );
+    }
+    Ok(Compiled {
+        precision: p,
+        source,
+        functions,
+        compile_ms: start.elapsed().as_secs_f64() * 1e3,
+        from_cache,
+    })
+}
+
+impl CudaProgram {
+    /// Milliseconds spent generating, compiling and loading the kernels.
+    pub fn compile_ms(&self) -> f64 {
+        self.compiled.compile_ms
+    }
+
+    /// Whether the PTX came from the on-disk cache.
+    pub fn from_cache(&self) -> bool {
+        self.compiled.from_cache
+    }
+
+    /// The most device memory the node buffers of one run held at once, in
+    /// bytes, over every run so far.
+    pub fn peak_device_bytes(&self) -> u64 {
+        *self.peak.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every node's value, as `interp::evaluate` returns it.
+    pub fn run<F: Real>(&self, bound: &Bound) -> Result<Evaluation<F>, Diagnostic> {
+        self.run_with(bound, true)
+    }
+
+    /// The outputs and gradient nodes only (other values are empty): frees
+    /// every other buffer as soon as it is dead and copies back little.
+    pub fn run_outputs<F: Real>(&self, bound: &Bound) -> Result<Evaluation<F>, Diagnostic> {
+        self.run_with(bound, false)
+    }
+
+    fn run_with<F: Real>(
+        &self,
+        bound: &Bound,
+        keep_all: bool,
+    ) -> Result<Evaluation<F>, Diagnostic> {
+        let p = Precision::of::<F>()
+            .ok_or_else(|| failed("the CUDA backend runs in f32 or f64 only"))?;
+        let dev = device()?;
+        let compiled = if p == self.compiled.precision {
+            self.compiled.clone()
+        } else {
+            let mut other = self.other.lock().unwrap_or_else(|e| e.into_inner());
+            match &*other {
+                Some(c) if c.precision == p => c.clone(),
+                _ => {
+                    let c = Arc::new(compile_for(&self.graph, p, dev)?);
+                    *other = Some(c.clone());
+                    c
+                }
+            }
+        };
+        // cudarc panics on a driver symbol it cannot find; that is a
+        // diagnostic here, not a crash.
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            execute::<F>(&self.graph, &compiled, dev, bound, keep_all)
+        }));
+        let (eval, peak) = run.map_err(|_| {
+            failed("the CUDA driver library lacks a function lossc needs (driver too old?)")
+        })??;
+        let mut best = self.peak.lock().unwrap_or_else(|e| e.into_inner());
+        *best = (*best).max(peak);
+        Ok(eval)
+    }
+}
+
+fn driver(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Diagnostic + '_ {
+    move |e| failed(format!("CUDA {what} failed: {e:?}"))
+}
+
+fn shape_error(msg: String) -> Diagnostic {
+    Diagnostic::error(codes::TENSOR_SHAPE, msg)
+}
+
+fn elem_bytes(dtype: DType, p: Precision) -> usize {
+    match (dtype, p) {
+        (DType::Float, Precision::F32) => 4,
+        (DType::Float, Precision::F64) => 8,
+        (DType::Int, _) => 8,
+        (DType::Bool, _) => 1,
+    }
+}
+
+/// An input's elements as the bytes of its device buffer.
+fn input_bytes<F: Real>(data: &TensorData, dtype: DType) -> Vec<u8> {
+    let float = |x: f64| -> Vec<u8> {
+        let v = F::from_f64(x).unwrap_or_else(F::nan);
+        match Precision::of::<F>() {
+            Some(Precision::F32) => v.to_f32().unwrap_or(f32::NAN).to_ne_bytes().to_vec(),
+            _ => v.to_f64().unwrap_or(f64::NAN).to_ne_bytes().to_vec(),
+        }
+    };
+    match (data, dtype) {
+        (TensorData::F64(v), _) => v.iter().flat_map(|x| float(*x)).collect(),
+        (TensorData::F32(v), _) => v.iter().flat_map(|x| float(f64::from(*x))).collect(),
+        (TensorData::I64(v), _) => v.iter().flat_map(|x| x.to_ne_bytes()).collect(),
+        (TensorData::Bool(v), _) => v.iter().map(|b| u8::from(*b)).collect(),
+    }
+}
+
+/// A device buffer's bytes as the node's value.
+fn tensor_of<F: Real>(
+    bytes: &[u8],
+    dtype: DType,
+    shape: &[usize],
+) -> Result<Tensor<F>, Diagnostic> {
+    let dims = IxDyn(shape);
+    let bad = |e: ndarray::ShapeError| shape_error(format!("internal shape error: {e}"));
+    Ok(match dtype {
+        DType::Float => {
+            let v: Vec<F> = match Precision::of::<F>() {
+                Some(Precision::F32) => bytes
+                    .chunks_exact(4)
+                    .map(|c| {
+                        F::from_f32(f32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
+                            .unwrap_or_else(F::nan)
+                    })
+                    .collect(),
+                _ => bytes
+                    .chunks_exact(8)
+                    .map(|c| {
+                        let mut b = [0u8; 8];
+                        b.copy_from_slice(c);
+                        F::from_f64(f64::from_ne_bytes(b)).unwrap_or_else(F::nan)
+                    })
+                    .collect(),
+            };
+            Tensor::F(ArrayD::from_shape_vec(dims, v).map_err(bad)?)
+        }
+        DType::Int => {
+            let v: Vec<i64> = bytes
+                .chunks_exact(8)
+                .map(|c| {
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(c);
+                    i64::from_ne_bytes(b)
+                })
+                .collect();
+            Tensor::I(ArrayD::from_shape_vec(dims, v).map_err(bad)?)
+        }
+        DType::Bool => Tensor::B(
+            ArrayD::from_shape_vec(dims, bytes.iter().map(|b| *b != 0).collect()).map_err(bad)?,
+        ),
+    })
+}
+
+/// The placeholder value of a node `run_outputs` does not copy back.
+fn empty_tensor<F: Real>(dtype: DType) -> Tensor<F> {
+    let dims = IxDyn(&[0]);
+    match dtype {
+        DType::Float => Tensor::F(ArrayD::from_elem(dims, F::zero())),
+        DType::Int => Tensor::I(ArrayD::from_elem(dims, 0)),
+        DType::Bool => Tensor::B(ArrayD::from_elem(dims, false)),
+    }
+}
+
+fn node_shapes(graph: &Graph, bound: &Bound) -> Result<Vec<Vec<usize>>, Diagnostic> {
+    graph
+        .nodes
+        .iter()
+        .map(|node| {
+            node.shape
+                .iter()
+                .map(|d| match d.eval(&bound.sizes) {
+                    Some(v) if v >= 0 => Ok(v as usize),
+                    _ => Err(shape_error(format!(
+                        "the size {d} is unknown or negative for these inputs"
+                    ))),
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The host-side checks the interpreter's layout operations make.
+fn check_layout(
+    graph: &Graph,
+    shapes: &[Vec<usize>],
+    i: usize,
+    bound: &Bound,
+) -> Result<(), Diagnostic> {
+    let shape = &shapes[i];
+    match &graph.nodes[i].kind {
+        NodeKind::Concat { axis, parts } => {
+            let axis = *axis;
+            let mut along = 0;
+            for p in parts {
+                let s = &shapes[p.index()];
+                let agrees = s.len() == shape.len()
+                    && s.iter()
+                        .enumerate()
+                        .all(|(a, d)| a == axis || *d == shape[a]);
+                if !agrees {
+                    return Err(shape_error(format!(
+                        "concat failed: part shape {s:?} does not fit {shape:?} off axis {axis}"
+                    )));
+                }
+                along += s[axis];
+            }
+            if along != shape[axis] {
+                return Err(shape_error(format!(
+                    "concat of {along} along axis {axis} where {} was expected",
+                    shape[axis]
+                )));
+            }
+        }
+        NodeKind::Slice { src, axis, start } => {
+            let s = &shapes[src.index()];
+            let begin = start.eval(&bound.sizes).unwrap_or(0);
+            let fits = s.len() == shape.len()
+                && begin >= 0
+                && (begin as usize)
+                    .checked_add(shape[*axis])
+                    .is_some_and(|e| e <= s[*axis])
+                && s.iter()
+                    .enumerate()
+                    .all(|(a, d)| a == *axis || *d == shape[a]);
+            if !fits {
+                return Err(shape_error(format!(
+                    "slice {begin}..{begin}+{} along axis {axis} does not fit a value of shape {s:?}",
+                    shape[*axis]
+                )));
+            }
+        }
+        NodeKind::Reshape { src } => {
+            let from: usize = shapes[src.index()].iter().product();
+            let to: usize = shape.iter().product();
+            if from != to {
+                return Err(shape_error(format!(
+                    "reshape failed: {from} elements into shape {shape:?}"
+                )));
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn launch_config(launch: &codegen::Launch, dims: &[i64]) -> Option<LaunchConfig> {
+    let clamp = |x: i64, max: i64| x.clamp(1, max) as u32;
+    let ceil = |a: i64, b: i64| (a + b - 1) / b;
+    match launch {
+        codegen::Launch::Grid { total } => {
+            let t = dims[*total];
+            (t > 0).then(|| LaunchConfig {
+                grid_dim: (clamp(ceil(t, codegen::BLOCK as i64), 1 << 20), 1, 1),
+                block_dim: (codegen::BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        codegen::Launch::Scalar { len } => {
+            // Each thread folds at least 8 elements before another block helps.
+            let per_block = i64::from(codegen::SCALAR_BLOCK) * 8;
+            let blocks = ceil(dims[*len].max(1), per_block);
+            Some(LaunchConfig {
+                grid_dim: (clamp(blocks, i64::from(codegen::SCALAR_GRID)), 1, 1),
+                block_dim: (codegen::SCALAR_BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        codegen::Launch::Rows { total, len } => {
+            let t = dims[*total];
+            // A power of two between a warp and BLOCK, near the row length.
+            let threads = (dims[*len].max(1) as u64)
+                .next_power_of_two()
+                .clamp(32, u64::from(codegen::BLOCK)) as u32;
+            (t > 0).then(|| LaunchConfig {
+                grid_dim: (clamp(t, 1 << 20), 1, 1),
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        codegen::Launch::Tiled { m, n, batch } => {
+            let (m, n) = (dims[*m], dims[*n]);
+            let nb = batch.map_or(1, |b| dims[b]);
+            let t = (codegen::TILE * codegen::MICRO) as i64;
+            (m > 0 && n > 0 && nb > 0).then(|| LaunchConfig {
+                grid_dim: (
+                    clamp(ceil(n, t), 1 << 30),
+                    clamp(ceil(m, t), 65535),
+                    clamp(nb, 65535),
+                ),
+                block_dim: (codegen::TILE, codegen::TILE, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+    }
+}
+
+/// What running a program needs from a device: byte buffers, a pointer
+/// table, launches. `Gpu` is the real one; the tests also run the generated
+/// kernels on an emulation of this interface (compiled for the CPU), so the
+/// host logic below is checked on machines without a GPU.
+#[doc(hidden)]
+pub trait Machine {
+    type Buf;
+    /// A zeroed buffer of at least `bytes` bytes (at least one).
+    fn alloc(&self, bytes: usize) -> Result<Self::Buf, Diagnostic>;
+    fn upload(&self, bytes: &[u8]) -> Result<Self::Buf, Diagnostic>;
+    fn size(&self, buf: &Self::Buf) -> usize;
+    /// The address kernels see for `buf`.
+    fn address(&self, buf: &Self::Buf) -> u64;
+    /// Stores `address` as the `i`-th u64 of `table`.
+    fn set_address(&self, table: &mut Self::Buf, i: usize, address: u64) -> Result<(), Diagnostic>;
+    /// Launches kernel `k` of the program with `(table, dims, err)`;
+    /// `sizes` is the dim table's values (for the launch shape).
+    fn launch(
+        &self,
+        k: usize,
+        launch: &codegen::Launch,
+        sizes: &[i64],
+        args: [&Self::Buf; 3],
+    ) -> Result<(), Diagnostic>;
+    /// Waits for every launch, then copies a buffer back.
+    fn download(&self, buf: &Self::Buf) -> Result<Vec<u8>, Diagnostic>;
+}
+
+/// The GPU as a `Machine`: one stream, cudarc buffers.
+struct Gpu<'a> {
+    stream: &'a Arc<CudaStream>,
+    functions: &'a [CudaFunction],
+}
+
+impl Machine for Gpu<'_> {
+    type Buf = CudaSlice<u8>;
+
+    fn alloc(&self, bytes: usize) -> Result<CudaSlice<u8>, Diagnostic> {
+        self.stream
+            .alloc_zeros::<u8>(bytes.max(1))
+            .map_err(driver("allocation"))
+    }
+
+    fn upload(&self, bytes: &[u8]) -> Result<CudaSlice<u8>, Diagnostic> {
+        if bytes.is_empty() {
+            return self.alloc(1);
+        }
+        self.stream.clone_htod(bytes).map_err(driver("copy"))
+    }
+
+    fn size(&self, buf: &CudaSlice<u8>) -> usize {
+        buf.len()
+    }
+
+    fn address(&self, buf: &CudaSlice<u8>) -> u64 {
+        buf.device_ptr(self.stream).0
+    }
+
+    fn set_address(
+        &self,
+        table: &mut CudaSlice<u8>,
+        i: usize,
+        address: u64,
+    ) -> Result<(), Diagnostic> {
+        self.stream
+            .memcpy_htod(
+                &address.to_ne_bytes(),
+                &mut table.slice_mut(i * 8..i * 8 + 8),
+            )
+            .map_err(driver("copy"))
+    }
+
+    fn launch(
+        &self,
+        k: usize,
+        launch: &codegen::Launch,
+        sizes: &[i64],
+        args: [&CudaSlice<u8>; 3],
+    ) -> Result<(), Diagnostic> {
+        let Some(cfg) = launch_config(launch, sizes) else {
+            return Ok(());
+        };
+        let mut builder = self.stream.launch_builder(&self.functions[k]);
+        builder.arg(args[0]).arg(args[1]).arg(args[2]);
+        // SAFETY: every kernel takes (bufs, dims, err) as three device
+        // pointers; `execute` passes the pointer table (the buffer of this
+        // node and of every node it reads, each exactly its shape's
+        // elements), the dim table and three error words. Reads are proven
+        // (proofs re-checked by `execute`) or bounds-checked in the kernel.
+        unsafe { builder.launch(cfg) }.map_err(driver("kernel launch"))?;
+        Ok(())
+    }
+
+    fn download(&self, buf: &CudaSlice<u8>) -> Result<Vec<u8>, Diagnostic> {
+        self.stream.synchronize().map_err(driver("execution"))?;
+        self.stream.clone_dtoh(buf).map_err(driver("copy"))
+    }
+}
+
+fn execute<F: Real>(
+    graph: &Graph,
+    c: &Compiled,
+    dev: &Device,
+    bound: &Bound,
+    keep_all: bool,
+) -> Result<(Evaluation<F>, u64), Diagnostic> {
+    let gpu = Gpu {
+        stream: &dev.stream,
+        functions: &c.functions,
+    };
+    execute_on(graph, &c.source, c.precision, &gpu, bound, keep_all)
+}
+
+/// Runs every kernel of `source` once on `m` (module doc, step 4); returns
+/// the evaluation and the peak bytes of node buffers held at once.
+#[doc(hidden)]
+pub fn execute_on<F: Real, M: Machine>(
+    graph: &Graph,
+    source: &codegen::Source,
+    p: Precision,
+    m: &M,
+    bound: &Bound,
+    keep_all: bool,
+) -> Result<(Evaluation<F>, u64), Diagnostic> {
+    if Precision::of::<F>() != Some(p) {
+        return Err(failed("internal error: a program run in another precision"));
+    }
+    let sizes = &bound.sizes;
+    let dim_values: Vec<i64> = source
+        .dims
+        .iter()
+        .map(|d| d.eval(sizes).unwrap_or(0))
+        .collect();
+    for (b, d) in &source.proofs {
+        let need = b.eval(sizes).unwrap_or(0).max(0);
+        let have = d.eval(sizes).unwrap_or(-1);
+        if have < need {
+            return Err(Diagnostic::error(
+                codes::INDEX_RANGE,
+                format!("index range {b} = {need} exceeds the dim {d} = {have} it reads"),
+            )
+            .with_help("these sizes break an assumption of the program's shapes"));
+        }
+    }
+    let shapes = node_shapes(graph, bound)?;
+    let n = graph.nodes.len();
+    // Which nodes are copied back, and the last node reading each node.
+    let mut keep = vec![keep_all; n];
+    for (_, id) in graph.outputs.iter().chain(&graph.grads) {
+        keep[id.index()] = true;
+    }
+    let mut last_use = vec![usize::MAX; n];
+    for i in 0..n {
+        for o in graph.operands(NodeId(i as u32)) {
+            last_use[o.index()] = i;
+        }
+    }
+    let dim_bytes: Vec<u8> = dim_values.iter().flat_map(|d| d.to_ne_bytes()).collect();
+    let dims_buf = m.upload(&dim_bytes)?;
+    let err_buf = m.alloc(3 * 8)?;
+    let mut table = m.alloc(n.max(1) * 8)?;
+    let mut bufs: Vec<Option<M::Buf>> = (0..n).map(|_| None).collect();
+    let (mut live, mut peak) = (0u64, 0u64);
+    let mut kernels = source.kernels.iter().enumerate().peekable();
+    for i in 0..n {
+        let node = &graph.nodes[i];
+        let count: usize = shapes[i].iter().product();
+        let bytes = count * elem_bytes(node.dtype, p);
+        check_layout(graph, &shapes, i, bound)?;
+        let buf = if let NodeKind::Input { .. } = node.kind {
+            let input = bound.input(NodeId(i as u32)).ok_or_else(|| {
+                Diagnostic::error(codes::MISSING_TENSOR, "an input was not bound")
+            })?;
+            let data = input_bytes::<F>(&input.tensor.data, node.dtype);
+            if data.len() != bytes {
+                return Err(shape_error(format!(
+                    "input `{}` does not match its shape",
+                    input.name
+                )));
+            }
+            m.upload(&data)?
+        } else {
+            // A reduction to a scalar keeps its blocks' partial states after
+            // the output element (codegen::Launch::Scalar).
+            let scratch = match source.kernels.iter().find(|k| k.node.index() == i) {
+                Some(k) if matches!(k.launch, codegen::Launch::Scalar { .. }) => {
+                    8 + codegen::SCALAR_SCRATCH
+                }
+                _ => 0,
+            };
+            m.alloc(bytes + scratch)?
+        };
+        live += m.size(&buf) as u64;
+        peak = peak.max(live);
+        m.set_address(&mut table, i, m.address(&buf))?;
+        bufs[i] = Some(buf);
+        if let Some((k, kernel)) = kernels.next_if(|(_, k)| k.node.index() == i) {
+            m.launch(
+                k,
+                &kernel.launch,
+                &dim_values,
+                [&table, &dims_buf, &err_buf],
+            )?;
+        }
+        if !keep_all {
+            let mut dead = graph.operands(NodeId(i as u32));
+            dead.push(NodeId(i as u32));
+            for o in dead {
+                let unread =
+                    last_use[o.index()] == i || (o.index() == i && last_use[i] == usize::MAX);
+                if unread && !keep[o.index()] {
+                    if let Some(b) = bufs[o.index()].take() {
+                        live -= m.size(&b) as u64;
+                    }
+                }
+            }
+        }
+    }
+    let err_bytes = m.download(&err_buf)?;
+    let word = |k: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&err_bytes[k * 8..k * 8 + 8]);
+        i64::from_ne_bytes(b)
+    };
+    if word(0) != 0 {
+        return Err(kernel_error(
+            graph,
+            source,
+            &shapes,
+            word(0),
+            [word(1), word(2)],
+        ));
+    }
+    let mut values = Vec::with_capacity(n);
+    for (i, node) in graph.nodes.iter().enumerate() {
+        match (&bufs[i], keep[i]) {
+            (Some(b), true) => {
+                let count: usize = shapes[i].iter().product();
+                let mut host = m.download(b)?;
+                host.truncate(count * elem_bytes(node.dtype, p));
+                values.push(tensor_of::<F>(&host, node.dtype, &shapes[i])?);
+            }
+            _ => values.push(empty_tensor(node.dtype)),
+        }
+    }
+    let outputs = graph
+        .outputs
+        .iter()
+        .map(|(name, id)| {
+            let x = match &values[id.index()] {
+                Tensor::F(a) => a.iter().next().copied().unwrap_or_else(F::nan),
+                _ => F::nan(),
+            };
+            (name.clone(), x)
+        })
+        .collect();
+    Ok((Evaluation { outputs, values }, peak))
+}
+
+/// The interpreter's diagnostic for a kernel's error word.
+fn kernel_error(
+    graph: &Graph,
+    source: &codegen::Source,
+    shapes: &[Vec<usize>],
+    status: i64,
+    err: [i64; 2],
+) -> Diagnostic {
+    let site = usize::try_from(status - 1)
+        .ok()
+        .and_then(|s| source.sites.get(s));
+    match site {
+        Some(codegen::Site::Index { node, dim }) => {
+            let name = graph
+                .node(*node)
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("%{}", node.0));
+            let size = shapes
+                .get(node.index())
+                .and_then(|s| s.get(*dim))
+                .map_or(err[1], |s| *s as i64);
+            Diagnostic::error(
+                codes::INDEX_RANGE,
+                format!(
+                    "index {} is out of range for dim {dim} (size {size}) of `{name}`",
+                    err[0]
+                ),
+            )
+            .with_help("an int tensor used as an index (e.g. labels) holds a value outside the indexed dim")
+        }
+        Some(codegen::Site::RemByZero) => {
+            Diagnostic::error(codes::INDEX_RANGE, "integer remainder by zero")
+        }
+        Some(codegen::Site::DivByZero) => {
+            Diagnostic::error(codes::INDEX_RANGE, "integer division by zero")
+        }
+        Some(codegen::Site::Mixed(op)) => Diagnostic::error(
+            codes::TYPE_MISMATCH,
+            format!("internal error: `{}` on mixed scalar types", op.symbol()),
+        ),
+        None => failed(format!("internal error: kernel status {status}")),
+    }
+}

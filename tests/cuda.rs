@@ -1,0 +1,859 @@
+//! The CUDA backend. On every machine: the generated CUDA C of every standard
+//! loss is pinned by snapshots, NVRTC compiles every kernel to PTX for sm_90
+//! (no GPU needed; skipped with a reason when libnvrtc cannot be loaded,
+//! unless `LOSSC_REQUIRE_NVRTC=1`, which CI sets), and `--backend cuda`
+//! without a driver is a clear error. On a machine with a GPU: every fixture
+//! case of every library loss agrees with the interpreter (loss, components
+//! and every gradient, f32, relative 1e-4), skipped with a reason elsewhere.
+//!
+//! Update the snapshots after an intended change with `INSTA_UPDATE=always
+//! cargo test --test cuda`, and read the diff before committing it.
+
+mod common;
+use common::*;
+use lossc::bind;
+use lossc::cuda::{self, Precision};
+use std::process::Command;
+
+/// The first fixture case of every class the library defines.
+fn first_case_per_class() -> Vec<Case> {
+    let program = lossc::elab::Program::new();
+    let mut seen = std::collections::BTreeSet::new();
+    manifest()
+        .into_iter()
+        .filter(|c| lossc::select_loss(&program, None, Some(&c.class)).is_ok())
+        .filter(|c| seen.insert(c.class.clone()))
+        .collect()
+}
+
+/// The forward+gradient program of a case's loss, specialised to its tensors.
+fn full_graph(case: &Case) -> lossc::ir::Graph {
+    let tensors = read_case(case);
+    let graph = compile_std_for(&case.class, &case.params, &tensors)
+        .unwrap_or_else(|e| panic!("{}: {e}", case.id));
+    lossc::differentiate(&graph).0
+}
+
+fn nvrtc_or_skip(test: &str) -> bool {
+    match cuda::nvrtc::load() {
+        Ok(_) => true,
+        Err(e) => {
+            if std::env::var_os("LOSSC_REQUIRE_NVRTC").is_some_and(|v| v == "1") {
+                panic!("{test}: LOSSC_REQUIRE_NVRTC=1 but NVRTC cannot be used: {e}");
+            }
+            eprintln!("SKIP {test}: {e}");
+            false
+        }
+    }
+}
+
+#[test]
+fn generated_cuda_source_of_every_standard_loss() {
+    let cases = first_case_per_class();
+    assert!(cases.len() >= 25, "only {} classes", cases.len());
+    for case in cases {
+        let full = full_graph(&case);
+        let source =
+            cuda::source(&full, Precision::F32).unwrap_or_else(|e| panic!("{}: {e}", case.class));
+        // One kernel per node that is not an input.
+        let inputs = full.inputs().count();
+        assert_eq!(
+            source.kernels.len(),
+            full.nodes.len() - inputs,
+            "{}",
+            case.class
+        );
+        insta::assert_snapshot!(format!("cuda_{}", case.class), source.text);
+    }
+}
+
+#[test]
+fn generation_is_deterministic_and_precision_specific() {
+    let case = first_case_per_class()
+        .into_iter()
+        .find(|c| c.class == "MultipleNegativesRankingLoss")
+        .expect("an MNRL case");
+    let full = full_graph(&case);
+    let a = cuda::source(&full, Precision::F32).unwrap();
+    let b = cuda::source(&full, Precision::F32).unwrap();
+    assert_eq!(a.text, b.text);
+    let d = cuda::source(&full, Precision::F64).unwrap();
+    assert!(a.text.contains("typedef float real;"));
+    assert!(d.text.contains("typedef double real;"));
+    // MNRL's scores are a contraction: a tiled kernel.
+    assert!(a
+        .kernels
+        .iter()
+        .any(|k| matches!(k.launch, cuda::codegen::Launch::Tiled { .. })));
+    // Its loss is a mean to a scalar: a block reduction.
+    assert!(a
+        .kernels
+        .iter()
+        .any(|k| matches!(k.launch, cuda::codegen::Launch::Scalar { .. })));
+}
+
+#[test]
+fn every_kernel_of_every_standard_loss_compiles_to_ptx_for_sm_90() {
+    if !nvrtc_or_skip("NVRTC compile of every standard loss") {
+        return;
+    }
+    let start = std::time::Instant::now();
+    let cases = first_case_per_class();
+    // Two threads: NVRTC is the slow part and CI has two cores.
+    let failures = std::sync::Mutex::new(Vec::new());
+    let kernels = std::sync::atomic::AtomicUsize::new(0);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let Some(case) = cases.get(i) else { break };
+                let full = full_graph(case);
+                // f32 for every loss, f64 too for the first.
+                let precisions: &[Precision] = if i < 1 {
+                    &[Precision::F32, Precision::F64]
+                } else {
+                    &[Precision::F32]
+                };
+                for p in precisions {
+                    let source = cuda::source(&full, *p).unwrap();
+                    match cuda::nvrtc::compile(&source.text, "compute_90") {
+                        Ok(ptx) => {
+                            for k in &source.kernels {
+                                if !ptx.contains(&format!(".entry {}(", k.name)) {
+                                    failures.lock().unwrap().push(format!(
+                                        "{} {}: no entry {} in the PTX",
+                                        case.class,
+                                        p.name(),
+                                        k.name
+                                    ));
+                                }
+                            }
+                            kernels.fetch_add(
+                                source.kernels.len(),
+                                std::sync::atomic::Ordering::SeqCst,
+                            );
+                        }
+                        Err(e) => failures.lock().unwrap().push(format!(
+                            "{} {}: {e}",
+                            case.class,
+                            p.name()
+                        )),
+                    }
+                }
+            });
+        }
+    });
+    let failures = failures.into_inner().unwrap();
+    eprintln!(
+        "nvrtc: {} kernels of {} losses compiled for compute_90 in {:.1} s",
+        kernels.into_inner(),
+        cases.len(),
+        start.elapsed().as_secs_f64()
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[test]
+fn nvrtc_reports_a_compile_error() {
+    if !nvrtc_or_skip("NVRTC compile error") {
+        return;
+    }
+    let err = cuda::nvrtc::compile(
+        "extern \"C\" __global__ void k() { undeclared = 1; }",
+        "compute_90",
+    )
+    .unwrap_err();
+    assert!(err.contains("undeclared"), "{err}");
+}
+
+#[test]
+fn ptx_cache_key_depends_on_source_options_and_version() {
+    let k = |s: &str, o: &str, v: (u32, u32)| cuda::nvrtc::cache_key(s, &[o.to_string()], v);
+    let base = k("a", "x", (13, 0));
+    assert_eq!(base, k("a", "x", (13, 0)));
+    assert_ne!(base, k("b", "x", (13, 0)));
+    assert_ne!(base, k("a", "y", (13, 0)));
+    assert_ne!(base, k("a", "x", (13, 1)));
+    assert_eq!(base.len(), 32);
+}
+
+/// Relative agreement as the issue states it: |a - b| <= rtol * max(|a|, |b|, floor).
+fn agree(a: f64, b: f64, rtol: f64, scale: f64) -> bool {
+    if a.is_nan() || b.is_nan() {
+        return a.is_nan() && b.is_nan();
+    }
+    if a.is_infinite() || b.is_infinite() {
+        return a == b;
+    }
+    (a - b).abs() <= rtol * a.abs().max(b.abs()).max(1e-3 * scale).max(1e-30)
+}
+
+#[test]
+fn gpu_every_fixture_case_agrees_with_the_interpreter() {
+    if let Err(d) = cuda::device() {
+        eprintln!("SKIP GPU agreement tests: {} ({})", d.message, d.code);
+        return;
+    }
+    let program = lossc::elab::Program::new();
+    let mut failures = Vec::new();
+    let mut ran = 0;
+    for case in manifest() {
+        if lossc::select_loss(&program, None, Some(&case.class)).is_err() {
+            continue;
+        }
+        let tensors = read_case(&case);
+        let Ok(graph) = compile_std_for(&case.class, &case.params, &tensors) else {
+            continue;
+        };
+        let full = lossc::differentiate(&graph).0;
+        let bound = match bind::bind(&full, &tensors) {
+            Ok(b) => b,
+            Err(d) => {
+                failures.push(format!("{}: bind: {}", case.id, d[0].message));
+                continue;
+            }
+        };
+        let gpu = match cuda::compile(&full, Precision::F32) {
+            Ok(p) => p,
+            Err(d) => {
+                failures.push(format!("{}: compile: {}", case.id, d.message));
+                continue;
+            }
+        };
+        ran += 1;
+        let want = lossc::interp::evaluate::<f32>(&full, &bound);
+        let got = gpu.run::<f32>(&bound);
+        let (want, got) = match (want, got) {
+            (Ok(w), Ok(g)) => (w, g),
+            (Err(w), Err(g)) if w.code == g.code => continue,
+            (w, g) => {
+                failures.push(format!(
+                    "{}: interp {:?} vs cuda {:?}",
+                    case.id,
+                    w.err().map(|d| d.message),
+                    g.err().map(|d| d.message)
+                ));
+                continue;
+            }
+        };
+        if let Err(e) = check_outputs(&full, &bound, &want, &got, 1e-4) {
+            failures.push(format!("{}: {e}", case.id));
+        }
+        // The output-only run gives the same loss and gradients.
+        let lean = gpu.run_outputs::<f32>(&bound).expect("second run");
+        if lean.outputs[0].1 != got.outputs[0].1 {
+            failures.push(format!("{}: run_outputs differs from run", case.id));
+        }
+    }
+    eprintln!("cuda: {ran} fixture cases ran on the GPU");
+    assert!(ran > 0);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn gpu_out_of_range_label_is_a_diagnostic() {
+    if let Err(d) = cuda::device() {
+        eprintln!("SKIP GPU diagnostics test: {}", d.message);
+        return;
+    }
+    let src =
+        "loss L() {\n input x: [N]\n input idx: int[M]\n let y[m] = x[idx[m]]\n sum(m) y[m]\n}\n";
+    let graph = compile_src(src, None, &lossc::Params::new()).unwrap();
+    let tensors = tensors_of(r#"{"x": [1.0, 2.0], "idx": [0, 5]}"#);
+    let bound = bind::bind(&graph, &tensors).unwrap();
+    let gpu = cuda::compile(&graph, Precision::F32).unwrap();
+    let err = gpu.run::<f32>(&bound).err().expect("an error");
+    assert_eq!(err.code, "LC0506", "{}", err.message);
+    assert!(err.message.contains("index 5"), "{}", err.message);
+}
+
+fn lossc() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_lossc"))
+}
+
+#[test]
+fn cli_run_backend_cuda_without_a_driver_is_a_clear_error() {
+    let out = lossc()
+        .args([
+            "run",
+            "--loss",
+            "CoSENTLoss",
+            "--backend",
+            "cuda",
+            "--dtype",
+            "f32",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    if cuda::device().is_ok() {
+        assert!(out.status.success(), "{stderr}");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("backend cuda"));
+        return;
+    }
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("LC0601"), "{stderr}");
+    assert!(
+        stderr.contains("no CUDA driver found") || stderr.contains("no usable CUDA device"),
+        "{stderr}"
+    );
+    // bench says the same.
+    let out = lossc()
+        .args([
+            "bench",
+            "--loss",
+            "CoSENTLoss",
+            "--backend",
+            "cuda",
+            "--repeats",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("LC0601"), "{stderr}");
+}
+
+#[test]
+fn cli_cuda_prints_the_kernels() {
+    let out = lossc()
+        .args(["cuda", "--loss", "MultipleNegativesRankingLoss"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("typedef float real;"), "{text}");
+    assert!(
+        text.contains("extern \"C\" __global__ void lossc_n"),
+        "{text}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("kernels for"), "{stderr}");
+    let f64_out = lossc()
+        .args(["cuda", "--loss", "CoSENTLoss", "--dtype", "f64"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&f64_out.stdout).contains("typedef double real;"));
+    let help = lossc().args(["cuda", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for flag in [
+        "--loss", "--params", "--dtype", "--ptx", "--arch", "Examples",
+    ] {
+        assert!(help.contains(flag), "cuda --help lacks {flag}\n{help}");
+    }
+    let bad = lossc()
+        .args(["cuda", "--loss", "NoSuchLoss"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+}
+
+/// The generated kernels compiled for the CPU (`tests/cuda_emu/shim.h`) and
+/// run through the backend's own host logic (`cuda::execute_on`): checks the
+/// kernels' semantics and the runtime (pointer table, dim table, proofs,
+/// error word, freeing dead buffers) on machines without a GPU.
+mod emu {
+    use lossc::cuda::codegen::{Launch, Source, TILE};
+    use lossc::cuda::Machine;
+    use lossc::syntax::Diagnostic;
+    use std::path::PathBuf;
+
+    type KernelFn = unsafe extern "C" fn(*const u64, *const i64, *mut i64);
+
+    pub struct Emu {
+        kernels: Vec<KernelFn>,
+        begin: unsafe extern "C" fn(u32),
+        end: unsafe extern "C" fn(),
+        thread: unsafe extern "C" fn(u32, u32, u32, u32, u32, u32),
+        _lib: libloading::Library,
+    }
+
+    fn shim() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/cuda_emu/shim.h")
+    }
+
+    /// `None` when no host C++ compiler can be run (the reason is returned).
+    pub fn available() -> Result<(), String> {
+        match std::process::Command::new("g++").arg("--version").output() {
+            Ok(o) if o.status.success() => Ok(()),
+            _ => Err("no host C++ compiler (g++) to emulate the kernels with".into()),
+        }
+    }
+
+    impl Emu {
+        pub fn compile(source: &Source, tag: &str) -> Result<Emu, String> {
+            let dir = std::env::temp_dir().join(format!("lossc-cuda-emu-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+            let cu = dir.join(format!("{tag}.cpp"));
+            let so = dir.join(format!("{tag}.so"));
+            std::fs::write(&cu, &source.text).map_err(|e| e.to_string())?;
+            let out = std::process::Command::new("g++")
+                .args(["-std=c++17", "-O0", "-w", "-shared", "-fPIC", "-include"])
+                .arg(shim())
+                .arg(&cu)
+                .arg("-o")
+                .arg(&so)
+                .arg("-lpthread")
+                .output()
+                .map_err(|e| e.to_string())?;
+            if !out.status.success() {
+                return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+            }
+            // SAFETY: a library we just built from generated code and the shim.
+            unsafe {
+                let lib = libloading::Library::new(&so).map_err(|e| e.to_string())?;
+                let mut kernels = Vec::new();
+                for k in &source.kernels {
+                    let f: libloading::Symbol<KernelFn> =
+                        lib.get(k.name.as_bytes()).map_err(|e| e.to_string())?;
+                    kernels.push(*f);
+                }
+                let begin = *lib
+                    .get::<unsafe extern "C" fn(u32)>(b"lossc_emu_begin")
+                    .map_err(|e| e.to_string())?;
+                let end = *lib
+                    .get::<unsafe extern "C" fn()>(b"lossc_emu_end")
+                    .map_err(|e| e.to_string())?;
+                let thread = *lib
+                    .get::<unsafe extern "C" fn(u32, u32, u32, u32, u32, u32)>(b"lossc_emu_thread")
+                    .map_err(|e| e.to_string())?;
+                let _ = std::fs::remove_file(&so);
+                let _ = std::fs::remove_file(&cu);
+                Ok(Emu {
+                    kernels,
+                    begin,
+                    end,
+                    thread,
+                    _lib: lib,
+                })
+            }
+        }
+    }
+
+    /// Host memory in u64 words (aligned for every element type), and its
+    /// size in bytes.
+    pub struct Buf(Vec<u64>, usize);
+
+    impl Machine for Emu {
+        type Buf = Buf;
+
+        fn alloc(&self, bytes: usize) -> Result<Buf, Diagnostic> {
+            let bytes = bytes.max(1);
+            Ok(Buf(vec![0u64; bytes.div_ceil(8)], bytes))
+        }
+
+        fn upload(&self, bytes: &[u8]) -> Result<Buf, Diagnostic> {
+            let mut b = self.alloc(bytes.len())?;
+            // SAFETY: the words hold at least `bytes.len()` bytes.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    bytes.as_ptr(),
+                    b.0.as_mut_ptr() as *mut u8,
+                    bytes.len(),
+                )
+            };
+            Ok(b)
+        }
+
+        fn size(&self, buf: &Buf) -> usize {
+            buf.1
+        }
+
+        fn address(&self, buf: &Buf) -> u64 {
+            buf.0.as_ptr() as u64
+        }
+
+        fn set_address(&self, table: &mut Buf, i: usize, address: u64) -> Result<(), Diagnostic> {
+            table.0[i] = address;
+            Ok(())
+        }
+
+        fn launch(
+            &self,
+            k: usize,
+            launch: &Launch,
+            sizes: &[i64],
+            args: [&Buf; 3],
+        ) -> Result<(), Diagnostic> {
+            let (bx, by, grid) = match launch {
+                Launch::Grid { total } if sizes[*total] <= 0 => return Ok(()),
+                Launch::Grid { .. } => (1, 1, 1),
+                // Any power of two up to the shared arrays' size works, and
+                // up to that many blocks; fewer threads spawn faster.
+                Launch::Scalar { .. } => (8, 1, 3),
+                Launch::Rows { total, .. } if sizes[*total] <= 0 => return Ok(()),
+                Launch::Rows { .. } => (4, 1, 1),
+                Launch::Tiled { .. } => (TILE, TILE, 1),
+            };
+            let f = self.kernels[k];
+            let (t, d, e) = (
+                args[0].0.as_ptr() as usize,
+                args[1].0.as_ptr() as usize,
+                args[2].0.as_ptr() as usize,
+            );
+            let thread = self.thread;
+            // SAFETY: the shim's barrier for bx * by threads.
+            unsafe { (self.begin)(bx * by) };
+            // Blocks run one after the other, each block's threads at once.
+            for block in 0..grid {
+                std::thread::scope(|s| {
+                    for y in 0..by {
+                        for x in 0..bx {
+                            s.spawn(move || {
+                                // SAFETY: the kernel reads the pointer table
+                                // and the buffers it names, which outlive the
+                                // launch (`execute_on` holds them); bounds as
+                                // on a GPU.
+                                unsafe {
+                                    thread(x, y, bx, by, block, grid);
+                                    f(t as *const u64, d as *const i64, e as *mut i64);
+                                }
+                            });
+                        }
+                    }
+                });
+            }
+            // SAFETY: every thread of the launch has finished.
+            unsafe { (self.end)() };
+            Ok(())
+        }
+
+        fn download(&self, buf: &Buf) -> Result<Vec<u8>, Diagnostic> {
+            // SAFETY: the words hold `buf.1` bytes.
+            Ok(unsafe { std::slice::from_raw_parts(buf.0.as_ptr() as *const u8, buf.1) }.to_vec())
+        }
+    }
+}
+
+/// Every node's value of two evaluations agrees to `rtol` relative to the
+/// larger of the element and the node's largest magnitude: block reductions
+/// and contractions sum in another order than the interpreter, and under
+/// cancellation an element's rounding error is relative to its terms, not
+/// to its value (as tests/jit.rs compares GEMM nodes); nodes that are zero
+/// in exact arithmetic agree to `rtol / 1000` absolute. The loss, its
+/// components and the gradients, what users see, are then compared as the
+/// GPU agreement test does (`check_outputs`).
+fn compare_all<F: lossc::interp::Real>(
+    graph: &lossc::ir::Graph,
+    want: &lossc::interp::Evaluation<F>,
+    got: &lossc::interp::Evaluation<F>,
+    rtol: f64,
+) -> Result<(), String> {
+    use lossc::interp::Tensor;
+    for (i, (w, g)) in want.values.iter().zip(&got.values).enumerate() {
+        let node =
+            lossc::ir::print::print_node(graph, lossc::ir::NodeId(i as u32), &graph.nodes[i]);
+        match (w, g) {
+            (Tensor::F(w), Tensor::F(g)) => {
+                if w.shape() != g.shape() {
+                    return Err(format!("%{i}: shape {:?} vs {:?}", g.shape(), w.shape()));
+                }
+                let f = |x: &F| x.to_f64().unwrap_or(f64::NAN);
+                let scale = w
+                    .iter()
+                    .map(f)
+                    .filter(|x| x.is_finite())
+                    .fold(0.0f64, |m, x| m.max(x.abs()));
+                for (k, (a, b)) in g.iter().zip(w.iter()).enumerate() {
+                    // `agree` floors at a thousandth of `scale`: this floors
+                    // at `rtol` times the node's largest magnitude. Nodes
+                    // that are zero in exact arithmetic hold rounding noise
+                    // of the O(1) inputs: an absolute floor of rtol / 1000.
+                    let noise = (f(a) - f(b)).abs() <= rtol * 1e-3;
+                    if !noise && !agree(f(a), f(b), rtol, scale * 1e3) {
+                        return Err(format!(
+                            "%{i}[{k}]: emulated {:e}, interp {:e}\n  {node}",
+                            f(a),
+                            f(b)
+                        ));
+                    }
+                }
+            }
+            (Tensor::I(w), Tensor::I(g)) if w == g => {}
+            (Tensor::B(w), Tensor::B(g)) if w == g => {}
+            _ => return Err(format!("%{i}: int/bool values differ\n  {node}")),
+        }
+    }
+    Ok(())
+}
+
+/// The loss, components and gradient tensors agree: relative `rtol` for
+/// values, and for gradients the fixture tests' standard,
+/// |got - want| <= rtol (|want| + max |want|) (`common::grad_error`).
+fn check_outputs<F: lossc::interp::Real>(
+    full: &lossc::ir::Graph,
+    bound: &bind::Bound,
+    want: &lossc::interp::Evaluation<F>,
+    got: &lossc::interp::Evaluation<F>,
+    rtol: f64,
+) -> Result<(), String> {
+    let f = |x: &F| x.to_f64().unwrap_or(f64::NAN);
+    for ((name, w), (_, g)) in want.outputs.iter().zip(&got.outputs) {
+        if !agree(f(g), f(w), rtol, 1e-3) {
+            return Err(format!("{name}: got {:e}, interp {:e}", f(g), f(w)));
+        }
+    }
+    let gw = lossc::gradient_tensors(full, bound, want);
+    let gg = lossc::gradient_tensors(full, bound, got);
+    for ((name, w), (_, g)) in gw.iter().zip(&gg) {
+        let err = grad_error(&g.to_f64_vec(), &w.to_f64_vec(), &w.shape, rtol, true);
+        if err > 1.0 {
+            return Err(format!("grad.{name}: error {err:.2} times the allowance"));
+        }
+    }
+    Ok(())
+}
+
+fn emulate_case<F: lossc::interp::Real>(
+    full: &lossc::ir::Graph,
+    bound: &bind::Bound,
+    p: Precision,
+    machine: &emu::Emu,
+    rtol: f64,
+) -> Result<(), String> {
+    let source = cuda::source(full, p)?;
+    let want = lossc::interp::evaluate::<F>(full, bound);
+    let got = cuda::execute_on::<F, _>(full, &source, p, machine, bound, true);
+    let (want, (got, peak_all)) = match (want, got) {
+        (Ok(w), Ok(g)) => (w, g),
+        (Err(w), Err(g)) if w.code == g.code => return Ok(()),
+        (w, g) => {
+            return Err(format!(
+                "interp {:?} vs emulated {:?}",
+                w.err().map(|d| d.message),
+                g.err().map(|d| d.message)
+            ))
+        }
+    };
+    compare_all(full, &want, &got, rtol)?;
+    check_outputs(full, bound, &want, &got, rtol)?;
+    // The lean run (outputs and gradients only, dead buffers freed) agrees.
+    let (lean, peak) =
+        cuda::execute_on::<F, _>(full, &source, p, machine, bound, false).map_err(|d| d.message)?;
+    if lean.outputs != got.outputs {
+        return Err("outputs of the lean run differ".into());
+    }
+    let gw = lossc::gradient_tensors(full, bound, &got);
+    let gl = lossc::gradient_tensors(full, bound, &lean);
+    if gw.len() != gl.len()
+        || gw
+            .iter()
+            .zip(&gl)
+            .any(|(a, b)| a.1.to_f64_vec() != b.1.to_f64_vec())
+    {
+        return Err("gradients of the lean run differ".into());
+    }
+    if peak > peak_all {
+        return Err(format!(
+            "freeing dead buffers raised the peak: {peak} > {peak_all}"
+        ));
+    }
+    Ok(())
+}
+
+#[test]
+fn emulated_kernels_agree_with_the_interpreter_on_fixture_cases() {
+    if let Err(e) = emu::available() {
+        eprintln!("SKIP emulated kernels: {e}");
+        return;
+    }
+    let start = std::time::Instant::now();
+    let program = lossc::elab::Program::new();
+    // Cases grouped by generated program: each group compiles once, and the
+    // two workers never share a library (the shim's barrier is global).
+    let mut groups: std::collections::BTreeMap<
+        String,
+        Vec<(String, lossc::ir::Graph, bind::Bound)>,
+    > = Default::default();
+    // CI time is tight: by default the first two cases of each class (every
+    // class, every kind of kernel); LOSSC_EMU_ALL=1 runs all 129 (about a
+    // minute on two cores; all pass).
+    let all = std::env::var_os("LOSSC_EMU_ALL").is_some_and(|v| v == "1");
+    let mut per_class: std::collections::BTreeMap<String, usize> = Default::default();
+    for case in manifest() {
+        if lossc::select_loss(&program, None, Some(&case.class)).is_err() {
+            continue;
+        }
+        let seen = per_class.entry(case.class.clone()).or_default();
+        *seen += 1;
+        if *seen > 2 && !all {
+            continue;
+        }
+        let tensors = read_case(&case);
+        let Ok(graph) = compile_std_for(&case.class, &case.params, &tensors) else {
+            continue;
+        };
+        let full = lossc::differentiate(&graph).0;
+        let Ok(bound) = bind::bind(&full, &tensors) else {
+            continue;
+        };
+        let source = cuda::source(&full, Precision::F64).unwrap();
+        let key = cuda::nvrtc::cache_key(&source.text, &[], (0, 0));
+        groups
+            .entry(key)
+            .or_default()
+            .push((case.id.clone(), full, bound));
+    }
+    let groups: Vec<_> = groups.into_iter().collect();
+    let setup_s = start.elapsed().as_secs_f64();
+    let ran: usize = groups.iter().map(|g| g.1.len()).sum();
+    let failures = std::sync::Mutex::new(Vec::new());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let Some((key, cases)) = groups.get(i) else {
+                    break;
+                };
+                let source = cuda::source(&cases[0].1, Precision::F64).unwrap();
+                let machine = match emu::Emu::compile(&source, key) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("{}: host compile: {e}", cases[0].0));
+                        continue;
+                    }
+                };
+                for (id, full, bound) in cases {
+                    // f64, where a semantic slip cannot hide in rounding:
+                    // only the summation order differs from the interpreter.
+                    if let Err(e) = emulate_case::<f64>(full, bound, Precision::F64, &machine, 1e-9)
+                    {
+                        failures.lock().unwrap().push(format!("{id} f64: {e}"));
+                    }
+                }
+            });
+        }
+    });
+    let failures = failures.into_inner().unwrap();
+    eprintln!(
+        "emulated: {ran} fixture cases, {} programs, {:.1} s ({setup_s:.1} s compiling the losses)",
+        groups.len(),
+        start.elapsed().as_secs_f64()
+    );
+    assert!(ran >= 50, "only {ran} cases ran");
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn emulated_out_of_range_index_is_the_interpreters_diagnostic() {
+    if let Err(e) = emu::available() {
+        eprintln!("SKIP emulated kernels: {e}");
+        return;
+    }
+    let src =
+        "loss L() {\n input x: [N]\n input idx: int[M]\n let y[m] = x[idx[m]]\n sum(m) y[m]\n}\n";
+    let graph = compile_src(src, None, &lossc::Params::new()).unwrap();
+    let full = lossc::differentiate(&graph).0;
+    let source = cuda::source(&full, Precision::F64).unwrap();
+    let machine = emu::Emu::compile(&source, "index_error").unwrap();
+    let run = |json: &str| {
+        let bound = bind::bind(&full, &tensors_of(json)).unwrap();
+        let want = lossc::interp::evaluate::<f64>(&full, &bound);
+        let got =
+            cuda::execute_on::<f64, _>(&full, &source, Precision::F64, &machine, &bound, true);
+        (want, got.map(|x| x.0))
+    };
+    let (want, got) = run(r#"{"x": [1.0, 2.0, 4.0], "idx": [0, 2, 2]}"#);
+    assert_eq!(want.unwrap().outputs, got.unwrap().outputs);
+    let (want, got) = run(r#"{"x": [1.0, 2.0], "idx": [0, 5]}"#);
+    let (want, got) = (want.err().unwrap(), got.err().unwrap());
+    assert_eq!(got.code, "LC0506");
+    assert_eq!(got.message, want.message);
+}
+
+#[test]
+fn emulated_kernels_agree_at_sizes_that_cross_tiles() {
+    // The fixtures are smaller than one 64×64 contraction tile; these sizes
+    // make every kernel loop over several tiles, partial tiles and rows
+    // longer than a block.
+    if let Err(e) = emu::available() {
+        eprintln!("SKIP emulated kernels: {e}");
+        return;
+    }
+    let cases: &[(&str, &str)] = &[
+        ("MultipleNegativesRankingLoss", "{}"),
+        ("CoSENTLoss", "{}"),
+        ("BatchHardTripletLoss", "{}"),
+        (
+            "MatryoshkaLoss",
+            r#"{"loss": {"st_class": "MultipleNegativesRankingLoss", "params": {}}, "matryoshka_dims": [40, 16]}"#,
+        ),
+    ];
+    let dims: std::collections::BTreeMap<String, i64> = [("B", 70), ("D", 40), ("K", 1)]
+        .map(|(k, v)| (k.to_string(), v))
+        .into();
+    let mut failures = Vec::new();
+    for (class, params) in cases {
+        let graph = compile_std(class, &params_of(params)).unwrap();
+        let full = lossc::differentiate(&graph).0;
+        let known = full.dim_names();
+        let dims = dims
+            .iter()
+            .filter(|(k, _)| known.contains(k))
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        let tensors = bind::random_inputs(&full, 7, &dims).unwrap();
+        let bound = bind::bind(&full, &tensors).unwrap();
+        let source = cuda::source(&full, Precision::F64).unwrap();
+        let machine = emu::Emu::compile(&source, &format!("tiles_{class}")).unwrap();
+        if let Err(e) = emulate_case::<f64>(&full, &bound, Precision::F64, &machine, 1e-9) {
+            failures.push(format!("{class}: {e}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn emulated_reductions_keep_the_interpreters_special_values() {
+    // -inf items (log 0), NaN items (log of a negative), ties: logsumexp,
+    // max/min (first extreme, NaN wins), mean of an empty filtered set, both
+    // to a scalar (the multi-block kernel) and per row.
+    if let Err(e) = emu::available() {
+        eprintln!("SKIP emulated kernels: {e}");
+        return;
+    }
+    let src = "loss L() {\n input x: [N]\n input y: [M, P]\n \
+        output lse = logsumexp(i) log(x[i])\n \
+        output mx = max(i) log(x[i])\n \
+        output mn = min(i) log(x[i])\n \
+        output empty = mean(i | x[i] > 100.0, else 7.0) x[i]\n \
+        let row_lse[m] = logsumexp(j) log(y[m, j])\n \
+        let row_max[m] = max(j) log(y[m, j])\n \
+        output rows = sum(m) (row_lse[m] + row_max[m])\n \
+        sum(i) x[i]\n}\n";
+    let graph = compile_src(src, None, &lossc::Params::new()).unwrap();
+    let source = cuda::source(&graph, Precision::F64).unwrap();
+    let machine = emu::Emu::compile(&source, "special").unwrap();
+    for (x, y) in [
+        ("[0.0, 0.0, 0.0]", "[[0.0, 0.0], [1.0, 0.0]]"),
+        ("[0.0, 1.0, 1.0]", "[[2.0, 2.0], [0.0, 3.0]]"),
+        ("[1.0, -1.0, 2.0]", "[[1.0, -1.0], [-2.0, 5.0]]"),
+        ("[3.0, 3.0, -1.0]", "[[0.0, -1.0], [4.0, 4.0]]"),
+    ] {
+        let tensors = tensors_of(&format!(r#"{{"x": {x}, "y": {y}}}"#));
+        let bound = bind::bind(&graph, &tensors).unwrap();
+        let want = lossc::interp::evaluate::<f64>(&graph, &bound).unwrap();
+        let (got, _) =
+            cuda::execute_on::<f64, _>(&graph, &source, Precision::F64, &machine, &bound, true)
+                .unwrap();
+        compare_all(&graph, &want, &got, 1e-12).unwrap_or_else(|e| panic!("x = {x}: {e}"));
+        for ((name, w), (_, g)) in want.outputs.iter().zip(&got.outputs) {
+            assert!(
+                w == g || (w.is_nan() && g.is_nan()) || (w - g).abs() <= 1e-12 * w.abs(),
+                "x = {x}, y = {y}: {name}: emulated {g}, interp {w}"
+            );
+        }
+    }
+}
