@@ -286,3 +286,37 @@ fn mnrl_at_a_large_batch_keeps_no_b_by_n_matrix_whole() {
         );
     }
 }
+
+#[test]
+fn an_odd_batch_of_1023_streams_in_uneven_blocks_and_agrees() {
+    // 1023 rows in blocks of 100: ten full blocks and a short one.
+    for (class, k) in [("MultipleNegativesRankingLoss", 1i64), ("CoSENTLoss", 0)] {
+        let params = params_for(class);
+        let base = compile_std(class, &params).expect("compiles");
+        let dims: BTreeMap<String, i64> = [("B", 1023i64), ("D", 3), ("K", k)]
+            .into_iter()
+            .map(|(n, v)| (n.to_string(), v))
+            .filter(|(n, _)| base.dim_names().contains(n))
+            .collect();
+        let tensors = bind::random_inputs(&base, 5, &dims).expect("inputs");
+        let graph = compile_std_for(class, &params, &tensors).expect("compiles");
+        let full = lossc::differentiate(&graph).0;
+        let bound = bind::bind(&full, &tensors).expect("binds");
+        let want = results(
+            &full,
+            &interp::evaluate::<f64>(&full, &bound).expect("interp"),
+        );
+        let program = jit::compile(&full, Precision::F64).expect("jit");
+        for opts in [
+            options(Streaming::Always, Some(100), 2),
+            options(Streaming::Never, None, 2),
+        ] {
+            let got = results(
+                &full,
+                &program.run_with::<f64>(&bound, opts).expect("jit run"),
+            );
+            let w = worst(&want, &got, 1e-6).expect("same outputs");
+            assert!(w <= 1e-9, "{class} {opts:?}: relative difference {w:e}");
+        }
+    }
+}
