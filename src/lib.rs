@@ -210,7 +210,11 @@ pub fn into_gradient_tensors<F: interp::Real>(
         match std::mem::replace(&mut eval.values[node.index()], empty) {
             interp::Tensor::F(a) => {
                 let shape = a.shape().to_vec();
-                let a = a.as_standard_layout().into_owned();
+                let a = if a.is_standard_layout() {
+                    a
+                } else {
+                    a.as_standard_layout().into_owned()
+                };
                 let (data, offset) = a.into_raw_vec_and_offset();
                 match offset {
                     Some(0) | None => Some((shape, data)),
