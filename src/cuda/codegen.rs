@@ -18,7 +18,7 @@
 //!   reduction also computes each output element of a reduction whose
 //!   innermost reduced index walks the contiguous dim of a read (a row of a
 //!   score matrix, a norm), one block per element (`Launch::Rows`).
-//!   Contractions (`contract.rs`) are a shared-memory tiled kernel (64×64
+//!   Contractions (`ir::contraction`) are a shared-memory tiled kernel (64×64
 //!   output tiles, 4×4 per thread). Layout nodes (concat, slice, reshape)
 //!   are copy kernels.
 //! * Semantics are the interpreter's: `if` evaluates only the taken branch
@@ -34,7 +34,6 @@
 //!   diagnostic. Kernels never return from a divergent branch, so block
 //!   barriers stay uniform.
 
-use super::contract;
 use crate::ir::{BinOp, Comp, DType, Dim, Expr, Graph, IdxVar, NodeId, NodeKind, RedOp, UnOp};
 use crate::jit::Precision;
 use std::collections::HashMap;
@@ -370,7 +369,7 @@ impl Gen<'_> {
 
     fn comp(&mut self, id: NodeId, c: &Comp) -> Result<(String, Launch), String> {
         let node = self.graph.node(id);
-        if let Some(con) = contract::recognise(self.graph, c, node.dtype) {
+        if let Some(con) = crate::ir::contraction::recognise(self.graph, c, node.dtype) {
             if let Some(k) = self.tiled(id, &con) {
                 return Ok(k);
             }
@@ -491,22 +490,7 @@ impl Gen<'_> {
         for pass in 0..passes {
             let mut e = Emitter::new(self, 2);
             e.levels = out_levels.iter().chain(&r.over).cloned().collect();
-            let mut rest_used = false;
-            for (k, (v, d)) in r.over.iter().enumerate().rev() {
-                if k == 0 {
-                    e.line(&format!("const long long v{} = rest;", v.0));
-                } else {
-                    let d = e.g.dim(d);
-                    e.line(&format!("const long long v{} = rest % {d};", v.0));
-                    e.line(&format!("rest /= {d};"));
-                }
-                rest_used = true;
-            }
-            if let Some(f) = &r.filter {
-                let (fv, ft) = e.expr(f);
-                let b = e.convert(&fv, ft, Ty::B);
-                e.line(&format!("if (!({b})) continue;"));
-            }
+            let rest_used = e.reduced_item(r);
             let item = if r.op == RedOp::Count {
                 None
             } else {
@@ -611,22 +595,7 @@ impl Gen<'_> {
         );
         let mut e = Emitter::new(self, 2);
         e.levels = r.over.clone();
-        let mut rest_used = false;
-        for (k, (v, d)) in r.over.iter().enumerate().rev() {
-            if k == 0 {
-                e.line(&format!("const long long v{} = rest;", v.0));
-            } else {
-                let d = e.g.dim(d);
-                e.line(&format!("const long long v{} = rest % {d};", v.0));
-                e.line(&format!("rest /= {d};"));
-            }
-            rest_used = true;
-        }
-        if let Some(f) = &r.filter {
-            let (fv, ft) = e.expr(f);
-            let b = e.convert(&fv, ft, Ty::B);
-            e.line(&format!("if (!({b})) continue;"));
-        }
+        let rest_used = e.reduced_item(r);
         if r.op != RedOp::Count {
             let (x, t) = e.expr(&c.body);
             let x = e.convert(&x, t, acc.item_ty());
@@ -799,20 +768,24 @@ impl Gen<'_> {
 
     /// A contraction as a tiled kernel, when every operand extent provably
     /// fits its read dim (otherwise the generic kernel checks each read).
-    fn tiled(&mut self, id: NodeId, con: &contract::Contraction) -> Option<(String, Launch)> {
+    fn tiled(
+        &mut self,
+        id: NodeId,
+        con: &crate::ir::contraction::Contraction,
+    ) -> Option<(String, Launch)> {
         let node = self.graph.node(id);
         let (bdim, mdim, ndim) = match (con.batched, node.shape.as_slice()) {
             (false, [m, n]) => (None, m.clone(), n.clone()),
             (true, [b, m, n]) => (Some(b.clone()), m.clone(), n.clone()),
             _ => return None,
         };
-        let extent = |role: contract::Role, outer: &Dim| match role {
-            contract::Role::Batch => bdim.clone().unwrap_or(Dim::lit(1)),
-            contract::Role::Outer => outer.clone(),
-            contract::Role::K => con.k.clone(),
+        let extent = |role: crate::ir::contraction::Role, outer: &Dim| match role {
+            crate::ir::contraction::Role::Batch => bdim.clone().unwrap_or(Dim::lit(1)),
+            crate::ir::contraction::Role::Outer => outer.clone(),
+            crate::ir::contraction::Role::K => con.k.clone(),
         };
         // Strides (symbolic) of each role of an operand.
-        let mut strides = |op: &contract::Operand, outer: &Dim| -> Option<[Dim; 3]> {
+        let mut strides = |op: &crate::ir::contraction::Operand, outer: &Dim| -> Option<[Dim; 3]> {
             let shape = self.graph.node(op.node).shape.clone();
             if shape.len() != op.roles.len() {
                 return None;
@@ -1253,6 +1226,27 @@ struct Emitter<'g, 'a> {
 }
 
 impl<'g, 'a> Emitter<'g, 'a> {
+    /// Decodes the flat reduced position `rest` into the reduced variables
+    /// (the last varies fastest), then skips the element when the filter
+    /// rejects it. Whether `rest` was used.
+    fn reduced_item(&mut self, r: &crate::ir::Reduce) -> bool {
+        for (k, (v, d)) in r.over.iter().enumerate().rev() {
+            if k == 0 {
+                self.line(&format!("const long long v{} = rest;", v.0));
+            } else {
+                let d = self.g.dim(d);
+                self.line(&format!("const long long v{} = rest % {d};", v.0));
+                self.line(&format!("rest /= {d};"));
+            }
+        }
+        if let Some(f) = &r.filter {
+            let (fv, ft) = self.expr(f);
+            let b = self.convert(&fv, ft, Ty::B);
+            self.line(&format!("if (!({b})) continue;"));
+        }
+        !r.over.is_empty()
+    }
+
     fn new(g: &'g mut Gen<'a>, indent: usize) -> Self {
         Emitter {
             g,

@@ -7,7 +7,7 @@
 //!
 //! 1. **Generate** (`codegen.rs`, pure, runs anywhere): one kernel per
 //!    non-input node, the dim table, the bounds proofs and the error sites.
-//!    Contractions are recognised by `contract.rs` and become tiled kernels.
+//!    Contractions are recognised by `ir::contraction` and become tiled kernels.
 //! 2. **Find the device** (`device`): cudarc loads libcuda at run time
 //!    (dynamic loading), so the crate builds and its CPU tests pass without
 //!    CUDA. No driver is the diagnostic LC0601 "no CUDA driver found", never a
@@ -40,7 +40,7 @@
 //! * Nothing here panics on a missing library or device.
 
 pub mod codegen;
-mod contract;
+
 pub mod nvrtc;
 
 use crate::bind::Bound;
@@ -715,17 +715,7 @@ pub fn execute_on<F: Real, M: Machine>(
             _ => values.push(empty_tensor(node.dtype)),
         }
     }
-    let outputs = graph
-        .outputs
-        .iter()
-        .map(|(name, id)| {
-            let x = match &values[id.index()] {
-                Tensor::F(a) => a.iter().next().copied().unwrap_or_else(F::nan),
-                _ => F::nan(),
-            };
-            (name.clone(), x)
-        })
-        .collect();
+    let outputs = crate::interp::scalar_outputs(graph, &values);
     Ok((Evaluation { outputs, values }, peak))
 }
 
@@ -742,23 +732,11 @@ fn kernel_error(
         .and_then(|s| source.sites.get(s));
     match site {
         Some(codegen::Site::Index { node, dim }) => {
-            let name = graph
-                .node(*node)
-                .name
-                .clone()
-                .unwrap_or_else(|| format!("%{}", node.0));
             let size = shapes
                 .get(node.index())
                 .and_then(|s| s.get(*dim))
                 .map_or(err[1], |s| *s as i64);
-            Diagnostic::error(
-                codes::INDEX_RANGE,
-                format!(
-                    "index {} is out of range for dim {dim} (size {size}) of `{name}`",
-                    err[0]
-                ),
-            )
-            .with_help("an int tensor used as an index (e.g. labels) holds a value outside the indexed dim")
+            crate::interp::index_error(graph, *node, *dim, err[0], size)
         }
         Some(codegen::Site::RemByZero) => {
             Diagnostic::error(codes::INDEX_RANGE, "integer remainder by zero")

@@ -68,15 +68,39 @@ pub fn evaluate<F: Real>(graph: &Graph, bound: &Bound) -> Rt<Evaluation<F>> {
         };
         values.push(v);
     }
-    let mut outputs = Vec::new();
-    for (name, id) in &graph.outputs {
-        let x = match &values[id.index()] {
-            Tensor::F(a) => a.iter().next().copied().unwrap_or_else(F::nan),
-            _ => F::nan(),
-        };
-        outputs.push((name.clone(), x));
-    }
+    let outputs = scalar_outputs(graph, &values);
     Ok(Evaluation { outputs, values })
+}
+
+/// The graph's named outputs, read from the node values (every backend
+/// reports them this way; a non-float or empty value is NaN).
+pub fn scalar_outputs<F: Real>(graph: &Graph, values: &[Tensor<F>]) -> Vec<(String, F)> {
+    graph
+        .outputs
+        .iter()
+        .map(|(name, id)| {
+            let x = match &values[id.index()] {
+                Tensor::F(a) => a.iter().next().copied().unwrap_or_else(F::nan),
+                _ => F::nan(),
+            };
+            (name.clone(), x)
+        })
+        .collect()
+}
+
+/// The diagnostic for a read at `index` outside dim `dim` (of `size`) of
+/// `node`: the interpreter's, which every backend reports word for word.
+pub fn index_error(graph: &Graph, node: NodeId, dim: usize, index: i64, size: i64) -> Diagnostic {
+    let name = graph
+        .node(node)
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("%{}", node.0));
+    Diagnostic::error(
+        codes::INDEX_RANGE,
+        format!("index {index} is out of range for dim {dim} (size {size}) of `{name}`"),
+    )
+    .with_help("an int tensor used as an index (e.g. labels) holds a value outside the indexed dim")
 }
 
 fn node_shape(graph: &Graph, bound: &Bound, id: NodeId) -> Rt<Vec<usize>> {
@@ -359,14 +383,7 @@ impl<F: Real> Interp<'_, F> {
         for (k, e) in at.iter().enumerate() {
             let i = as_i(self.eval(e, env)?);
             if i < 0 || i as usize >= shape[k] {
-                let name = self
-                    .graph
-                    .node(node)
-                    .name
-                    .clone()
-                    .unwrap_or_else(|| format!("%{}", node.0));
-                return Err(Diagnostic::error(codes::INDEX_RANGE, format!("index {i} is out of range for dim {k} (size {}) of `{name}`", shape[k]))
-                    .with_help("an int tensor used as an index (e.g. labels) holds a value outside the indexed dim"));
+                return Err(index_error(self.graph, node, k, i, shape[k] as i64));
             }
             idx.push(i as usize);
         }

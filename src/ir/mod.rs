@@ -13,6 +13,7 @@
 //! ints. The IR knows no source syntax beyond spans for provenance, and no
 //! runtime sizes.
 
+pub mod contraction;
 pub mod dim;
 pub mod print;
 pub mod verify;

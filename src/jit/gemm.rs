@@ -4,7 +4,7 @@
 //! compiled loop nest, which walks one operand against its row-major layout
 //! and has no blocking or vector kernel.
 //!
-//! * Recognised (`recognise`, at compile time): a `Sum` over exactly one
+//! * Recognised (`ir::contraction::recognise`, at compile time): a `Sum` over exactly one
 //!   variable `k` with no filter, two or three output indices (`i, j`, or a
 //!   batch `b, i, j`), and a body that is exactly `A[..] * B[..]` of two float
 //!   reads. Each read's indices are distinct plain index variables: one read
@@ -23,112 +23,9 @@
 //!   physical cores only, which on SMT machines is half of what we may use).
 
 use super::Precision;
-use crate::ir::{BinOp, Comp, DType, Dim, Expr, Graph, IdxVar, NodeId, RedOp};
+use crate::ir::contraction::{Contraction, Operand, Role};
+use crate::ir::NodeId;
 use std::sync::Once;
-
-/// What each index of an operand read is bound to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Role {
-    Batch,
-    /// The output row index `i` (A) or column index `j` (B).
-    Outer,
-    K,
-}
-
-#[derive(Clone, Debug)]
-struct Operand {
-    node: NodeId,
-    /// One role per dim of `node`.
-    roles: Vec<Role>,
-}
-
-/// A comprehension recognised as `C[b] = A[b] · B[b]`.
-#[derive(Clone, Debug)]
-pub(super) struct Contraction {
-    batched: bool,
-    /// Covers `{i, k}`: the left factor, `m × k`.
-    a: Operand,
-    /// Covers `{j, k}`: the right factor, `k × n`.
-    b: Operand,
-    k: Dim,
-    empty: f64,
-}
-
-/// Roles of a read's indices, or `None` unless they are distinct plain
-/// variables covering exactly `{outer, k}` (and `batch` when given).
-fn roles(at: &[Expr], outer: IdxVar, k: IdxVar, batch: Option<IdxVar>) -> Option<Vec<Role>> {
-    let mut roles = Vec::with_capacity(at.len());
-    for e in at {
-        let Expr::Index(v) = e else { return None };
-        let role = if *v == outer {
-            Role::Outer
-        } else if *v == k {
-            Role::K
-        } else if Some(*v) == batch {
-            Role::Batch
-        } else {
-            return None;
-        };
-        if roles.contains(&role) {
-            return None;
-        }
-        roles.push(role);
-    }
-    let want = 2 + usize::from(batch.is_some());
-    (roles.len() == want).then_some(roles)
-}
-
-/// The contraction a comprehension computes, if it is one (module doc).
-pub(super) fn recognise(graph: &Graph, comp: &Comp, dtype: DType) -> Option<Contraction> {
-    let r = comp.reduce.as_ref()?;
-    if dtype != DType::Float || r.op != RedOp::Sum || r.filter.is_some() || r.over.len() != 1 {
-        return None;
-    }
-    let (k, kdim) = r.over[0].clone();
-    let (batch, i, j) = match comp.indices[..] {
-        [i, j] => (None, i, j),
-        [b, i, j] => (Some(b), i, j),
-        _ => return None,
-    };
-    if i == j
-        || Some(i) == batch
-        || Some(j) == batch
-        || [Some(i), Some(j), batch].contains(&Some(k))
-    {
-        return None;
-    }
-    let Expr::Binary(BinOp::Mul, x, y) = &comp.body else {
-        return None;
-    };
-    let read = |e: &Expr| match e {
-        Expr::Read { node, at } if graph.node(*node).dtype == DType::Float => {
-            Some((*node, at.clone()))
-        }
-        _ => None,
-    };
-    let ((xn, xa), (yn, ya)) = (read(x)?, read(y)?);
-    // `x * y == y * x` exactly, so either factor may be the left one.
-    let (a, b) = if let (Some(ra), Some(rb)) = (roles(&xa, i, k, batch), roles(&ya, j, k, batch)) {
-        ((xn, ra), (yn, rb))
-    } else {
-        let rb = roles(&xa, j, k, batch)?;
-        let ra = roles(&ya, i, k, batch)?;
-        ((yn, ra), (xn, rb))
-    };
-    Some(Contraction {
-        batched: batch.is_some(),
-        a: Operand {
-            node: a.0,
-            roles: a.1,
-        },
-        b: Operand {
-            node: b.0,
-            roles: b.1,
-        },
-        k: kdim,
-        empty: r.empty,
-    })
-}
 
 /// Sets `MATMUL_NUM_THREADS` to the available parallelism once, unless the
 /// user set it (module doc).

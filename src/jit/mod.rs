@@ -78,7 +78,7 @@ pub use stream::Streaming;
 
 use crate::bind::Bound;
 use crate::interp::{Evaluation, Real};
-use crate::ir::{BinOp, Dim, Graph, IdxVar, NodeId, NodeKind, RedOp};
+use crate::ir::{contraction, BinOp, Dim, Graph, IdxVar, NodeId, NodeKind, RedOp};
 use crate::syntax::{codes, Diagnostic};
 use cranelift_codegen::ir::{types, AbiParam, Type};
 use cranelift_codegen::settings::{self, Configurable};
@@ -156,7 +156,7 @@ struct Code {
     kernels: Vec<Option<CompiledKernel>>,
     /// Comprehensions that run as GEMM when their operands fit (`gemm.rs`);
     /// their kernels stay compiled for when they do not.
-    contractions: Vec<Option<gemm::Contraction>>,
+    contractions: Vec<Option<contraction::Contraction>>,
     /// What may stream, and which kernels accumulate (`stream.rs`).
     stream: stream::Analysis,
     dims: Vec<Dim>,
@@ -319,7 +319,7 @@ pub fn contraction_nodes(graph: &Graph) -> Vec<NodeId> {
         .iter()
         .enumerate()
         .filter(|(_, n)| match &n.kind {
-            NodeKind::Comp(c) => gemm::recognise(&lowered, c, n.dtype).is_some(),
+            NodeKind::Comp(c) => contraction::recognise(&lowered, c, n.dtype).is_some(),
             _ => false,
         })
         .map(|(i, _)| NodeId(i as u32))
@@ -403,13 +403,13 @@ fn compile_code(graph: &Graph, p: Precision) -> Result<Code, String> {
     let mut ctx = module.make_context();
     let mut fctx = FunctionBuilderContext::new();
     let mut defined = Vec::new();
-    let mut contractions: Vec<Option<gemm::Contraction>> =
+    let mut contractions: Vec<Option<contraction::Contraction>> =
         (0..graph.nodes.len()).map(|_| None).collect();
     for (i, node) in graph.nodes.iter().enumerate() {
         let NodeKind::Comp(comp) = &node.kind else {
             continue;
         };
-        contractions[i] = gemm::recognise(graph, comp, node.dtype);
+        contractions[i] = contraction::recognise(graph, comp, node.dtype);
         let id = NodeId(i as u32);
         let mut levels: Vec<(IdxVar, Dim)> = comp
             .indices
@@ -514,23 +514,11 @@ fn kernel_error(
         .and_then(|s| code.sites.get(s));
     match site {
         Some(ErrorSite::Index { node, dim }) => {
-            let name = graph
-                .node(*node)
-                .name
-                .clone()
-                .unwrap_or_else(|| format!("%{}", node.0));
             let size = shapes
                 .get(node.index())
                 .and_then(|s| s.get(*dim))
                 .map_or(err[1], |s| *s as i64);
-            Diagnostic::error(
-                codes::INDEX_RANGE,
-                format!(
-                    "index {} is out of range for dim {dim} (size {size}) of `{name}`",
-                    err[0]
-                ),
-            )
-            .with_help("an int tensor used as an index (e.g. labels) holds a value outside the indexed dim")
+            crate::interp::index_error(graph, *node, *dim, err[0], size)
         }
         Some(ErrorSite::RemByZero) => {
             Diagnostic::error(codes::INDEX_RANGE, "integer remainder by zero")

@@ -826,18 +826,7 @@ impl<F: Real> Run<'_, F> {
             };
             values.push(t);
         }
-        let outputs = self
-            .graph
-            .outputs
-            .iter()
-            .map(|(name, id)| {
-                let x = match &values[id.index()] {
-                    Tensor::F(a) => a.iter().next().copied().unwrap_or_else(F::nan),
-                    _ => F::nan(),
-                };
-                (name.clone(), x)
-            })
-            .collect();
+        let outputs = crate::interp::scalar_outputs(self.graph, &values);
         Ok((Evaluation { outputs, values }, self.pool))
     }
 }

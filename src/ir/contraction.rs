@@ -1,20 +1,20 @@
 //! Which comprehensions are contractions `out[(b,) i, j] = sum(k) A[..] * B[..]`
-//! over plain index variables: those become a tiled shared-memory kernel
-//! (`codegen::Gen::tiled`) instead of a loop per output element.
+//! over plain index variables — the shape a backend hands to a GEMM (the
+//! JIT's `gemm.rs`) or to a tiled kernel (the CUDA backend's).
 //!
-//! The rule is the JIT's (`src/jit/gemm.rs`, kept private there): a `Sum`
-//! over exactly one variable `k` with no filter, two or three output indices
-//! (`i, j`, or a batch `b, i, j`), and a body that is exactly the product of
-//! two float reads whose indices are distinct plain variables, one covering
-//! `{i, k}` and the other `{j, k}` (plus `b` in both for a batch), in any
-//! order — transposed operands are strides, nothing is copied.
+//! The rule: a `Sum` over exactly one variable `k` with no filter, two or
+//! three output indices (`i, j`, or a batch `b, i, j`), and a body that is
+//! exactly the product of two float reads whose indices are distinct plain
+//! variables, one covering `{i, k}` and the other `{j, k}` (plus `b` in both
+//! for a batch), in any order — transposed operands are strides, nothing is
+//! copied.
 
-use crate::ir::{BinOp, Comp, DType, Dim, Expr, Graph, IdxVar, NodeId, RedOp};
+use super::{BinOp, Comp, DType, Dim, Expr, Graph, IdxVar, NodeId, RedOp};
 
 /// What each index of an operand read is bound to; the discriminant is the
 /// position in a stride triple.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Role {
+pub enum Role {
     Batch = 0,
     /// The output row index `i` (A) or column index `j` (B).
     Outer = 1,
@@ -22,7 +22,7 @@ pub(super) enum Role {
 }
 
 #[derive(Clone, Debug)]
-pub(super) struct Operand {
+pub struct Operand {
     pub node: NodeId,
     /// One role per dim of `node`.
     pub roles: Vec<Role>,
@@ -30,7 +30,7 @@ pub(super) struct Operand {
 
 /// A comprehension recognised as `C[b] = A[b] · B[b]`.
 #[derive(Clone, Debug)]
-pub(super) struct Contraction {
+pub struct Contraction {
     pub batched: bool,
     /// Covers `{i, k}`: the left factor, `m × k`.
     pub a: Operand,
@@ -63,7 +63,7 @@ fn roles(at: &[Expr], outer: IdxVar, k: IdxVar, batch: Option<IdxVar>) -> Option
 }
 
 /// The contraction a comprehension computes, if it is one (module doc).
-pub(super) fn recognise(graph: &Graph, comp: &Comp, dtype: DType) -> Option<Contraction> {
+pub fn recognise(graph: &Graph, comp: &Comp, dtype: DType) -> Option<Contraction> {
     let r = comp.reduce.as_ref()?;
     if dtype != DType::Float || r.op != RedOp::Sum || r.filter.is_some() || r.over.len() != 1 {
         return None;
