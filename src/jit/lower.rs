@@ -204,7 +204,7 @@ fn split(graph: &Graph, node: &Node) -> Option<(Vec<Node>, Rebuild)> {
                 "{}.{name}",
                 node.name.clone().unwrap_or_else(|| "contraction".into())
             )),
-            span: node.span.clone(),
+            span: node.span,
         }
     };
     let mut new = Vec::new();

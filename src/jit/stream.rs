@@ -135,10 +135,11 @@ pub(super) fn analyse(graph: &Graph) -> Analysis {
     let mut taken = vec![false; n];
     let mut rows: Vec<Dim> = Vec::new();
     for node in &graph.nodes {
-        if matches!(node.kind, NodeKind::Comp(_)) && node.shape.len() == 2 {
-            if !rows.contains(&node.shape[0]) {
-                rows.push(node.shape[0].clone());
-            }
+        if matches!(node.kind, NodeKind::Comp(_))
+            && node.shape.len() == 2
+            && !rows.contains(&node.shape[0])
+        {
+            rows.push(node.shape[0].clone());
         }
     }
     let mut regions = Vec::new();
