@@ -253,6 +253,52 @@ fn unknown_flag_is_a_usage_error() {
 }
 
 #[test]
+fn bad_jit_run_options_are_usage_errors() {
+    for sub in ["run", "bench"] {
+        lossc([sub, "--loss", "TripletLoss", "--threads", "0"])
+            .expect(2, &["--threads", "at least 1"])
+            .no_stdout();
+        lossc([sub, "--loss", "TripletLoss", "--threads", "5000"])
+            .expect(2, &["--threads", "at most 1024"])
+            .no_stdout();
+        lossc([sub, "--loss", "TripletLoss", "--tile-rows", "0"])
+            .expect(2, &["--tile-rows", "at least 1"])
+            .no_stdout();
+        lossc([sub, "--loss", "TripletLoss", "--stream", "sometimes"])
+            .expect(2, &["sometimes", "auto", "always", "never"])
+            .no_stdout();
+    }
+}
+
+#[test]
+fn streamed_and_threaded_runs_print_the_same_loss() {
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "--loss",
+            "MultipleNegativesRankingLoss",
+            "--dims",
+            "B=40,D=6",
+        ];
+        args.extend_from_slice(extra);
+        let out = lossc(&args);
+        out.expect(0, &[]);
+        out.text_loss("MultipleNegativesRankingLoss")
+    };
+    let reference = run(&["--backend", "interp"]);
+    for extra in [
+        &["--stream", "always", "--tile-rows", "7", "--threads", "2"][..],
+        &["--stream", "never", "--threads", "1"][..],
+    ] {
+        let got = run(extra);
+        assert!(
+            (got - reference).abs() <= 1e-12 * reference.abs(),
+            "{extra:?}: {got} vs the interpreter's {reference}"
+        );
+    }
+}
+
+#[test]
 fn bad_dtype_and_format_values_are_usage_errors() {
     lossc(["run", "--loss", "TripletLoss", "--dtype", "f16"])
         .expect(2, &["f16", "f32", "f64"])

@@ -245,6 +245,9 @@ struct RunArgs {
     dims: Option<String>,
 }
 
+/// More threads than any machine lossc runs on has cores, by far.
+const MAX_THREADS: usize = 1024;
+
 /// How the JIT runs (the interpreter ignores these).
 #[derive(Args)]
 struct ExecArgs {
@@ -274,6 +277,11 @@ impl ExecArgs {
             return Err(Failure::Usage(
                 "--threads and --tile-rows must be at least 1".into(),
             ));
+        }
+        if self.threads.is_some_and(|n| n > MAX_THREADS) {
+            return Err(Failure::Usage(format!(
+                "--threads must be at most {MAX_THREADS}"
+            )));
         }
         let mut opts = lossc::jit::RunOptions::lean();
         if let Some(n) = self.threads {

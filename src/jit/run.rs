@@ -67,6 +67,8 @@ impl RunOptions {
 /// Kernel work (elements times reduced extent) below which a node runs on
 /// one thread: starting a thread costs about as much as this much work.
 const MIN_WORK_PER_THREAD: usize = 1 << 16;
+/// Threads one kernel call may start, whatever the options say.
+const MAX_THREADS: usize = 256;
 
 /// Buffers of earlier runs of a program, reused: a fresh allocation of a
 /// large buffer costs a page fault per 4 KiB on first touch, which for
@@ -556,7 +558,7 @@ impl<F: Real> Run<'_, F> {
             1
         } else {
             (work / MIN_WORK_PER_THREAD)
-                .clamp(1, self.opts.threads.max(1))
+                .clamp(1, self.opts.threads.clamp(1, MAX_THREADS))
                 .min(n_rows.max(1))
         };
         let ptrs = Ptrs(self.ptrs.as_ptr());
