@@ -97,6 +97,33 @@ pub enum NodeKind {
     },
 }
 
+impl Node {
+    /// Rewrites every node reference through `map` (old id -> new id), for
+    /// passes that renumber or insert nodes.
+    pub fn remap(&mut self, map: &[NodeId]) {
+        let re = |e: &Expr| {
+            e.map(&mut |x| match x {
+                Expr::Read { node, at } => Expr::Read {
+                    node: map[node.index()],
+                    at,
+                },
+                other => other,
+            })
+        };
+        match &mut self.kind {
+            NodeKind::Input { .. } => {}
+            NodeKind::Comp(c) => {
+                c.body = re(&c.body);
+                if let Some(f) = c.reduce.as_mut().and_then(|r| r.filter.as_mut()) {
+                    *f = re(f);
+                }
+            }
+            NodeKind::Concat { parts, .. } => parts.iter_mut().for_each(|p| *p = map[p.index()]),
+            NodeKind::Slice { src, .. } | NodeKind::Reshape { src } => *src = map[src.index()],
+        }
+    }
+}
+
 /// `out[indices] = reduce(over | filter) body`, or `out[indices] = body`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Comp {

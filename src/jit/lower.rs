@@ -28,7 +28,7 @@ pub(super) fn lower(graph: &Graph) -> (Graph, Vec<NodeId>) {
     let mut map: Vec<NodeId> = Vec::with_capacity(graph.nodes.len());
     for node in &graph.nodes {
         let mut node = node.clone();
-        remap(&mut node, &map);
+        node.remap(&map);
         if let Some((factors, body)) = split(&out, &node) {
             let mut ids = Vec::new();
             for f in factors {
@@ -46,30 +46,6 @@ pub(super) fn lower(graph: &Graph) -> (Graph, Vec<NodeId>) {
         *id = map[id.index()];
     }
     (out, map)
-}
-
-/// Reads of earlier nodes renamed to their lowered ids.
-fn remap(node: &mut Node, map: &[NodeId]) {
-    let rename = |e: &Expr| {
-        e.map(&mut |x| match x {
-            Expr::Read { node, at } => Expr::Read {
-                node: map[node.index()],
-                at,
-            },
-            other => other,
-        })
-    };
-    match &mut node.kind {
-        NodeKind::Comp(c) => {
-            c.body = rename(&c.body);
-            if let Some(r) = &mut c.reduce {
-                r.filter = r.filter.as_ref().map(rename);
-            }
-        }
-        NodeKind::Concat { parts, .. } => parts.iter_mut().for_each(|p| *p = map[p.index()]),
-        NodeKind::Slice { src, .. } | NodeKind::Reshape { src } => *src = map[src.index()],
-        NodeKind::Input { .. } => {}
-    }
 }
 
 /// The factors of a product, flattened.

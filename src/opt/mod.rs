@@ -190,30 +190,6 @@ fn strip_log(e: &Expr, id: NodeId) -> Expr {
     })
 }
 
-/// Rewrites every node reference through `map`.
-fn remap(node: &mut Node, map: &[NodeId]) {
-    let re = |e: &Expr| {
-        e.map(&mut |x| match x {
-            Expr::Read { node, at } => Expr::Read {
-                node: map[node.index()],
-                at,
-            },
-            other => other,
-        })
-    };
-    match &mut node.kind {
-        NodeKind::Input { .. } => {}
-        NodeKind::Comp(c) => {
-            c.body = re(&c.body);
-            if let Some(f) = c.reduce.as_mut().and_then(|r| r.filter.as_mut()) {
-                *f = re(f);
-            }
-        }
-        NodeKind::Concat { parts, .. } => parts.iter_mut().for_each(|p| *p = map[p.index()]),
-        NodeKind::Slice { src, .. } | NodeKind::Reshape { src } => *src = map[src.index()],
-    }
-}
-
 /// A key equal for nodes equal up to renaming of index variables.
 fn canonical_key(node: &Node) -> String {
     let NodeKind::Comp(c) = &node.kind else {
@@ -248,7 +224,7 @@ pub fn cse(g: &Graph, report: &mut Report) -> Graph {
     let mut seen: HashMap<String, NodeId> = HashMap::new();
     let mut map: Vec<NodeId> = (0..g.nodes.len() as u32).map(NodeId).collect();
     for i in 0..out.nodes.len() {
-        remap(&mut out.nodes[i], &map);
+        out.nodes[i].remap(&map);
         let key = canonical_key(&out.nodes[i]);
         match seen.get(&key) {
             Some(first) => {
@@ -367,7 +343,7 @@ pub fn dce(g: &Graph, report: &mut Report) -> Graph {
             continue;
         }
         let mut n = node.clone();
-        remap(&mut n, &map);
+        n.remap(&map);
         map[i] = out.push(n);
     }
     for (_, id) in out.outputs.iter_mut().chain(out.grads.iter_mut()) {
