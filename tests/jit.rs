@@ -361,32 +361,16 @@ fn every_fixture_case_agrees_with_the_interpreter_and_the_reference() {
     );
 }
 
-/// The parameters of a class's first fixture case (the defaults otherwise).
-fn params_for(class: &str) -> lossc::Params {
-    manifest()
-        .into_iter()
-        .find(|c| c.class == class)
-        .map(|c| c.params)
-        .unwrap_or_default()
-}
-
 #[test]
 fn random_inputs_at_odd_sizes_agree_for_every_library_loss() {
-    let program = lossc::elab::Program::new();
-    let mut classes: Vec<String> = program
-        .std_losses()
-        .iter()
-        .map(|(_, l)| l.name.name.clone())
-        .collect();
-    classes.sort();
-    classes.dedup();
+    let classes = library_classes();
     let mut failures = Vec::new();
     let (mut runs, mut same_errors, mut not_compiled) = (0, 0, Vec::new());
     let mut error_kinds = std::collections::BTreeSet::new();
     let mut compile_s = 0.0;
     let mut reused = 0;
     for class in &classes {
-        let mut params = params_for(class);
+        let mut params = first_case_params(class);
         // Truncation dims that fit D = 5.
         if params.contains_key("matryoshka_dims") {
             params.insert("matryoshka_dims".into(), serde_json::json!([5, 4, 2]));

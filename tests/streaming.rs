@@ -67,24 +67,9 @@ fn worst(
     Ok(worst)
 }
 
-fn library_classes() -> Vec<String> {
-    let program = lossc::elab::Program::new();
-    let mut classes: Vec<String> = program
-        .std_losses()
-        .iter()
-        .map(|(_, l)| l.name.name.clone())
-        .collect();
-    classes.sort();
-    classes.dedup();
-    classes
-}
-
+/// A class's first fixture case's parameters, with truncation dims that fit D = 5.
 fn params_for(class: &str) -> lossc::Params {
-    let mut params = manifest()
-        .into_iter()
-        .find(|c| c.class == class)
-        .map(|c| c.params)
-        .unwrap_or_default();
+    let mut params = first_case_params(class);
     if params.contains_key("matryoshka_dims") {
         params.insert("matryoshka_dims".into(), serde_json::json!([5, 4, 2]));
     }

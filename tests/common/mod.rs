@@ -233,3 +233,25 @@ pub fn fd_grads(graph: &ir::Graph, tensors: &TensorMap, h: f64) -> Vec<(String, 
     }
     out
 }
+
+/// Every standard-library loss class, sorted.
+pub fn library_classes() -> Vec<String> {
+    let program = Program::new();
+    let mut classes: Vec<String> = program
+        .std_losses()
+        .iter()
+        .map(|(_, l)| l.name.name.clone())
+        .collect();
+    classes.sort();
+    classes.dedup();
+    classes
+}
+
+/// The parameters of a class's first fixture case (the defaults otherwise).
+pub fn first_case_params(class: &str) -> Params {
+    manifest()
+        .into_iter()
+        .find(|c| c.class == class)
+        .map(|c| c.params)
+        .unwrap_or_default()
+}
