@@ -159,6 +159,8 @@ struct Code {
     contractions: Vec<Option<contraction::Contraction>>,
     /// What may stream, and which kernels accumulate (`stream.rs`).
     stream: stream::Analysis,
+    /// Kernels whose innermost loop runs in SIMD lanes (`translate/simd.rs`).
+    vector: Vec<Option<translate::VectorLoop>>,
     dims: Vec<Dim>,
     sites: Vec<ErrorSite>,
     compile_ms: f64,
@@ -270,6 +272,29 @@ impl JitProgram {
             outputs: e.outputs,
             values,
         })
+    }
+}
+
+impl JitProgram {
+    /// The nodes whose values may differ from the interpreter's in summation
+    /// order: contractions run as GEMM, and sums whose innermost loop runs in
+    /// SIMD lanes (partial sums per lane). Their values agree to the rounding
+    /// of a sum, not of the same operations in the same order.
+    pub fn reordered_nodes(&self) -> Vec<NodeId> {
+        let code = &self.code;
+        let ids: Vec<NodeId> = (0..self.graph.nodes.len())
+            .filter(|&i| {
+                code.contractions[i].is_some()
+                    || code.vector[i] == Some(translate::VectorLoop::Sum)
+            })
+            .map(|i| NodeId(i as u32))
+            .collect();
+        lower::original_ids(&self.map, &ids)
+    }
+
+    /// How many kernels run their innermost loop in SIMD lanes.
+    pub fn vectorised_kernels(&self) -> usize {
+        self.code.vector.iter().filter(|v| v.is_some()).count()
     }
 }
 
@@ -405,6 +430,7 @@ fn compile_code(graph: &Graph, p: Precision) -> Result<Code, String> {
     let mut defined = Vec::new();
     let mut contractions: Vec<Option<contraction::Contraction>> =
         (0..graph.nodes.len()).map(|_| None).collect();
+    let mut vector = vec![None; graph.nodes.len()];
     for (i, node) in graph.nodes.iter().enumerate() {
         let NodeKind::Comp(comp) = &node.kind else {
             continue;
@@ -452,7 +478,7 @@ fn compile_code(graph: &Graph, p: Precision) -> Result<Code, String> {
         let imported = helpers::import(&mut module, &declared, &mut ctx.func);
         let config = module.target_config();
         let fb = FunctionBuilder::new(&mut ctx.func, &mut fctx);
-        translate::Translator::new(
+        let translator = translate::Translator::new(
             translate::Kernel {
                 graph,
                 node: id,
@@ -469,8 +495,9 @@ fn compile_code(graph: &Graph, p: Precision) -> Result<Code, String> {
             &mut dims,
             imported,
             &mut sites,
-        )
-        .translate(config);
+        );
+        vector[i] = translator.vector_loop();
+        translator.translate(config);
         module
             .define_function(func_id, &mut ctx)
             .map_err(|e| format!("%{i}: code generation failed: {e:?}"))?;
@@ -495,6 +522,7 @@ fn compile_code(graph: &Graph, p: Precision) -> Result<Code, String> {
         kernels,
         contractions,
         stream: analysis,
+        vector,
         dims: dims.dims,
         sites,
         compile_ms: start.elapsed().as_secs_f64() * 1e3,

@@ -319,10 +319,19 @@ pub(super) fn execute<F: Real>(
             }
         }
     }
+    let profile = std::env::var_os("LOSSC_JIT_PROFILE").is_some();
     for (s, step) in steps.iter().enumerate() {
+        let started = profile.then(std::time::Instant::now);
         match step {
             Step::Whole(id) => run.whole(*id)?,
             Step::Pass(p) => run.pass(p)?,
+        }
+        if let Some(t) = started {
+            let what = match step {
+                Step::Whole(id) => format!("%{} {:?}", id.index(), run.shapes[id.index()]),
+                Step::Pass(p) => format!("pass over {} nodes", p.nodes.len()),
+            };
+            eprintln!("profile: {:>10.3} ms  {what}", t.elapsed().as_secs_f64() * 1e3);
         }
         if opts.lean {
             for i in 0..n {

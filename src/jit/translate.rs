@@ -18,6 +18,10 @@
 //! `ctl[4]`; the caller zeroes both first and turns them into the reduction's
 //! value afterwards (`finalize` in `mod.rs`).
 
+mod simd;
+
+pub(super) use simd::VectorLoop;
+
 use super::helpers::{Imported, Math};
 use super::plan::{Dag, DimTable, Op, Ty};
 use super::{ErrorSite, Precision};
@@ -62,6 +66,11 @@ pub(super) struct Translator<'a, 'f> {
     /// Values of terms, innermost scope last. A scope is opened for each loop
     /// body and each branch, so a remembered value always dominates its uses.
     memo: Vec<HashMap<usize, Value>>,
+    /// How the innermost loop runs vectorised (`simd.rs`), if it does.
+    vector: Option<VectorLoop>,
+    lanes: simd::Lanes,
+    /// Vector values of terms, scoped as `memo`.
+    vmemo: Vec<HashMap<usize, Value>>,
     loop_vars: Vec<Variable>,
     /// `(start, end)` of each loop level, clamped to `0 .. extent`.
     bounds: Vec<(Value, Value)>,
@@ -98,6 +107,7 @@ impl<'a, 'f> Translator<'a, 'f> {
         helpers: Imported,
         sites: &'a mut Vec<ErrorSite>,
     ) -> Self {
+        let vector = simd::analyse(&k);
         let entry = b.create_block();
         b.append_block_params_for_function_params(entry);
         b.switch_to_block(entry);
@@ -201,6 +211,9 @@ impl<'a, 'f> Translator<'a, 'f> {
             helpers,
             sites,
             memo: vec![HashMap::new()],
+            vector,
+            lanes: simd::Lanes::of(k.precision),
+            vmemo: Vec::new(),
             loop_vars,
             bounds,
             counts,
@@ -211,6 +224,11 @@ impl<'a, 'f> Translator<'a, 'f> {
             out_base,
             out_pos,
         }
+    }
+
+    /// How the kernel's innermost loop runs vectorised, if it does.
+    pub fn vector_loop(&self) -> Option<VectorLoop> {
+        self.vector
     }
 
     /// Emits the kernel body and finalizes the function.
@@ -286,9 +304,16 @@ impl<'a, 'f> Translator<'a, 'f> {
 
     /// `for v in start..end { inner }`, the counter a frontend variable.
     fn translate_loop(&mut self, level: usize, inner: &mut dyn FnMut(&mut Self)) {
+        let start = self.bounds[level].0;
+        self.b.def_var(self.loop_vars[level], start);
+        self.translate_loop_from_here(level, inner);
+    }
+
+    /// The loop of `translate_loop` from the counter's current value (where
+    /// a vector loop stopped).
+    fn translate_loop_from_here(&mut self, level: usize, inner: &mut dyn FnMut(&mut Self)) {
         let var = self.loop_vars[level];
-        let (start, end) = self.bounds[level];
-        self.b.def_var(var, start);
+        let end = self.bounds[level].1;
         let header = self.b.create_block();
         let body = self.b.create_block();
         let exit = self.b.create_block();
@@ -317,6 +342,9 @@ impl<'a, 'f> Translator<'a, 'f> {
     fn translate_output_loops(&mut self, level: usize) {
         if level == self.n_out() {
             self.translate_point();
+        } else if self.vector == Some(VectorLoop::Elementwise) && level as i32 == self.innermost() {
+            self.translate_vector_loop(level, &mut |t| t.translate_vector_point());
+            self.translate_loop_from_here(level, &mut |t| t.translate_output_loops(level + 1));
         } else {
             self.translate_loop(level, &mut |t| t.translate_output_loops(level + 1));
         }
@@ -396,6 +424,21 @@ impl<'a, 'f> Translator<'a, 'f> {
             item(self);
         } else {
             self.translate_loop(level, &mut |t| t.translate_reduce_loops(level + 1, item));
+        }
+    }
+
+    /// `translate_reduce_loops` for a fold: a vectorised sum runs its
+    /// innermost loop `LANES` at a time first (`simd.rs`), then the rest
+    /// element by element.
+    fn translate_fold_loops(&mut self, level: usize, a: Acc, item: &mut dyn FnMut(&mut Self)) {
+        let vector_sum = self.vector == Some(VectorLoop::Sum);
+        match a.acc {
+            Some((acc, Ty::F)) if vector_sum && level as i32 == self.innermost() => {
+                self.translate_vector_sum(level, acc, a.count);
+                self.translate_loop_from_here(level, &mut |t| item(t));
+            }
+            _ if level == self.levels.len() => item(self),
+            _ => self.translate_loop(level, &mut |t| t.translate_fold_loops(level + 1, a, item)),
         }
     }
 
@@ -483,7 +526,7 @@ impl<'a, 'f> Translator<'a, 'f> {
             self.b.switch_to_block(pass);
             done
         });
-        self.translate_reduce_loops(n_out, &mut |t| {
+        self.translate_fold_loops(n_out, state, &mut |t| {
             t.translate_filtered(&mut |t| t.translate_item(state))
         });
         if let Some(done) = skip {

@@ -123,6 +123,20 @@ impl HostTensor {
         }
     }
 
+    /// The same tensor with float data in f32 (rounded to nearest) or f64;
+    /// integer and boolean tensors unchanged.
+    pub fn with_float_precision(self, f32: bool) -> HostTensor {
+        let data = match (self.data, f32) {
+            (TensorData::F64(v), true) => TensorData::F32(v.into_iter().map(|x| x as f32).collect()),
+            (TensorData::F32(v), false) => TensorData::F64(v.into_iter().map(f64::from).collect()),
+            (d, _) => d,
+        };
+        HostTensor {
+            shape: self.shape,
+            data,
+        }
+    }
+
     pub fn is_float(&self) -> bool {
         matches!(self.data, TensorData::F64(_) | TensorData::F32(_))
     }

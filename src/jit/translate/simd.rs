@@ -1,0 +1,508 @@
+//! SIMD for the innermost loop: when every term that varies along it can be
+//! computed lane-wise, the kernel first runs that loop `LANES` elements at a
+//! time (128-bit vectors: four f32 or two f64), then finishes the last
+//! `< LANES` elements with the scalar code.
+//!
+//! * What vectorises (`analyse`): an elementwise node, or a `sum`/`mean`
+//!   whose filter (if any) depends on output indices only, whose innermost
+//!   terms are float arithmetic, comparisons, `if`, the math functions, and
+//!   reads whose last index is the innermost variable (contiguous) and whose
+//!   other indices do not vary along it. Terms that do not vary along the
+//!   innermost loop stay scalar and are broadcast.
+//! * Same values as the scalar code, lane by lane: the same operations in
+//!   the same precision, NaN-propagating max/min as `translate_nan_extreme`,
+//!   math functions through the same helpers (called per lane). An `if`
+//!   whose condition varies per lane computes both branches and blends them,
+//!   so it is allowed only when both branches are safe (cannot raise an
+//!   error); with an invariant condition it stays a branch.
+//! * A vectorised `sum` adds `LANES` running partial sums and folds them at
+//!   the end: the summation order differs from the interpreter's, so its
+//!   values agree to the rounding of a sum (`JitProgram::reordered_nodes`).
+
+use super::super::plan::{Dag, Op, Ty};
+use super::super::Precision;
+use super::{Kernel, Translator};
+use crate::ir::{BinOp, DType, RedOp, UnOp};
+use crate::jit::helpers::Math;
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
+use cranelift_codegen::ir::{types, BlockArg, InstBuilder, MemFlagsData, Type, Value};
+use std::collections::HashMap;
+
+/// Vector loads and stores: no trap (every access is in bounds, as for the
+/// scalar code), but no alignment promised.
+const VEC_FLAGS: MemFlagsData = MemFlagsData::new().with_notrap();
+
+/// How the innermost loop runs vectorised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(in crate::jit) enum VectorLoop {
+    /// The innermost output index: `LANES` output elements per step.
+    Elementwise,
+    /// The innermost reduced index of a float `sum` or `mean`.
+    Sum,
+}
+
+/// The vector types of a precision.
+#[derive(Clone, Copy)]
+pub(super) struct Lanes {
+    /// `F32X4` or `F64X2`.
+    pub float: Type,
+    /// The lane masks comparisons give: `I32X4` or `I64X2`.
+    pub mask: Type,
+    /// The integer type of one mask lane.
+    pub lane_int: Type,
+    pub n: u8,
+}
+
+impl Lanes {
+    pub fn of(p: Precision) -> Lanes {
+        match p {
+            Precision::F32 => Lanes {
+                float: types::F32X4,
+                mask: types::I32X4,
+                lane_int: types::I32,
+                n: 4,
+            },
+            Precision::F64 => Lanes {
+                float: types::F64X2,
+                mask: types::I64X2,
+                lane_int: types::I64,
+                n: 2,
+            },
+        }
+    }
+}
+
+/// Whether (and how) the kernel's innermost loop vectorises.
+pub(in crate::jit) fn analyse(k: &Kernel) -> Option<VectorLoop> {
+    let inner = k.levels.len().checked_sub(1)?;
+    let body = k.body?;
+    if k.dag.terms[body].ty != Ty::F || k.dtype != DType::Float {
+        return None;
+    }
+    let n_out = k.comp.indices.len();
+    let how = match &k.comp.reduce {
+        None => VectorLoop::Elementwise,
+        Some(r) => {
+            let filter_outer = k.filter.is_none_or(|f| {
+                let t = &k.dag.terms[f];
+                t.safe && t.level < n_out as i32
+            });
+            if !matches!(r.op, RedOp::Sum | RedOp::Mean) || inner < n_out || !filter_outer {
+                return None;
+            }
+            VectorLoop::Sum
+        }
+    };
+    let mut check = Check {
+        dag: k.dag,
+        inner: inner as i32,
+        var: k.levels[inner].0,
+        graph: k.graph,
+        seen: HashMap::new(),
+    };
+    check.lane_wise(body).then_some(how)
+}
+
+/// The lane-wise check of the terms that vary along the innermost loop.
+struct Check<'a> {
+    dag: &'a Dag,
+    inner: i32,
+    var: crate::ir::IdxVar,
+    graph: &'a crate::ir::Graph,
+    seen: HashMap<usize, bool>,
+}
+
+impl Check<'_> {
+    fn lane_wise(&mut self, id: usize) -> bool {
+        let t = &self.dag.terms[id];
+        if t.level < self.inner {
+            return true; // scalar, broadcast
+        }
+        if let Some(ok) = self.seen.get(&id) {
+            return *ok;
+        }
+        let terms = &self.dag.terms;
+        let ok = match &t.op {
+            Op::Read(node, at) => {
+                let last = at.len().checked_sub(1);
+                t.ty == Ty::F
+                    && self.graph.node(*node).dtype == DType::Float
+                    && last.is_some_and(|l| {
+                        terms[at[l]].op == Op::Index(self.var)
+                            && !t.checked[l]
+                            && at[..l].iter().all(|ix| terms[*ix].level < self.inner)
+                    })
+            }
+            Op::Unary(op, a) => {
+                let ta = terms[*a].ty;
+                let op_ok = match op {
+                    UnOp::Not => ta == Ty::B,
+                    UnOp::ToFloat => ta != Ty::I,
+                    UnOp::Detach => ta == Ty::F,
+                    _ => ta == Ty::F,
+                };
+                op_ok && self.lane_wise(*a)
+            }
+            Op::Binary(op, a, b) => {
+                let (ta, tb) = (terms[*a].ty, terms[*b].ty);
+                let op_ok = match (ta, tb) {
+                    (Ty::F, Ty::F) => !matches!(
+                        op,
+                        BinOp::Rem | BinOp::FloorDiv | BinOp::And | BinOp::Or
+                    ),
+                    (Ty::B, Ty::B) => {
+                        matches!(op, BinOp::And | BinOp::Or | BinOp::Eq | BinOp::Ne)
+                    }
+                    _ => false,
+                };
+                op_ok && self.lane_wise(*a) && self.lane_wise(*b)
+            }
+            Op::Select(c, a, b) => {
+                let (tc, ta, tb) = (terms[*c].ty, terms[*a].ty, terms[*b].ty);
+                let per_lane = terms[*c].level >= self.inner;
+                matches!(t.ty, Ty::F | Ty::B)
+                    && ta == t.ty
+                    && tb == t.ty
+                    && tc != Ty::I
+                    && (!per_lane || (terms[*a].safe && terms[*b].safe))
+                    && self.lane_wise(*c)
+                    && self.lane_wise(*a)
+                    && self.lane_wise(*b)
+            }
+            // The innermost index as a value (not a read's last index), and
+            // anything else varying per lane.
+            _ => false,
+        };
+        self.seen.insert(id, ok);
+        ok
+    }
+}
+
+impl Translator<'_, '_> {
+    /// `for i in start.. while i + LANES <= end { inner; i += LANES }` over
+    /// the innermost level, leaving `i` at the first element it did not do
+    /// (the scalar loop resumes from there).
+    pub(super) fn translate_vector_loop(&mut self, level: usize, inner: &mut dyn FnMut(&mut Self)) {
+        let var = self.loop_vars[level];
+        let (start, end) = self.bounds[level];
+        let n = i64::from(self.lanes.n);
+        self.b.def_var(var, start);
+        let header = self.b.create_block();
+        let body = self.b.create_block();
+        let exit = self.b.create_block();
+        self.b.ins().jump(header, &[]);
+        self.b.switch_to_block(header);
+        let i = self.b.use_var(var);
+        let next = self.b.ins().iadd_imm_s(i, n);
+        let fits = self.b.ins().icmp(IntCC::SignedLessThanOrEqual, next, end);
+        self.b.ins().brif(fits, body, &[], exit, &[]);
+        self.b.switch_to_block(body);
+        self.b.seal_block(body);
+        self.memo.push(HashMap::new());
+        self.vmemo.push(HashMap::new());
+        inner(self);
+        self.vmemo.pop();
+        self.memo.pop();
+        let i = self.b.use_var(var);
+        let next = self.b.ins().iadd_imm_s(i, n);
+        self.b.def_var(var, next);
+        self.b.ins().jump(header, &[]);
+        self.b.seal_block(header);
+        self.b.switch_to_block(exit);
+        self.b.seal_block(exit);
+    }
+
+    /// One vector step of an elementwise kernel: `LANES` outputs stored at
+    /// the running position.
+    pub(super) fn translate_vector_point(&mut self) {
+        let body = self.body.expect("a vectorised kernel has a body");
+        let v = self.translate_vexpr(body);
+        let pos = self.b.use_var(self.out_pos);
+        let addr = self.element_addr(self.out_base, pos, Ty::F);
+        self.b.ins().store(VEC_FLAGS, v, addr, 0);
+        let next = self.b.ins().iadd_imm_s(pos, i64::from(self.lanes.n));
+        self.b.def_var(self.out_pos, next);
+    }
+
+    /// The vector part of a summed innermost loop: `LANES` partial sums,
+    /// folded into the scalar accumulator `acc` and `count` after the loop.
+    pub(super) fn translate_vector_sum(
+        &mut self,
+        level: usize,
+        acc: cranelift_frontend::Variable,
+        count: cranelift_frontend::Variable,
+    ) {
+        let lanes = self.lanes;
+        let body = self.body.expect("a vectorised sum has a body");
+        let partial = self.b.declare_var(lanes.float);
+        let zero = self.fconst(0.0);
+        let zeros = self.b.ins().splat(lanes.float, zero);
+        self.b.def_var(partial, zeros);
+        let start = self.bounds[level].0;
+        self.translate_vector_loop(level, &mut |t| {
+            let x = t.translate_vexpr(body);
+            let p = t.b.use_var(partial);
+            let p = t.b.ins().fadd(p, x);
+            t.b.def_var(partial, p);
+        });
+        let p = self.b.use_var(partial);
+        let mut folded = self.b.ins().extractlane(p, 0);
+        for l in 1..lanes.n {
+            let x = self.b.ins().extractlane(p, l);
+            folded = self.b.ins().fadd(folded, x);
+        }
+        let cur = self.b.use_var(acc);
+        let sum = self.b.ins().fadd(cur, folded);
+        self.b.def_var(acc, sum);
+        let done = self.b.use_var(self.loop_vars[level]);
+        let n = self.b.ins().isub(done, start);
+        let c = self.b.use_var(count);
+        let c = self.b.ins().iadd(c, n);
+        self.b.def_var(count, c);
+    }
+
+    fn splat_float(&mut self, x: f64) -> Value {
+        let s = self.fconst(x);
+        self.b.ins().splat(self.lanes.float, s)
+    }
+
+    /// A mask reinterpreted as floats, for `bitselect` on float lanes.
+    fn mask_as_float(&mut self, m: Value) -> Value {
+        self.b.ins().bitcast(self.lanes.float, MemFlagsData::new(), m)
+    }
+
+    /// A scalar bool (0 or 1) as a mask of all-ones or all-zeros lanes.
+    fn splat_bool(&mut self, b: Value) -> Value {
+        let wide = self.b.ins().uextend(self.lanes.lane_int, b);
+        let ones = self.b.ins().ineg(wide);
+        self.b.ins().splat(self.lanes.mask, ones)
+    }
+
+    /// The vector value of term `id` (its type's lanes: floats, or masks for
+    /// bools); a term that does not vary along the loop is computed as a
+    /// scalar and broadcast.
+    fn translate_vexpr(&mut self, id: usize) -> Value {
+        if let Some(v) = self.vmemo.iter().rev().find_map(|m| m.get(&id).copied()) {
+            return v;
+        }
+        let dag = self.dag;
+        let term = &dag.terms[id];
+        let v = if term.level < self.innermost() {
+            let s = self.translate_expr(id);
+            match term.ty {
+                Ty::F => self.b.ins().splat(self.lanes.float, s),
+                Ty::B => self.splat_bool(s),
+                Ty::I => unreachable!("an int term never reaches vector code"),
+            }
+        } else {
+            match &term.op {
+                Op::Read(node, at) => self.translate_vread(*node, at, &term.checked),
+                Op::Unary(op, a) => self.translate_vunary(*op, *a),
+                Op::Binary(op, a, b) => self.translate_vbinary(*op, *a, *b),
+                Op::Select(c, a, b) => self.translate_vselect(*c, *a, *b, term.ty),
+                _ => unreachable!("`analyse` admits no other term per lane"),
+            }
+        };
+        if let Some(scope) = self.vmemo.last_mut() {
+            scope.insert(id, v);
+        }
+        v
+    }
+
+    /// `LANES` consecutive elements of a row: the leading indices evaluated
+    /// (and checked) as the scalar read does, the last one the loop counter.
+    fn translate_vread(
+        &mut self,
+        node: crate::ir::NodeId,
+        at: &[usize],
+        checked: &[bool],
+    ) -> Value {
+        let dims = self.read_dims[&node].clone();
+        let last = at.len() - 1;
+        let mut offset: Option<Value> = None;
+        for (k, &ix) in at[..last].iter().enumerate() {
+            let v = self.translate_expr(ix);
+            let v = self.convert(v, self.dag.terms[ix].ty, Ty::I);
+            if checked.get(k).copied().unwrap_or(true) {
+                let out = self
+                    .b
+                    .ins()
+                    .icmp(IntCC::UnsignedGreaterThanOrEqual, v, dims[k]);
+                self.translate_error_if(
+                    out,
+                    super::ErrorSite::Index { node, dim: k },
+                    v,
+                    dims[k],
+                );
+            }
+            offset = Some(match offset {
+                None => v,
+                Some(o) => {
+                    let scaled = self.b.ins().imul(o, dims[k]);
+                    self.b.ins().iadd(scaled, v)
+                }
+            });
+        }
+        let i = self.b.use_var(self.loop_vars[self.innermost() as usize]);
+        let offset = match offset {
+            None => i,
+            Some(o) => {
+                let scaled = self.b.ins().imul(o, dims[last]);
+                self.b.ins().iadd(scaled, i)
+            }
+        };
+        let base = self.bases[&node];
+        let addr = self.element_addr(base, offset, Ty::F);
+        self.b.ins().load(self.lanes.float, VEC_FLAGS, addr, 0)
+    }
+
+    /// A math helper applied to each lane (the scalar code's own function).
+    fn per_lane(&mut self, m: Math, args: &[Value]) -> Value {
+        let mut out: Option<Value> = None;
+        for l in 0..self.lanes.n {
+            let xs: Vec<Value> = args
+                .iter()
+                .map(|a| self.b.ins().extractlane(*a, l))
+                .collect();
+            let r = self.call(m, &xs);
+            out = Some(match out {
+                None => self.b.ins().splat(self.lanes.float, r),
+                Some(v) => self.b.ins().insertlane(v, r, l),
+            });
+        }
+        out.expect("at least one lane")
+    }
+
+    fn translate_vunary(&mut self, op: UnOp, a: usize) -> Value {
+        let ty = self.dag.terms[a].ty;
+        let x = self.translate_vexpr(a);
+        match (op, ty) {
+            (UnOp::Not, _) => self.b.ins().bnot(x),
+            (UnOp::ToFloat, Ty::B) => {
+                let (one, zero) = (self.splat_float(1.0), self.splat_float(0.0));
+                let m = self.mask_as_float(x);
+                self.b.ins().bitselect(m, one, zero)
+            }
+            _ => match op {
+                UnOp::Neg => self.b.ins().fneg(x),
+                UnOp::Abs => self.b.ins().fabs(x),
+                UnOp::Sqrt => self.b.ins().sqrt(x),
+                UnOp::Exp => self.per_lane(Math::Exp, &[x]),
+                UnOp::Log => self.per_lane(Math::Ln, &[x]),
+                UnOp::Tanh => self.per_lane(Math::Tanh, &[x]),
+                UnOp::Softplus => self.per_lane(Math::Softplus, &[x]),
+                UnOp::LogSigmoid => self.per_lane(Math::LogSigmoid, &[x]),
+                UnOp::Sigmoid => self.per_lane(Math::Sigmoid, &[x]),
+                UnOp::Relu => {
+                    // x when x > 0 or x is NaN, else 0 (as the scalar code).
+                    let zero = self.splat_float(0.0);
+                    let keep = self
+                        .b
+                        .ins()
+                        .fcmp(FloatCC::UnorderedOrGreaterThan, x, zero);
+                    let keep = self.mask_as_float(keep);
+                    self.b.ins().bitselect(keep, x, zero)
+                }
+                UnOp::Detach | UnOp::ToFloat | UnOp::Not => x,
+            },
+        }
+    }
+
+    fn translate_vbinary(&mut self, op: BinOp, a: usize, b: usize) -> Value {
+        let ta = self.dag.terms[a].ty;
+        let x = self.translate_vexpr(a);
+        let y = self.translate_vexpr(b);
+        if ta == Ty::B {
+            return match op {
+                BinOp::And => self.b.ins().band(x, y),
+                BinOp::Or => self.b.ins().bor(x, y),
+                BinOp::Eq => self.b.ins().icmp(IntCC::Equal, x, y),
+                _ => self.b.ins().icmp(IntCC::NotEqual, x, y),
+            };
+        }
+        match op {
+            BinOp::Add => self.b.ins().fadd(x, y),
+            BinOp::Sub => self.b.ins().fsub(x, y),
+            BinOp::Mul => self.b.ins().fmul(x, y),
+            BinOp::Div => self.b.ins().fdiv(x, y),
+            BinOp::Pow => self.per_lane(Math::Pow, &[x, y]),
+            BinOp::Max | BinOp::ClampMin => self.translate_vnan_extreme(x, y, true),
+            BinOp::Min | BinOp::ClampMax => self.translate_vnan_extreme(x, y, false),
+            BinOp::Eq => self.b.ins().fcmp(FloatCC::Equal, x, y),
+            BinOp::Ne => self.b.ins().fcmp(FloatCC::NotEqual, x, y),
+            BinOp::Lt => self.b.ins().fcmp(FloatCC::LessThan, x, y),
+            BinOp::Le => self.b.ins().fcmp(FloatCC::LessThanOrEqual, x, y),
+            BinOp::Gt => self.b.ins().fcmp(FloatCC::GreaterThan, x, y),
+            BinOp::Ge => self.b.ins().fcmp(FloatCC::GreaterThanOrEqual, x, y),
+            BinOp::Rem | BinOp::FloorDiv | BinOp::And | BinOp::Or => {
+                unreachable!("`analyse` admits no such float operation")
+            }
+        }
+    }
+
+    /// `translate_nan_extreme` per lane: NaN when either is NaN, else `a`
+    /// on a tie.
+    fn translate_vnan_extreme(&mut self, a: Value, b: Value, max: bool) -> Value {
+        let cc = if max {
+            FloatCC::GreaterThanOrEqual
+        } else {
+            FloatCC::LessThanOrEqual
+        };
+        let keep_a = self.b.ins().fcmp(cc, a, b);
+        let keep_a = self.mask_as_float(keep_a);
+        let pick = self.b.ins().bitselect(keep_a, a, b);
+        let nan = self.b.ins().fcmp(FloatCC::Unordered, a, b);
+        let nan = self.mask_as_float(nan);
+        let qnan = self.splat_float(f64::NAN);
+        self.b.ins().bitselect(nan, qnan, pick)
+    }
+
+    /// `if c then a else b`: a branch when `c` is the same for every lane
+    /// (only the taken side runs, as in the scalar code); else both sides
+    /// (safe, by `analyse`) blended by the mask.
+    fn translate_vselect(&mut self, c: usize, a: usize, b: usize, ty: Ty) -> Value {
+        let cty = self.dag.terms[c].ty;
+        let vty = match ty {
+            Ty::F => self.lanes.float,
+            _ => self.lanes.mask,
+        };
+        if self.dag.terms[c].level < self.innermost() {
+            let cv = self.translate_expr(c);
+            let cv = self.as_b(cv, cty);
+            let then_block = self.b.create_block();
+            let else_block = self.b.create_block();
+            let merge = self.b.create_block();
+            let result = self.b.append_block_param(merge, vty);
+            self.b.ins().brif(cv, then_block, &[], else_block, &[]);
+            self.b.seal_block(then_block);
+            self.b.seal_block(else_block);
+            for (block, branch) in [(then_block, a), (else_block, b)] {
+                self.b.switch_to_block(block);
+                self.memo.push(HashMap::new());
+                self.vmemo.push(HashMap::new());
+                let v = self.translate_vexpr(branch);
+                self.vmemo.pop();
+                self.memo.pop();
+                self.b.ins().jump(merge, &[BlockArg::Value(v)]);
+            }
+            self.b.seal_block(merge);
+            self.b.switch_to_block(merge);
+            return result;
+        }
+        let cv = self.translate_vexpr(c);
+        let mask = match cty {
+            Ty::F => {
+                let zero = self.splat_float(0.0);
+                self.b.ins().fcmp(FloatCC::NotEqual, cv, zero)
+            }
+            _ => cv,
+        };
+        let x = self.translate_vexpr(a);
+        let y = self.translate_vexpr(b);
+        let mask = match ty {
+            Ty::F => self.mask_as_float(mask),
+            _ => mask,
+        };
+        self.b.ins().bitselect(mask, x, y)
+    }
+}
