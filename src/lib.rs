@@ -23,6 +23,7 @@ pub mod gradcheck;
 pub mod interp;
 pub mod ir;
 pub mod jit;
+pub mod math;
 pub mod opt;
 pub mod stdlib;
 pub mod syntax;

@@ -984,7 +984,10 @@ fn bench(args: &BenchArgs) -> Result<(), Failure> {
     // Inputs held in the precision being timed, as a training loop (and the
     // peers' float32 tensors) hold them: a call converts nothing.
     for input in &mut bound.inputs {
-        let t = std::mem::replace(&mut input.tensor, tensor_io::HostTensor::f64(vec![0], vec![]));
+        let t = std::mem::replace(
+            &mut input.tensor,
+            tensor_io::HostTensor::f64(vec![0], vec![]),
+        );
         input.tensor = t.with_float_precision(args.dtype == DTypeArg::F32);
     }
     let fail = |d: Diagnostic| {

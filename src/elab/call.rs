@@ -562,7 +562,7 @@ impl Elab<'_> {
         if let Value::Static(s) = &v {
             if let Some(x) = s.as_f64() {
                 let r = match op {
-                    IU::Exp => Some(x.exp()),
+                    IU::Exp => Some(crate::math::exp_f64(x)),
                     IU::Log => Some(x.ln()),
                     IU::Sqrt => Some(x.sqrt()),
                     IU::Abs => Some(x.abs()),

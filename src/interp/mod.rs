@@ -18,9 +18,19 @@ use std::fmt::Debug;
 pub trait Real:
     Float + FromPrimitive + ToPrimitive + Debug + Default + Send + Sync + 'static
 {
+    /// lossc's `exp` (`crate::math`), the same bits on every CPU backend.
+    fn exp_lossc(self) -> Self;
 }
-impl Real for f32 {}
-impl Real for f64 {}
+impl Real for f32 {
+    fn exp_lossc(self) -> f32 {
+        crate::math::exp_f32(self)
+    }
+}
+impl Real for f64 {
+    fn exp_lossc(self) -> f64 {
+        crate::math::exp_f64(self)
+    }
+}
 
 /// The value of one node.
 #[derive(Clone, Debug)]
@@ -324,7 +334,7 @@ impl<F: Real> Interp<'_, F> {
                 if m.is_infinite() {
                     S::F(m)
                 } else {
-                    let s = xs.iter().fold(F::zero(), |a, x| a + (*x - m).exp());
+                    let s = xs.iter().fold(F::zero(), |a, x| a + (*x - m).exp_lossc());
                     S::F(m + s.ln())
                 }
             }
@@ -455,7 +465,7 @@ fn unary<F: Real>(op: UnOp, a: S<F>, as_f: impl Fn(S<F>) -> F) -> S<F> {
             S::F(match op {
                 UnOp::Neg => -x,
                 UnOp::Abs => x.abs(),
-                UnOp::Exp => x.exp(),
+                UnOp::Exp => x.exp_lossc(),
                 UnOp::Log => x.ln(),
                 UnOp::Sqrt => x.sqrt(),
                 UnOp::Relu => {

@@ -1,8 +1,8 @@
 //! The math functions generated code calls: Rust `extern "C"` functions,
 //! registered with the JIT as symbols (`lossc_jit_<name>_<f32|f64>`) and
 //! imported into every kernel. Each one is the interpreter's formula, word for
-//! word, so both backends round the same way (`exp`, `ln`, `tanh`, `powf` are
-//! the same libm calls; softplus, log_sigmoid and sigmoid the same stable
+//! word, so both backends round the same way (`exp` is lossc's own,
+//! `crate::math`; `ln`, `tanh`, `powf` are the same libm calls; softplus, log_sigmoid and sigmoid the same stable
 //! forms; float-to-int the same saturating-to-zero conversion).
 
 use super::Precision;
@@ -51,7 +51,7 @@ fn sigmoid<F: Float>(x: F) -> F {
 macro_rules! helpers {
     ($f:ty, $exp:ident, $ln:ident, $tanh:ident, $pow:ident, $sp:ident, $ls:ident, $sg:ident, $ti:ident) => {
         extern "C" fn $exp(x: $f) -> $f {
-            x.exp()
+            crate::math::$exp(x)
         }
         extern "C" fn $ln(x: $f) -> $f {
             x.ln()

@@ -284,8 +284,7 @@ impl JitProgram {
         let code = &self.code;
         let ids: Vec<NodeId> = (0..self.graph.nodes.len())
             .filter(|&i| {
-                code.contractions[i].is_some()
-                    || code.vector[i] == Some(translate::VectorLoop::Sum)
+                code.contractions[i].is_some() || code.vector[i] == Some(translate::VectorLoop::Sum)
             })
             .map(|i| NodeId(i as u32))
             .collect();
@@ -497,10 +496,20 @@ fn compile_code(graph: &Graph, p: Precision) -> Result<Code, String> {
             &mut sites,
         );
         vector[i] = translator.vector_loop();
+        if std::env::var_os("LOSSC_JIT_PROFILE").is_some() {
+            eprintln!("profile: %{i} simd {:?}", vector[i]);
+        }
         translator.translate(config);
+        let disasm = std::env::var_os("LOSSC_JIT_DISASM").is_some();
+        ctx.set_disasm(disasm);
         module
             .define_function(func_id, &mut ctx)
             .map_err(|e| format!("%{i}: code generation failed: {e:?}"))?;
+        if disasm {
+            if let Some(code) = ctx.compiled_code().and_then(|c| c.vcode.as_ref()) {
+                eprintln!("; %{i}\n{code}");
+            }
+        }
         module.clear_context(&mut ctx);
         defined.push((i, func_id, proofs));
     }

@@ -331,7 +331,10 @@ pub(super) fn execute<F: Real>(
                 Step::Whole(id) => format!("%{} {:?}", id.index(), run.shapes[id.index()]),
                 Step::Pass(p) => format!("pass over {} nodes", p.nodes.len()),
             };
-            eprintln!("profile: {:>10.3} ms  {what}", t.elapsed().as_secs_f64() * 1e3);
+            eprintln!(
+                "profile: {:>10.3} ms  {what}",
+                t.elapsed().as_secs_f64() * 1e3
+            );
         }
         if opts.lean {
             for i in 0..n {

@@ -290,7 +290,7 @@ fn fold_unary(e: &Expr) -> Option<Expr> {
     let v = *v;
     Some(Expr::Float(match op {
         UnOp::Neg => -v,
-        UnOp::Exp => v.exp(),
+        UnOp::Exp => crate::math::exp_f64(v),
         UnOp::Log => v.ln(),
         UnOp::Sqrt => v.sqrt(),
         UnOp::Abs => v.abs(),

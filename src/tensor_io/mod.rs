@@ -127,7 +127,9 @@ impl HostTensor {
     /// integer and boolean tensors unchanged.
     pub fn with_float_precision(self, f32: bool) -> HostTensor {
         let data = match (self.data, f32) {
-            (TensorData::F64(v), true) => TensorData::F32(v.into_iter().map(|x| x as f32).collect()),
+            (TensorData::F64(v), true) => {
+                TensorData::F32(v.into_iter().map(|x| x as f32).collect())
+            }
             (TensorData::F32(v), false) => TensorData::F64(v.into_iter().map(f64::from).collect()),
             (d, _) => d,
         };

@@ -112,7 +112,25 @@ struct Check<'a> {
     seen: HashMap<usize, bool>,
 }
 
+/// Which operand of an integer comparison is the innermost index (the other
+/// does not vary along the loop): `Some(true)` for the left.
+fn index_side(dag: &Dag, inner: i32, var: crate::ir::IdxVar, a: usize, b: usize) -> Option<bool> {
+    let is_var = |t: usize| dag.terms[t].op == Op::Index(var);
+    let invariant = |t: usize| dag.terms[t].level < inner && dag.terms[t].ty == Ty::I;
+    if is_var(a) && invariant(b) {
+        Some(true)
+    } else if is_var(b) && invariant(a) {
+        Some(false)
+    } else {
+        None
+    }
+}
+
 impl Check<'_> {
+    fn index_comparison(&self, a: usize, b: usize) -> Option<bool> {
+        index_side(self.dag, self.inner, self.var, a, b)
+    }
+
     fn lane_wise(&mut self, id: usize) -> bool {
         let t = &self.dag.terms[id];
         if t.level < self.inner {
@@ -146,12 +164,16 @@ impl Check<'_> {
             Op::Binary(op, a, b) => {
                 let (ta, tb) = (terms[*a].ty, terms[*b].ty);
                 let op_ok = match (ta, tb) {
-                    (Ty::F, Ty::F) => !matches!(
-                        op,
-                        BinOp::Rem | BinOp::FloorDiv | BinOp::And | BinOp::Or
-                    ),
+                    (Ty::F, Ty::F) => {
+                        !matches!(op, BinOp::Rem | BinOp::FloorDiv | BinOp::And | BinOp::Or)
+                    }
                     (Ty::B, Ty::B) => {
                         matches!(op, BinOp::And | BinOp::Or | BinOp::Eq | BinOp::Ne)
+                    }
+                    // The innermost index against an integer that does not
+                    // vary along the loop (a diagonal, `j == i`).
+                    (Ty::I, Ty::I) => {
+                        return op.is_comparison() && self.index_comparison(*a, *b).is_some();
                     }
                     _ => false,
                 };
@@ -268,7 +290,9 @@ impl Translator<'_, '_> {
 
     /// A mask reinterpreted as floats, for `bitselect` on float lanes.
     fn mask_as_float(&mut self, m: Value) -> Value {
-        self.b.ins().bitcast(self.lanes.float, MemFlagsData::new(), m)
+        self.b
+            .ins()
+            .bitcast(self.lanes.float, MemFlagsData::new(), m)
     }
 
     /// A scalar bool (0 or 1) as a mask of all-ones or all-zeros lanes.
@@ -328,12 +352,7 @@ impl Translator<'_, '_> {
                     .b
                     .ins()
                     .icmp(IntCC::UnsignedGreaterThanOrEqual, v, dims[k]);
-                self.translate_error_if(
-                    out,
-                    super::ErrorSite::Index { node, dim: k },
-                    v,
-                    dims[k],
-                );
+                self.translate_error_if(out, super::ErrorSite::Index { node, dim: k }, v, dims[k]);
             }
             offset = Some(match offset {
                 None => v,
@@ -373,6 +392,109 @@ impl Translator<'_, '_> {
         out.expect("at least one lane")
     }
 
+    /// `crate::math`'s exp, step for step, on every lane: the same bits as
+    /// the scalar helper and the interpreter.
+    pub(super) fn translate_vexp(&mut self, x: Value) -> Value {
+        struct C {
+            log2e: f64,
+            ln2_hi: f64,
+            ln2_lo: f64,
+            magic: f64,
+            lo: f64,
+            hi: f64,
+            coef: Vec<f64>,
+            shift_bias: i64,
+            exp_bias: i64,
+            mantissa_bits: i64,
+        }
+        let c = match self.precision {
+            Precision::F64 => {
+                let e = &crate::math::EXP_F64;
+                C {
+                    log2e: e.log2e,
+                    ln2_hi: e.ln2_hi,
+                    ln2_lo: e.ln2_lo,
+                    magic: e.magic,
+                    lo: e.lo,
+                    hi: e.hi,
+                    coef: e.coef.to_vec(),
+                    shift_bias: e.shift_bias,
+                    exp_bias: e.exp_bias,
+                    mantissa_bits: e.mantissa_bits,
+                }
+            }
+            Precision::F32 => {
+                let e = &crate::math::EXP_F32;
+                C {
+                    log2e: f64::from(e.log2e),
+                    ln2_hi: f64::from(e.ln2_hi),
+                    ln2_lo: f64::from(e.ln2_lo),
+                    magic: f64::from(e.magic),
+                    lo: f64::from(e.lo),
+                    hi: f64::from(e.hi),
+                    coef: e.coef.iter().map(|k| f64::from(*k)).collect(),
+                    shift_bias: e.shift_bias,
+                    exp_bias: e.exp_bias,
+                    mantissa_bits: e.mantissa_bits,
+                }
+            }
+        };
+        let mask = self.lanes.mask;
+        let lo = self.splat_float(c.lo);
+        let hi = self.splat_float(c.hi);
+        let below = self.b.ins().fcmp(FloatCC::LessThan, x, lo);
+        let below = self.mask_as_float(below);
+        let clamped = self.b.ins().bitselect(below, lo, x);
+        let above = self.b.ins().fcmp(FloatCC::GreaterThan, clamped, hi);
+        let above = self.mask_as_float(above);
+        let clamped = self.b.ins().bitselect(above, hi, clamped);
+        let log2e = self.splat_float(c.log2e);
+        let magic = self.splat_float(c.magic);
+        let t = self.b.ins().fmul(clamped, log2e);
+        let t = self.b.ins().fadd(t, magic);
+        let n = self.b.ins().fsub(t, magic);
+        let ln2_hi = self.splat_float(c.ln2_hi);
+        let ln2_lo = self.splat_float(c.ln2_lo);
+        let nh = self.b.ins().fmul(n, ln2_hi);
+        let r = self.b.ins().fsub(clamped, nh);
+        let nl = self.b.ins().fmul(n, ln2_lo);
+        let r = self.b.ins().fsub(r, nl);
+        let mut p = self.splat_float(c.coef[0]);
+        for k in &c.coef[1..] {
+            let kv = self.splat_float(*k);
+            let pr = self.b.ins().fmul(p, r);
+            p = self.b.ins().fadd(pr, kv);
+        }
+        // n as an integer from the bits of t, and 2^h, 2^(n-h).
+        let splat_int = |t: &mut Self, v: i64| -> Value {
+            let s = t.b.ins().iconst(t.lanes.lane_int, v);
+            t.b.ins().splat(mask, s)
+        };
+        let flags = MemFlagsData::new();
+        let t_bits = self.b.ins().bitcast(mask, flags, t);
+        let magic_bits = self.b.ins().bitcast(mask, flags, magic);
+        let ni = self.b.ins().isub(t_bits, magic_bits);
+        let bias = splat_int(self, c.shift_bias);
+        let half_bias = splat_int(self, c.shift_bias >> 1);
+        let h = self.b.ins().iadd(ni, bias);
+        let h = self.b.ins().ushr_imm_u(h, 1);
+        let h = self.b.ins().isub(h, half_bias);
+        let e = splat_int(self, c.exp_bias);
+        let s1 = self.b.ins().iadd(h, e);
+        let s1 = self.b.ins().ishl_imm_u(s1, c.mantissa_bits);
+        let s1 = self.b.ins().bitcast(self.lanes.float, flags, s1);
+        let s2 = self.b.ins().isub(ni, h);
+        let s2 = self.b.ins().iadd(s2, e);
+        let s2 = self.b.ins().ishl_imm_u(s2, c.mantissa_bits);
+        let s2 = self.b.ins().bitcast(self.lanes.float, flags, s2);
+        let y = self.b.ins().fmul(p, s1);
+        let y = self.b.ins().fmul(y, s2);
+        // NaN lanes return x itself.
+        let nan = self.b.ins().fcmp(FloatCC::Unordered, x, x);
+        let nan = self.mask_as_float(nan);
+        self.b.ins().bitselect(nan, x, y)
+    }
+
     fn translate_vunary(&mut self, op: UnOp, a: usize) -> Value {
         let ty = self.dag.terms[a].ty;
         let x = self.translate_vexpr(a);
@@ -387,7 +509,7 @@ impl Translator<'_, '_> {
                 UnOp::Neg => self.b.ins().fneg(x),
                 UnOp::Abs => self.b.ins().fabs(x),
                 UnOp::Sqrt => self.b.ins().sqrt(x),
-                UnOp::Exp => self.per_lane(Math::Exp, &[x]),
+                UnOp::Exp => self.translate_vexp(x),
                 UnOp::Log => self.per_lane(Math::Ln, &[x]),
                 UnOp::Tanh => self.per_lane(Math::Tanh, &[x]),
                 UnOp::Softplus => self.per_lane(Math::Softplus, &[x]),
@@ -396,10 +518,7 @@ impl Translator<'_, '_> {
                 UnOp::Relu => {
                     // x when x > 0 or x is NaN, else 0 (as the scalar code).
                     let zero = self.splat_float(0.0);
-                    let keep = self
-                        .b
-                        .ins()
-                        .fcmp(FloatCC::UnorderedOrGreaterThan, x, zero);
+                    let keep = self.b.ins().fcmp(FloatCC::UnorderedOrGreaterThan, x, zero);
                     let keep = self.mask_as_float(keep);
                     self.b.ins().bitselect(keep, x, zero)
                 }
@@ -410,6 +529,9 @@ impl Translator<'_, '_> {
 
     fn translate_vbinary(&mut self, op: BinOp, a: usize, b: usize) -> Value {
         let ta = self.dag.terms[a].ty;
+        if ta == Ty::I {
+            return self.translate_index_comparison(op, a, b);
+        }
         let x = self.translate_vexpr(a);
         let y = self.translate_vexpr(b);
         if ta == Ty::B {
@@ -438,6 +560,47 @@ impl Translator<'_, '_> {
                 unreachable!("`analyse` admits no such float operation")
             }
         }
+    }
+
+    /// `i + l <op> c` for the lanes `l` of innermost index `i` and an
+    /// invariant `c`, as `l <op> d` with `d = c - i` clamped to
+    /// `-1 ..= LANES` (which keeps every lane's outcome and fits a lane).
+    fn translate_index_comparison(&mut self, op: BinOp, a: usize, b: usize) -> Value {
+        let inner = self.innermost();
+        let var = self.levels[inner as usize].0;
+        let index_left = index_side(self.dag, inner, var, a, b)
+            .expect("`analyse` admits only the innermost index against an invariant");
+        let other = if index_left { b } else { a };
+        let c = self.translate_expr(other);
+        let i = self.b.use_var(self.loop_vars[inner as usize]);
+        let d = self.b.ins().isub(c, i);
+        let lo = self.b.ins().iconst(types::I64, -1);
+        let hi = self.b.ins().iconst(types::I64, i64::from(self.lanes.n));
+        let d = self.b.ins().smax(d, lo);
+        let d = self.b.ins().smin(d, hi);
+        let d = if self.lanes.lane_int == types::I64 {
+            d
+        } else {
+            self.b.ins().ireduce(self.lanes.lane_int, d)
+        };
+        let d = self.b.ins().splat(self.lanes.mask, d);
+        let lane_bytes = self.lanes.lane_int.bytes() as usize;
+        let mut bytes = Vec::with_capacity(16);
+        for l in 0..u64::from(self.lanes.n) {
+            bytes.extend_from_slice(&l.to_le_bytes()[..lane_bytes]);
+        }
+        let iota = self.b.func.dfg.constants.insert(bytes.into());
+        let iota = self.b.ins().vconst(self.lanes.mask, iota);
+        // Lane index on the left, whichever side the loop index was on.
+        let cc = match (op, index_left) {
+            (BinOp::Eq, _) => IntCC::Equal,
+            (BinOp::Ne, _) => IntCC::NotEqual,
+            (BinOp::Lt, true) | (BinOp::Gt, false) => IntCC::SignedLessThan,
+            (BinOp::Le, true) | (BinOp::Ge, false) => IntCC::SignedLessThanOrEqual,
+            (BinOp::Gt, true) | (BinOp::Lt, false) => IntCC::SignedGreaterThan,
+            _ => IntCC::SignedGreaterThanOrEqual,
+        };
+        self.b.ins().icmp(cc, iota, d)
     }
 
     /// `translate_nan_extreme` per lane: NaN when either is NaN, else `a`
