@@ -284,7 +284,11 @@ impl JitProgram {
         let code = &self.code;
         let ids: Vec<NodeId> = (0..self.graph.nodes.len())
             .filter(|&i| {
-                code.contractions[i].is_some() || code.vector[i] == Some(translate::VectorLoop::Sum)
+                code.contractions[i].is_some()
+                    || matches!(
+                        code.vector[i],
+                        Some(translate::VectorLoop::Sum | translate::VectorLoop::LogSumExp)
+                    )
             })
             .map(|i| NodeId(i as u32))
             .collect();

@@ -419,26 +419,44 @@ impl<'a, 'f> Translator<'a, 'f> {
         self.b.ins().store(TRUSTED, c, caddr, 0);
     }
 
-    fn translate_reduce_loops(&mut self, level: usize, item: &mut dyn FnMut(&mut Self)) {
-        if level == self.levels.len() {
-            item(self);
-        } else {
-            self.translate_loop(level, &mut |t| t.translate_reduce_loops(level + 1, item));
-        }
-    }
-
-    /// `translate_reduce_loops` for a fold: a vectorised sum runs its
-    /// innermost loop `LANES` at a time first (`simd.rs`), then the rest
-    /// element by element.
+    /// The loops of a fold over the reduced levels: when the kernel
+    /// vectorises, the innermost one runs `LANES` at a time first
+    /// (`simd.rs`: a sum, or logsumexp's maximum), then the rest element by
+    /// element.
     fn translate_fold_loops(&mut self, level: usize, a: Acc, item: &mut dyn FnMut(&mut Self)) {
-        let vector_sum = self.vector == Some(VectorLoop::Sum);
-        match a.acc {
-            Some((acc, Ty::F)) if vector_sum && level as i32 == self.innermost() => {
+        let innermost = level as i32 == self.innermost();
+        match (a.acc, self.vector) {
+            (Some((acc, Ty::F)), Some(VectorLoop::Sum)) if innermost => {
                 self.translate_vector_sum(level, acc, a.count);
+                self.translate_loop_from_here(level, &mut |t| item(t));
+            }
+            (Some((acc, Ty::F)), Some(VectorLoop::LogSumExp)) if innermost => {
+                self.translate_vector_max(level, acc, a.count);
                 self.translate_loop_from_here(level, &mut |t| item(t));
             }
             _ if level == self.levels.len() => item(self),
             _ => self.translate_loop(level, &mut |t| t.translate_fold_loops(level + 1, a, item)),
+        }
+    }
+
+    /// The loops of logsumexp's second pass: `sum += exp(x - m)`, the
+    /// innermost loop in lanes first when the kernel vectorises.
+    fn translate_exp_sum_loops(
+        &mut self,
+        level: usize,
+        sum: Variable,
+        m: Value,
+        item: &mut dyn FnMut(&mut Self),
+    ) {
+        if self.vector == Some(VectorLoop::LogSumExp) && level as i32 == self.innermost() {
+            self.translate_vector_exp_sum(level, sum, m);
+            self.translate_loop_from_here(level, &mut |t| item(t));
+        } else if level == self.levels.len() {
+            item(self);
+        } else {
+            self.translate_loop(level, &mut |t| {
+                t.translate_exp_sum_loops(level + 1, sum, m, item)
+            });
         }
     }
 
@@ -666,7 +684,7 @@ impl<'a, 'f> Translator<'a, 'f> {
         // The second pass runs only on this branch: its values must not be
         // remembered past the merge.
         self.memo.push(HashMap::new());
-        self.translate_reduce_loops(n_out, &mut |t| {
+        self.translate_exp_sum_loops(n_out, sum, m, &mut |t| {
             t.translate_filtered(&mut |t| {
                 let x = t.translate_expr(body);
                 let x = t.convert(x, body_ty, Ty::F);

@@ -18,6 +18,9 @@
 //! * A vectorised `sum` adds `LANES` running partial sums and folds them at
 //!   the end: the summation order differs from the interpreter's, so its
 //!   values agree to the rounding of a sum (`JitProgram::reordered_nodes`).
+//!   A vectorised `logsumexp` keeps a running maximum per lane (NaN ignored,
+//!   as the scalar pass), folds the lanes into the scalar maximum, then sums
+//!   `exp(x - m)` in lanes the same way.
 
 use super::super::plan::{Dag, Op, Ty};
 use super::super::Precision;
@@ -39,6 +42,9 @@ pub(in crate::jit) enum VectorLoop {
     Elementwise,
     /// The innermost reduced index of a float `sum` or `mean`.
     Sum,
+    /// The innermost reduced index of a `logsumexp`: both passes (the
+    /// maximum, then the sum of shifted exponentials) run in lanes.
+    LogSumExp,
 }
 
 /// The vector types of a precision.
@@ -83,14 +89,14 @@ pub(in crate::jit) fn analyse(k: &Kernel) -> Option<VectorLoop> {
     let how = match &k.comp.reduce {
         None => VectorLoop::Elementwise,
         Some(r) => {
-            let filter_outer = k.filter.is_none_or(|f| {
-                let t = &k.dag.terms[f];
-                t.safe && t.level < n_out as i32
-            });
-            if !matches!(r.op, RedOp::Sum | RedOp::Mean) || inner < n_out || !filter_outer {
+            if inner < n_out {
                 return None;
             }
-            VectorLoop::Sum
+            match r.op {
+                RedOp::Sum | RedOp::Mean => VectorLoop::Sum,
+                RedOp::LogSumExp => VectorLoop::LogSumExp,
+                _ => return None,
+            }
         }
     };
     let mut check = Check {
@@ -100,7 +106,22 @@ pub(in crate::jit) fn analyse(k: &Kernel) -> Option<VectorLoop> {
         graph: k.graph,
         seen: HashMap::new(),
     };
-    check.lane_wise(body).then_some(how)
+    let lanes_ok = check.lane_wise(body)
+        && masked_filter(k.dag, k.filter, n_out).is_none_or(|f| {
+            // Every lane evaluates filter and body, passing or not.
+            k.dag.terms[f].safe && k.dag.terms[body].safe && check.lane_wise(f)
+        });
+    lanes_ok.then_some(how)
+}
+
+/// The filter vector code applies as a mask per lane: any filter except one
+/// over output indices only, which the scalar code decides once per output
+/// element before the reduced loops (`translate_fold`).
+pub(super) fn masked_filter(dag: &Dag, filter: Option<usize>, n_out: usize) -> Option<usize> {
+    filter.filter(|f| {
+        let t = &dag.terms[*f];
+        !(t.safe && t.level < n_out as i32)
+    })
 }
 
 /// The lane-wise check of the terms that vary along the innermost loop.
@@ -254,15 +275,86 @@ impl Translator<'_, '_> {
         acc: cranelift_frontend::Variable,
         count: cranelift_frontend::Variable,
     ) {
-        let lanes = self.lanes;
         let body = self.body.expect("a vectorised sum has a body");
-        let partial = self.b.declare_var(lanes.float);
-        let zero = self.fconst(0.0);
-        let zeros = self.b.ins().splat(lanes.float, zero);
-        self.b.def_var(partial, zeros);
         let start = self.bounds[level].0;
-        self.translate_vector_loop(level, &mut |t| {
+        let passed = self.start_mask_count();
+        self.translate_vector_fold(level, acc, &mut |t| {
+            let mask = t.translate_vfilter();
             let x = t.translate_vexpr(body);
+            t.masked(mask, x, 0.0, passed)
+        });
+        self.finish_count(level, start, count, passed);
+    }
+
+    /// Pass one of a vectorised logsumexp: a running maximum per lane
+    /// (`x > max` replaces it, so NaN is ignored), folded into the scalar
+    /// maximum `acc` by the same rule, and the elements counted.
+    pub(super) fn translate_vector_max(
+        &mut self,
+        level: usize,
+        acc: cranelift_frontend::Variable,
+        count: cranelift_frontend::Variable,
+    ) {
+        let lanes = self.lanes;
+        let body = self.body.expect("a vectorised logsumexp has a body");
+        let best = self.b.declare_var(lanes.float);
+        let init = self.splat_float(f64::NEG_INFINITY);
+        self.b.def_var(best, init);
+        let start = self.bounds[level].0;
+        let passed = self.start_mask_count();
+        self.translate_vector_loop(level, &mut |t| {
+            let mask = t.translate_vfilter();
+            let x = t.translate_vexpr(body);
+            let x = t.masked(mask, x, f64::NEG_INFINITY, passed);
+            let cur = t.b.use_var(best);
+            let gt = t.b.ins().fcmp(FloatCC::GreaterThan, x, cur);
+            let gt = t.mask_as_float(gt);
+            let next = t.b.ins().bitselect(gt, x, cur);
+            t.b.def_var(best, next);
+        });
+        let v = self.b.use_var(best);
+        let mut cur = self.b.use_var(acc);
+        for l in 0..lanes.n {
+            let x = self.b.ins().extractlane(v, l);
+            let gt = self.b.ins().fcmp(FloatCC::GreaterThan, x, cur);
+            cur = self.b.ins().select(gt, x, cur);
+        }
+        self.b.def_var(acc, cur);
+        self.finish_count(level, start, count, passed);
+    }
+
+    /// Pass two of a vectorised logsumexp: `sum += exp(x - m)` in lanes.
+    pub(super) fn translate_vector_exp_sum(
+        &mut self,
+        level: usize,
+        sum: cranelift_frontend::Variable,
+        m: Value,
+    ) {
+        let body = self.body.expect("a vectorised logsumexp has a body");
+        self.translate_vector_fold(level, sum, &mut |t| {
+            let mask = t.translate_vfilter();
+            let x = t.translate_vexpr(body);
+            let mv = t.b.ins().splat(t.lanes.float, m);
+            let d = t.b.ins().fsub(x, mv);
+            let e = t.translate_vexp(d);
+            t.masked(mask, e, 0.0, None)
+        });
+    }
+
+    /// `LANES` partial sums of `step`'s vectors over the vector loop, folded
+    /// lane by lane into the scalar `acc`.
+    fn translate_vector_fold(
+        &mut self,
+        level: usize,
+        acc: cranelift_frontend::Variable,
+        step: &mut dyn FnMut(&mut Self) -> Value,
+    ) {
+        let lanes = self.lanes;
+        let partial = self.b.declare_var(lanes.float);
+        let zeros = self.splat_float(0.0);
+        self.b.def_var(partial, zeros);
+        self.translate_vector_loop(level, &mut |t| {
+            let x = step(t);
             let p = t.b.use_var(partial);
             let p = t.b.ins().fadd(p, x);
             t.b.def_var(partial, p);
@@ -276,8 +368,80 @@ impl Translator<'_, '_> {
         let cur = self.b.use_var(acc);
         let sum = self.b.ins().fadd(cur, folded);
         self.b.def_var(acc, sum);
-        let done = self.b.use_var(self.loop_vars[level]);
-        let n = self.b.ins().isub(done, start);
+    }
+
+    /// The filter's mask for this vector step (`None`: every lane passes).
+    fn translate_vfilter(&mut self) -> Option<Value> {
+        let f = masked_filter(self.dag, self.filter, self.n_out())?;
+        let v = self.translate_vexpr(f);
+        Some(match self.dag.terms[f].ty {
+            Ty::F => {
+                let zero = self.splat_float(0.0);
+                self.b.ins().fcmp(FloatCC::NotEqual, v, zero)
+            }
+            _ => v,
+        })
+    }
+
+    /// With a lane-wise filter, a per-lane count of passing elements.
+    fn start_mask_count(&mut self) -> Option<cranelift_frontend::Variable> {
+        masked_filter(self.dag, self.filter, self.n_out())?;
+        let var = self.b.declare_var(self.lanes.mask);
+        let zero = self.b.ins().iconst(self.lanes.lane_int, 0);
+        let zeros = self.b.ins().splat(self.lanes.mask, zero);
+        self.b.def_var(var, zeros);
+        Some(var)
+    }
+
+    /// `x` where the mask passes, `fill` elsewhere; passing lanes counted
+    /// (a passing lane is -1).
+    fn masked(
+        &mut self,
+        mask: Option<Value>,
+        x: Value,
+        fill: f64,
+        passed: Option<cranelift_frontend::Variable>,
+    ) -> Value {
+        let Some(mask) = mask else { return x };
+        if let Some(p) = passed {
+            let cur = self.b.use_var(p);
+            let next = self.b.ins().isub(cur, mask);
+            self.b.def_var(p, next);
+        }
+        let fill = self.splat_float(fill);
+        let m = self.mask_as_float(mask);
+        self.b.ins().bitselect(m, x, fill)
+    }
+
+    /// `count +=` the elements the vector loop folded: every one
+    /// (`i - start`), or those that passed the filter.
+    fn finish_count(
+        &mut self,
+        level: usize,
+        start: Value,
+        count: cranelift_frontend::Variable,
+        passed: Option<cranelift_frontend::Variable>,
+    ) {
+        let n = match passed {
+            None => {
+                let done = self.b.use_var(self.loop_vars[level]);
+                self.b.ins().isub(done, start)
+            }
+            Some(p) => {
+                let v = self.b.use_var(p);
+                let mut total = self.b.ins().iconst(types::I64, 0);
+                for l in 0..self.lanes.n {
+                    let x = self.b.ins().extractlane(v, l);
+                    let x = if self.lanes.lane_int == types::I64 {
+                        x
+                    } else {
+                        self.b.ins().uextend(types::I64, x)
+                    };
+                    total = self.b.ins().iadd(total, x);
+                }
+                total
+            }
+        };
         let c = self.b.use_var(count);
         let c = self.b.ins().iadd(c, n);
         self.b.def_var(count, c);
