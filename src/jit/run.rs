@@ -25,6 +25,7 @@ use crate::ir::{DType, Graph, NodeId, NodeKind, RedOp};
 use crate::syntax::{codes, Diagnostic};
 use crate::tensor_io::TensorData;
 use ndarray::{ArrayD, IxDyn};
+use rayon::prelude::*;
 use std::any::Any;
 use std::sync::Mutex;
 
@@ -69,6 +70,29 @@ impl RunOptions {
 const MIN_WORK_PER_THREAD: usize = 1 << 16;
 /// Threads one kernel call may start, whatever the options say.
 const MAX_THREADS: usize = 256;
+
+/// The process's pool of `n` kernel threads, started on first use and kept
+/// (starting threads for each kernel call cost more than a medium node's
+/// work). `None` when threads cannot be started: the caller runs one chunk.
+fn thread_pool(n: usize) -> Option<std::sync::Arc<rayon::ThreadPool>> {
+    type Pools = Mutex<Vec<(usize, std::sync::Arc<rayon::ThreadPool>)>>;
+    static POOLS: std::sync::OnceLock<Pools> = std::sync::OnceLock::new();
+    let mut pools = POOLS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some((_, p)) = pools.iter().find(|(k, _)| *k == n) {
+        return Some(p.clone());
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .thread_name(|i| format!("lossc-jit-{i}"))
+        .build()
+        .ok()?;
+    let pool = std::sync::Arc::new(pool);
+    pools.push((n, pool.clone()));
+    Some(pool)
+}
 
 /// Buffers of earlier runs of a program, reused: a fresh allocation of a
 /// large buffer costs a page fault per 4 KiB on first touch, which for
@@ -588,23 +612,26 @@ impl<F: Real> Run<'_, F> {
             let status = unsafe { f(p.0, dims as *const i64, err.as_mut_ptr(), ctl.as_ptr()) };
             (status, err)
         };
-        let results: Vec<(i64, [i64; 2])> = if chunks <= 1 {
-            vec![run_chunk(rows.0, rows.1)]
+        let pool = if chunks > 1 {
+            thread_pool(self.opts.threads.clamp(1, MAX_THREADS))
         } else {
-            let per = n_rows.div_ceil(chunks) as i64;
-            std::thread::scope(|s| {
-                let handles: Vec<_> = (0..chunks as i64)
-                    .map(|c| {
-                        let lo = rows.0 + c * per;
-                        let hi = (lo + per).min(rows.1);
-                        s.spawn(move || run_chunk(lo, hi))
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().unwrap_or((-1, [0, 0])))
-                    .collect()
-            })
+            None
+        };
+        let results: Vec<(i64, [i64; 2])> = match pool {
+            None => vec![run_chunk(rows.0, rows.1)],
+            Some(pool) => {
+                let per = n_rows.div_ceil(chunks) as i64;
+                pool.install(|| {
+                    (0..chunks as i64)
+                        .into_par_iter()
+                        .map(|c| {
+                            let lo = rows.0 + c * per;
+                            let hi = (lo + per).min(rows.1);
+                            run_chunk(lo, hi)
+                        })
+                        .collect()
+                })
+            }
         };
         match results.into_iter().find(|(status, _)| *status != 0) {
             None => Ok(()),
