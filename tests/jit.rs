@@ -135,15 +135,18 @@ fn compare<F: Real>(
     Ok(worst)
 }
 
-/// Compares a JIT evaluation with the interpreter's when the JIT summed some
+/// Compares a JIT evaluation with the interpreter's when the JIT reduced some
 /// nodes in another order (`JitProgram::reordered_nodes`: contractions run as
-/// GEMM, blocked and with fused multiply-add; sums in SIMD lanes). Under cancellation an element's
-/// rounding error is relative to its terms, not to its value, so those
-/// nodes must agree to `rtol` of their largest element. Every other node is
-/// then compared at `rtol`, as before, with an interpreter run that reads the
-/// JIT's contraction values: the summation-order difference would otherwise
-/// be amplified downstream (a sign near 0, a different max) into failures
-/// that say nothing about the code under test.
+/// GEMM, blocked and with fused multiply-add; sums, logsumexps and extremes
+/// in SIMD lanes). The interpreter runs once on a graph where every reordered
+/// node reads the JIT's value (so an order difference upstream is not
+/// amplified downstream — a sign near 0, a different max — into failures
+/// that say nothing about the code under test), with two appended copies of
+/// each reordered node: its own comprehension, computed from those values,
+/// and the same over `|term|`. A reordered element must agree with its copy
+/// to `rtol` of the larger of its node's largest element and its `sum
+/// |term|` (under cancellation rounding is relative to the terms, not the
+/// value); every other node is compared at `rtol`.
 fn compare_contracted<F: Real>(
     program: &JitProgram,
     graph: &Graph,
@@ -152,61 +155,37 @@ fn compare_contracted<F: Real>(
     got: Evaluation<F>,
     rtol: f64,
 ) -> Result<(Evaluation<F>, f64), String> {
-    let gemm = program.reordered_nodes();
-    if gemm.is_empty() {
+    let reordered = program.reordered_nodes();
+    if reordered.is_empty() {
         return compare(graph, bound, &want, &got, rtol).map(|worst| (got, worst));
     }
-    // Each reordered element's rounding is relative to the size of its terms,
-    // which under cancellation (a softmax gradient summing to ~0) is far above
-    // the element: the interpreter on `sum |term|` measures it.
-    let mut magnitude = graph.clone();
-    for id in &gemm {
-        if let lossc::ir::NodeKind::Comp(c) = &mut magnitude.nodes[id.index()].kind {
-            let body = std::mem::replace(&mut c.body, lossc::ir::Expr::Float(0.0));
-            c.body = lossc::ir::Expr::Unary(lossc::ir::UnOp::Abs, Box::new(body));
-        }
-    }
-    let magnitude = interp::evaluate::<F>(&magnitude, bound).ok();
+    let n = graph.nodes.len();
     let mut fed = graph.clone();
     let mut fed_bound = bound.clone();
-    for id in &gemm {
+    // (node, its copy, its copy over |term|)
+    let mut copies = Vec::new();
+    for id in &reordered {
+        let node = graph.nodes[id.index()].clone();
+        let lossc::ir::NodeKind::Comp(c) = &node.kind else {
+            return Err(format!(
+                "%{}: a reordered node that is not a comprehension",
+                id.index()
+            ));
+        };
+        let mut magnitude = node.clone();
+        let mut abs = c.clone();
+        abs.body = lossc::ir::Expr::Unary(lossc::ir::UnOp::Abs, Box::new(c.body.clone()));
+        magnitude.kind = lossc::ir::NodeKind::Comp(abs);
+        fed.nodes.push(node);
+        fed.nodes.push(magnitude);
+        copies.push((id.index(), fed.nodes.len() - 2, fed.nodes.len() - 1));
+    }
+    for id in &reordered {
         let i = id.index();
-        let (Some(Tensor::F(w)), Some(Tensor::F(g))) = (want.values.get(i), got.values.get(i))
-        else {
-            return Err(format!("%{i}: a contraction without a float value"));
+        let Some(Tensor::F(g)) = got.values.get(i) else {
+            return Err(format!("%{i}: a reordered node without a float value"));
         };
-        if w.shape() != g.shape() {
-            return Err(format!("%{i}: shape {:?} vs {:?}", g.shape(), w.shape()));
-        }
-        let scale = w
-            .iter()
-            .map(|x| f64_of(*x))
-            .filter(|x| x.is_finite())
-            .fold(0.0f64, |m, x| m.max(x.abs()));
-        let terms = |k: usize| -> f64 {
-            match magnitude.as_ref().and_then(|m| m.values.get(i)) {
-                Some(Tensor::F(m)) => m
-                    .as_slice()
-                    .and_then(|m| m.get(k))
-                    .map_or(0.0, |x| f64_of(*x))
-                    .abs(),
-                _ => 0.0,
-            }
-        };
-        for (k, (a, b)) in g.iter().zip(w.iter()).enumerate() {
-            let (a, b) = (f64_of(*a), f64_of(*b));
-            // `agree`'s floor is a millionth of its scale: this makes it
-            // `rtol` times the larger of the largest element and `sum |term|`.
-            let floor = scale.max(terms(k));
-            let floor = if floor.is_finite() { floor } else { scale };
-            if !agree(a, b, rtol, floor * 1e6) {
-                return Err(format!(
-                    "contraction %{i} element {k}: jit {a:e}, interp {b:e}\n  {}",
-                    lossc::ir::print::print_node(graph, *id, &graph.nodes[i])
-                ));
-            }
-        }
-        let name = format!("__jit_contraction_{i}");
+        let name = format!("__jit_reordered_{i}");
         fed.nodes[i].kind = lossc::ir::NodeKind::Input {
             name: name.clone(),
             variadic: false,
@@ -222,12 +201,46 @@ fn compare_contracted<F: Real>(
             split_columns: false,
         });
     }
-    let want_fed = interp::evaluate::<F>(&fed, &fed_bound).map_err(|e| {
+    let mut want_fed = interp::evaluate::<F>(&fed, &fed_bound).map_err(|e| {
         format!(
-            "interp on the JIT's contraction values: {} {}",
+            "interp on the JIT's reordered values: {} {}",
             e.code, e.message
         )
     })?;
+    for (i, copy, magnitude) in copies {
+        let (Some(Tensor::F(w)), Some(Tensor::F(m)), Some(Tensor::F(g))) = (
+            want_fed.values.get(copy),
+            want_fed.values.get(magnitude),
+            got.values.get(i),
+        ) else {
+            return Err(format!("%{i}: a reordered node without a float value"));
+        };
+        if w.shape() != g.shape() {
+            return Err(format!("%{i}: shape {:?} vs {:?}", g.shape(), w.shape()));
+        }
+        let scale = w
+            .iter()
+            .map(|x| f64_of(*x))
+            .filter(|x| x.is_finite())
+            .fold(0.0f64, |m, x| m.max(x.abs()));
+        for (k, ((a, b), t)) in g.iter().zip(w.iter()).zip(m.iter()).enumerate() {
+            let (a, b, t) = (f64_of(*a), f64_of(*b), f64_of(*t).abs());
+            // `agree`'s floor is a millionth of its scale: this makes it
+            // `rtol` times the larger of the largest element and `sum |term|`.
+            let floor = if t.is_finite() { scale.max(t) } else { scale };
+            if !agree(a, b, rtol, floor * 1e6) {
+                return Err(format!(
+                    "reordered %{i} element {k}: jit {a:e}, interp {b:e}\n  {}",
+                    lossc::ir::print::print_node(
+                        graph,
+                        lossc::ir::NodeId(i as u32),
+                        &graph.nodes[i]
+                    )
+                ));
+            }
+        }
+    }
+    want_fed.values.truncate(n);
     let worst = compare(graph, bound, &want_fed, &got, rtol)?;
     Ok((got, worst))
 }

@@ -276,10 +276,11 @@ impl JitProgram {
 }
 
 impl JitProgram {
-    /// The nodes whose values may differ from the interpreter's in summation
-    /// order: contractions run as GEMM, and sums whose innermost loop runs in
-    /// SIMD lanes (partial sums per lane). Their values agree to the rounding
-    /// of a sum, not of the same operations in the same order.
+    /// The nodes whose values may differ from the interpreter's in reduction
+    /// order: contractions run as GEMM, and sums, logsumexps and max/min
+    /// whose innermost loop runs in SIMD lanes (partials per lane). Their
+    /// values agree to the rounding of a sum (for max/min: the same value,
+    /// the sign of a zero aside), not of the same operations in order.
     pub fn reordered_nodes(&self) -> Vec<NodeId> {
         let code = &self.code;
         let ids: Vec<NodeId> = (0..self.graph.nodes.len())
@@ -287,7 +288,11 @@ impl JitProgram {
                 code.contractions[i].is_some()
                     || matches!(
                         code.vector[i],
-                        Some(translate::VectorLoop::Sum | translate::VectorLoop::LogSumExp)
+                        Some(
+                            translate::VectorLoop::Sum
+                                | translate::VectorLoop::LogSumExp
+                                | translate::VectorLoop::Extreme
+                        )
                     )
             })
             .map(|i| NodeId(i as u32))

@@ -434,6 +434,10 @@ impl<'a, 'f> Translator<'a, 'f> {
                 self.translate_vector_max(level, acc, a.count);
                 self.translate_loop_from_here(level, &mut |t| item(t));
             }
+            (Some((acc, Ty::F)), Some(VectorLoop::Extreme)) if innermost => {
+                self.translate_vector_extreme(level, a.op == RedOp::Max, acc, a.count);
+                self.translate_loop_from_here(level, &mut |t| item(t));
+            }
             _ if level == self.levels.len() => item(self),
             _ => self.translate_loop(level, &mut |t| t.translate_fold_loops(level + 1, a, item)),
         }

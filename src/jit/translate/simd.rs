@@ -20,7 +20,10 @@
 //!   values agree to the rounding of a sum (`JitProgram::reordered_nodes`).
 //!   A vectorised `logsumexp` keeps a running maximum per lane (NaN ignored,
 //!   as the scalar pass), folds the lanes into the scalar maximum, then sums
-//!   `exp(x - m)` in lanes the same way.
+//!   `exp(x - m)` in lanes the same way. A vectorised `max`/`min` keeps the
+//!   scalar rule per lane (strictly better, or a NaN over a number) and folds
+//!   the lanes by it: the same value, except that among equal extremes the
+//!   sign of a zero may come from another element than the first.
 
 use super::super::plan::{Dag, Op, Ty};
 use super::super::Precision;
@@ -45,6 +48,9 @@ pub(in crate::jit) enum VectorLoop {
     /// The innermost reduced index of a `logsumexp`: both passes (the
     /// maximum, then the sum of shifted exponentials) run in lanes.
     LogSumExp,
+    /// The innermost reduced index of a float `max` or `min`: a running
+    /// extreme per lane, folded by the scalar rule.
+    Extreme,
 }
 
 /// The vector types of a precision.
@@ -95,6 +101,7 @@ pub(in crate::jit) fn analyse(k: &Kernel) -> Option<VectorLoop> {
             match r.op {
                 RedOp::Sum | RedOp::Mean => VectorLoop::Sum,
                 RedOp::LogSumExp => VectorLoop::LogSumExp,
+                RedOp::Max | RedOp::Min => VectorLoop::Extreme,
                 _ => return None,
             }
         }
@@ -318,6 +325,67 @@ impl Translator<'_, '_> {
             let x = self.b.ins().extractlane(v, l);
             let gt = self.b.ins().fcmp(FloatCC::GreaterThan, x, cur);
             cur = self.b.ins().select(gt, x, cur);
+        }
+        self.b.def_var(acc, cur);
+        self.finish_count(level, start, count, passed);
+    }
+
+    /// A vectorised `max`/`min`: the scalar rule (`translate_item`) per
+    /// lane from an infinite start, the lanes then folded into `acc` by the
+    /// same rule (the first fold takes its lane when nothing came before).
+    pub(super) fn translate_vector_extreme(
+        &mut self,
+        level: usize,
+        max: bool,
+        acc: cranelift_frontend::Variable,
+        count: cranelift_frontend::Variable,
+    ) {
+        let lanes = self.lanes;
+        let body = self.body.expect("a vectorised max/min has a body");
+        let worst = if max {
+            f64::NEG_INFINITY
+        } else {
+            f64::INFINITY
+        };
+        let cc = if max {
+            FloatCC::GreaterThan
+        } else {
+            FloatCC::LessThan
+        };
+        let best = self.b.declare_var(lanes.float);
+        let init = self.splat_float(worst);
+        self.b.def_var(best, init);
+        let start = self.bounds[level].0;
+        let passed = self.start_mask_count();
+        self.translate_vector_loop(level, &mut |t| {
+            let mask = t.translate_vfilter();
+            let x = t.translate_vexpr(body);
+            let x = t.masked(mask, x, worst, passed);
+            let cur = t.b.use_var(best);
+            let better = t.b.ins().fcmp(cc, x, cur);
+            let x_nan = t.b.ins().fcmp(FloatCC::Unordered, x, x);
+            let cur_num = t.b.ins().fcmp(FloatCC::Ordered, cur, cur);
+            let nan_wins = t.b.ins().band(x_nan, cur_num);
+            let take = t.b.ins().bor(better, nan_wins);
+            let take = t.mask_as_float(take);
+            let next = t.b.ins().bitselect(take, x, cur);
+            t.b.def_var(best, next);
+        });
+        let v = self.b.use_var(best);
+        let n0 = self.b.use_var(count);
+        let mut cur = self.b.use_var(acc);
+        for l in 0..lanes.n {
+            let x = self.b.ins().extractlane(v, l);
+            let better = self.b.ins().fcmp(cc, x, cur);
+            let x_nan = self.b.ins().fcmp(FloatCC::Unordered, x, x);
+            let cur_num = self.b.ins().fcmp(FloatCC::Ordered, cur, cur);
+            let nan_wins = self.b.ins().band(x_nan, cur_num);
+            let mut take = self.b.ins().bor(better, nan_wins);
+            if l == 0 {
+                let first = self.b.ins().icmp_imm_s(IntCC::Equal, n0, 0);
+                take = self.b.ins().bor(take, first);
+            }
+            cur = self.b.ins().select(take, x, cur);
         }
         self.b.def_var(acc, cur);
         self.finish_count(level, start, count, passed);
