@@ -847,6 +847,9 @@ loss Lanes() {
     let d[i, j] = if i == j then maximum(x[i, j], 0.5) else relu(x[i, j]) * 2.0
     let c[i, j] = if x[i, j] > 0.0 then sqrt(x[i, j]) else -x[i, j]
     let g[i, j] = if j >= i then exp(-abs(x[i, j])) else minimum(x[i, j], 1.0)
+    let col[j] = sum(i) x[i, j] * s[i, j]
+    let colmean[j] = mean(i | i != 1) exp(x[i, j] * 0.01) * t[i, j]
+    output columns = sum(j) (col[j] + colmean[j])
     sum(i, j) (d[i, j] + c[i, j] + g[i, j] + s[i, j] * exp(x[i, j]) + t[i, j] * exp(log(x[i, j])) + u[i, j] * exp(1e300 * x[i, j]))
 }
 "#;
@@ -856,8 +859,8 @@ loss Lanes() {
 /// respect to `s`, `t`, `u` are exactly `exp` of `x`, of `log x` and of
 /// `1e300 x`) across and past the ends of its range, on NaN, infinities,
 /// zeros and subnormals; diagonal masks (`i == j`, `j >= i`), per-lane `if`,
-/// relu, maximum/minimum; and the scalar remainder of every row length from
-/// 1 to 11.
+/// relu, maximum/minimum; column sums and means (`sum(i) x[i, j]`, lanes
+/// along `j`); and the scalar remainder of every row length from 1 to 11.
 #[test]
 fn simd_lanes_agree_bit_for_bit_with_the_interpreter() {
     let graph = compile_src(LANES, None, &lossc::Params::new()).unwrap_or_else(|e| panic!("{e}"));

@@ -66,8 +66,11 @@ pub(super) struct Translator<'a, 'f> {
     /// Values of terms, innermost scope last. A scope is opened for each loop
     /// body and each branch, so a remembered value always dominates its uses.
     memo: Vec<HashMap<usize, Value>>,
-    /// How the innermost loop runs vectorised (`simd.rs`), if it does.
+    /// How the kernel runs vectorised (`simd.rs`), if it does: along loop
+    /// level `vlevel`, the terms that `varies` per lane.
     vector: Option<VectorLoop>,
+    vlevel: usize,
+    varies: Vec<bool>,
     lanes: simd::Lanes,
     /// Vector values of terms, scoped as `memo`.
     vmemo: Vec<HashMap<usize, Value>>,
@@ -107,7 +110,7 @@ impl<'a, 'f> Translator<'a, 'f> {
         helpers: Imported,
         sites: &'a mut Vec<ErrorSite>,
     ) -> Self {
-        let vector = simd::analyse(&k);
+        let plan = simd::analyse(&k);
         let entry = b.create_block();
         b.append_block_params_for_function_params(entry);
         b.switch_to_block(entry);
@@ -211,7 +214,9 @@ impl<'a, 'f> Translator<'a, 'f> {
             helpers,
             sites,
             memo: vec![HashMap::new()],
-            vector,
+            vector: plan.as_ref().map(|p| p.how),
+            vlevel: plan.as_ref().map_or(0, |p| p.level),
+            varies: plan.map(|p| p.varies).unwrap_or_default(),
             lanes: simd::Lanes::of(k.precision),
             vmemo: Vec::new(),
             loop_vars,
@@ -344,6 +349,9 @@ impl<'a, 'f> Translator<'a, 'f> {
             self.translate_point();
         } else if self.vector == Some(VectorLoop::Elementwise) && level as i32 == self.innermost() {
             self.translate_vector_loop(level, &mut |t| t.translate_vector_point());
+            self.translate_loop_from_here(level, &mut |t| t.translate_output_loops(level + 1));
+        } else if self.vector == Some(VectorLoop::Column) && level + 1 == self.n_out() {
+            self.translate_vector_loop(level, &mut |t| t.translate_vector_column_point());
             self.translate_loop_from_here(level, &mut |t| t.translate_output_loops(level + 1));
         } else {
             self.translate_loop(level, &mut |t| t.translate_output_loops(level + 1));

@@ -51,6 +51,18 @@ pub(in crate::jit) enum VectorLoop {
     /// The innermost reduced index of a float `max` or `min`: a running
     /// extreme per lane, folded by the scalar rule.
     Extreme,
+    /// The last output index of a float `sum`/`mean` whose innermost loop
+    /// does not vectorise (a column sum, `sum(i) x[i, c]`): `LANES` outputs
+    /// at a time, each lane its own accumulator, the reduced loops inside.
+    Column,
+}
+
+/// What `analyse` decided: how, along which loop level, and which terms
+/// vary along it (those are computed per lane; the rest as scalars).
+pub(in crate::jit) struct Plan {
+    pub how: VectorLoop,
+    pub level: usize,
+    pub varies: Vec<bool>,
 }
 
 /// The vector types of a precision.
@@ -84,9 +96,67 @@ impl Lanes {
     }
 }
 
-/// Whether (and how) the kernel's innermost loop vectorises.
-pub(in crate::jit) fn analyse(k: &Kernel) -> Option<VectorLoop> {
+/// Whether (and how) the kernel vectorises: its innermost loop, else (a
+/// column sum) its last output loop.
+pub(in crate::jit) fn analyse(k: &Kernel) -> Option<Plan> {
     let inner = k.levels.len().checked_sub(1)?;
+    innermost(k, inner).or_else(|| column(k))
+}
+
+/// Which terms depend on loop variable `var`.
+fn varying(dag: &Dag, var: crate::ir::IdxVar) -> Vec<bool> {
+    let mut v: Vec<bool> = Vec::with_capacity(dag.terms.len());
+    for t in &dag.terms {
+        let any = |ids: &[usize]| ids.iter().any(|i| v[*i]);
+        let x = match &t.op {
+            Op::Index(w) => *w == var,
+            Op::Read(_, at) => any(at),
+            Op::Unary(_, a) => v[*a],
+            Op::Binary(_, a, b) => v[*a] || v[*b],
+            Op::Select(c, a, b) => v[*c] || v[*a] || v[*b],
+            Op::Float(_) | Op::Int(_) | Op::Bool(_) | Op::Size(_) => false,
+        };
+        v.push(x);
+    }
+    v
+}
+
+/// A column sum: the last output index in lanes, for a float `sum`/`mean`
+/// whose filter (if any) does not vary along it.
+fn column(k: &Kernel) -> Option<Plan> {
+    let body = k.body?;
+    let r = k.comp.reduce.as_ref()?;
+    let n_out = k.comp.indices.len();
+    if n_out == 0
+        || !matches!(r.op, RedOp::Sum | RedOp::Mean)
+        || k.dag.terms[body].ty != Ty::F
+        || k.dtype != DType::Float
+    {
+        return None;
+    }
+    let level = n_out - 1;
+    let var = k.levels[level].0;
+    let varies = varying(k.dag, var);
+    if k.filter.is_some_and(|f| varies[f]) || !varies[body] {
+        return None;
+    }
+    let mut check = Check {
+        dag: k.dag,
+        varies: &varies,
+        var,
+        graph: k.graph,
+        seen: HashMap::new(),
+    };
+    check.lane_wise(body).then_some(())?;
+    Some(Plan {
+        how: VectorLoop::Column,
+        level,
+        varies,
+    })
+}
+
+/// The innermost loop in lanes.
+fn innermost(k: &Kernel, inner: usize) -> Option<Plan> {
     let body = k.body?;
     if k.dag.terms[body].ty != Ty::F || k.dtype != DType::Float {
         return None;
@@ -106,10 +176,12 @@ pub(in crate::jit) fn analyse(k: &Kernel) -> Option<VectorLoop> {
             }
         }
     };
+    let var = k.levels[inner].0;
+    let varies = varying(k.dag, var);
     let mut check = Check {
         dag: k.dag,
-        inner: inner as i32,
-        var: k.levels[inner].0,
+        varies: &varies,
+        var,
         graph: k.graph,
         seen: HashMap::new(),
     };
@@ -118,7 +190,11 @@ pub(in crate::jit) fn analyse(k: &Kernel) -> Option<VectorLoop> {
             // Every lane evaluates filter and body, passing or not.
             k.dag.terms[f].safe && k.dag.terms[body].safe && check.lane_wise(f)
         });
-    lanes_ok.then_some(how)
+    lanes_ok.then_some(Plan {
+        how,
+        level: inner,
+        varies,
+    })
 }
 
 /// The filter vector code applies as a mask per lane: any filter except one
@@ -131,20 +207,26 @@ pub(super) fn masked_filter(dag: &Dag, filter: Option<usize>, n_out: usize) -> O
     })
 }
 
-/// The lane-wise check of the terms that vary along the innermost loop.
+/// The lane-wise check of the terms that vary along the vector loop.
 struct Check<'a> {
     dag: &'a Dag,
-    inner: i32,
+    varies: &'a [bool],
     var: crate::ir::IdxVar,
     graph: &'a crate::ir::Graph,
     seen: HashMap<usize, bool>,
 }
 
-/// Which operand of an integer comparison is the innermost index (the other
-/// does not vary along the loop): `Some(true)` for the left.
-fn index_side(dag: &Dag, inner: i32, var: crate::ir::IdxVar, a: usize, b: usize) -> Option<bool> {
+/// Which operand of an integer comparison is the vector loop's index (the
+/// other does not vary along the loop): `Some(true)` for the left.
+fn index_side(
+    dag: &Dag,
+    varies: &[bool],
+    var: crate::ir::IdxVar,
+    a: usize,
+    b: usize,
+) -> Option<bool> {
     let is_var = |t: usize| dag.terms[t].op == Op::Index(var);
-    let invariant = |t: usize| dag.terms[t].level < inner && dag.terms[t].ty == Ty::I;
+    let invariant = |t: usize| !varies[t] && dag.terms[t].ty == Ty::I;
     if is_var(a) && invariant(b) {
         Some(true)
     } else if is_var(b) && invariant(a) {
@@ -156,12 +238,12 @@ fn index_side(dag: &Dag, inner: i32, var: crate::ir::IdxVar, a: usize, b: usize)
 
 impl Check<'_> {
     fn index_comparison(&self, a: usize, b: usize) -> Option<bool> {
-        index_side(self.dag, self.inner, self.var, a, b)
+        index_side(self.dag, self.varies, self.var, a, b)
     }
 
     fn lane_wise(&mut self, id: usize) -> bool {
         let t = &self.dag.terms[id];
-        if t.level < self.inner {
+        if !self.varies[id] {
             return true; // scalar, broadcast
         }
         if let Some(ok) = self.seen.get(&id) {
@@ -176,7 +258,7 @@ impl Check<'_> {
                     && last.is_some_and(|l| {
                         terms[at[l]].op == Op::Index(self.var)
                             && !t.checked[l]
-                            && at[..l].iter().all(|ix| terms[*ix].level < self.inner)
+                            && at[..l].iter().all(|ix| !self.varies[*ix])
                     })
             }
             Op::Unary(op, a) => {
@@ -209,7 +291,7 @@ impl Check<'_> {
             }
             Op::Select(c, a, b) => {
                 let (tc, ta, tb) = (terms[*c].ty, terms[*a].ty, terms[*b].ty);
-                let per_lane = terms[*c].level >= self.inner;
+                let per_lane = self.varies[*c];
                 matches!(t.ty, Ty::F | Ty::B)
                     && ta == t.ty
                     && tb == t.ty
@@ -272,6 +354,81 @@ impl Translator<'_, '_> {
         self.b.ins().store(VEC_FLAGS, v, addr, 0);
         let next = self.b.ins().iadd_imm_s(pos, i64::from(self.lanes.n));
         self.b.def_var(self.out_pos, next);
+    }
+
+    /// One vector step of a column sum: `LANES` outputs, each lane's
+    /// accumulator summing over the reduced loops (scalar loops, the filter,
+    /// which does not vary along the lanes, a branch as in the scalar code),
+    /// then mean and the empty value as `translate_reduce`; or, in an
+    /// accumulating kernel, the sums added to the output and the count to
+    /// each lane's count (`translate_accumulate`).
+    pub(super) fn translate_vector_column_point(&mut self) {
+        let body = self.body.expect("a column sum has a body");
+        let r = self
+            .comp
+            .reduce
+            .as_ref()
+            .expect("a column sum is a reduction");
+        let partial = self.b.declare_var(self.lanes.float);
+        let zeros = self.splat_float(0.0);
+        self.b.def_var(partial, zeros);
+        let count = self.b.declare_var(types::I64);
+        let zero = self.b.ins().iconst(types::I64, 0);
+        self.b.def_var(count, zero);
+        self.translate_column_loops(self.n_out(), &mut |t| {
+            t.translate_filtered(&mut |t| {
+                t.vmemo.push(HashMap::new());
+                let x = t.translate_vexpr(body);
+                t.vmemo.pop();
+                let p = t.b.use_var(partial);
+                let p = t.b.ins().fadd(p, x);
+                t.b.def_var(partial, p);
+                let n = t.b.use_var(count);
+                let n = t.b.ins().iadd_imm_s(n, 1);
+                t.b.def_var(count, n);
+            })
+        });
+        let sum = self.b.use_var(partial);
+        let n = self.b.use_var(count);
+        let pos = self.b.use_var(self.out_pos);
+        let addr = self.element_addr(self.out_base, pos, Ty::F);
+        if let Some(counts) = self.counts {
+            let cur = self.b.ins().load(self.lanes.float, VEC_FLAGS, addr, 0);
+            let v = self.b.ins().fadd(cur, sum);
+            self.b.ins().store(VEC_FLAGS, v, addr, 0);
+            let caddr = self.element_addr(counts, pos, Ty::I);
+            for l in 0..i32::from(self.lanes.n) {
+                let c = self.b.ins().load(types::I64, VEC_FLAGS, caddr, 8 * l);
+                let c = self.b.ins().iadd(c, n);
+                self.b.ins().store(VEC_FLAGS, c, caddr, 8 * l);
+            }
+            let next = self.b.ins().iadd_imm_s(pos, i64::from(self.lanes.n));
+            self.b.def_var(self.out_pos, next);
+            return;
+        }
+        let value = if r.op == RedOp::Mean {
+            let fty = self.fty();
+            let nf = self.b.ins().fcvt_from_sint(fty, n);
+            let nv = self.b.ins().splat(self.lanes.float, nf);
+            self.b.ins().fdiv(sum, nv)
+        } else {
+            sum
+        };
+        let empty = self.splat_float(r.empty);
+        let none = self.b.ins().icmp_imm_s(IntCC::Equal, n, 0);
+        let v = self.b.ins().select(none, empty, value);
+        self.b.ins().store(VEC_FLAGS, v, addr, 0);
+        let next = self.b.ins().iadd_imm_s(pos, i64::from(self.lanes.n));
+        self.b.def_var(self.out_pos, next);
+    }
+
+    /// The reduced loops of a column sum, plain.
+    fn translate_column_loops(&mut self, level: usize, item: &mut dyn FnMut(&mut Self)) {
+        if level == self.levels.len() {
+            item(self);
+        } else {
+            self.translate_loop(level, &mut |t| t.translate_column_loops(level + 1, item));
+        }
     }
 
     /// The vector part of a summed innermost loop: `LANES` partial sums,
@@ -543,7 +700,7 @@ impl Translator<'_, '_> {
         }
         let dag = self.dag;
         let term = &dag.terms[id];
-        let v = if term.level < self.innermost() {
+        let v = if !self.varies[id] {
             let s = self.translate_expr(id);
             match term.ty {
                 Ty::F => self.b.ins().splat(self.lanes.float, s),
@@ -594,7 +751,7 @@ impl Translator<'_, '_> {
                 }
             });
         }
-        let i = self.b.use_var(self.loop_vars[self.innermost() as usize]);
+        let i = self.b.use_var(self.loop_vars[self.vlevel]);
         let offset = match offset {
             None => i,
             Some(o) => {
@@ -798,13 +955,12 @@ impl Translator<'_, '_> {
     /// invariant `c`, as `l <op> d` with `d = c - i` clamped to
     /// `-1 ..= LANES` (which keeps every lane's outcome and fits a lane).
     fn translate_index_comparison(&mut self, op: BinOp, a: usize, b: usize) -> Value {
-        let inner = self.innermost();
-        let var = self.levels[inner as usize].0;
-        let index_left = index_side(self.dag, inner, var, a, b)
-            .expect("`analyse` admits only the innermost index against an invariant");
+        let var = self.levels[self.vlevel].0;
+        let index_left = index_side(self.dag, &self.varies, var, a, b)
+            .expect("`analyse` admits only the vector loop's index against an invariant");
         let other = if index_left { b } else { a };
         let c = self.translate_expr(other);
-        let i = self.b.use_var(self.loop_vars[inner as usize]);
+        let i = self.b.use_var(self.loop_vars[self.vlevel]);
         let d = self.b.ins().isub(c, i);
         let lo = self.b.ins().iconst(types::I64, -1);
         let hi = self.b.ins().iconst(types::I64, i64::from(self.lanes.n));
@@ -861,7 +1017,7 @@ impl Translator<'_, '_> {
             Ty::F => self.lanes.float,
             _ => self.lanes.mask,
         };
-        if self.dag.terms[c].level < self.innermost() {
+        if !self.varies[c] {
             let cv = self.translate_expr(c);
             let cv = self.as_b(cv, cty);
             let then_block = self.b.create_block();
