@@ -286,8 +286,6 @@ impl ExecArgs {
         let mut opts = lossc::jit::RunOptions::lean();
         if let Some(n) = self.threads {
             opts.threads = n;
-            // matrixmultiply reads its thread count once, at its first GEMM.
-            std::env::set_var("MATMUL_NUM_THREADS", n.to_string());
         }
         opts.streaming = match self.stream {
             StreamArg::Auto => lossc::jit::Streaming::Auto,

@@ -18,23 +18,25 @@
 //! * Values differ from the interpreter only in summation order (blocked,
 //!   possibly fused multiply-add). An empty `k` range gives the reduction's
 //!   `empty` value, as in the interpreter.
-//! * Threads: `matrixmultiply` reads `MATMUL_NUM_THREADS` once; when it is
-//!   unset we set it to the available parallelism (its own default counts
-//!   physical cores only, which on SMT machines is half of what we may use).
+//! * Threads: `run.rs` splits a large contraction into blocks of output rows
+//!   on its own thread pool (`RunOptions::threads`), and each block runs
+//!   single-threaded: `matrixmultiply` reads `MATMUL_NUM_THREADS` once, and
+//!   when it is unset we set it to 1. Its own threads (a second pool beside
+//!   the kernels', yielding the CPU in a spin) made small GEMMs slower than
+//!   one thread, and a thread count fixed at the first call could not follow
+//!   `--threads`.
 
 use super::Precision;
 use crate::ir::contraction::{Contraction, Operand, Role};
 use crate::ir::NodeId;
 use std::sync::Once;
 
-/// Sets `MATMUL_NUM_THREADS` to the available parallelism once, unless the
-/// user set it (module doc).
+/// Sets `MATMUL_NUM_THREADS` to 1 once, unless the user set it (module doc).
 fn configure_threads() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         if std::env::var_os("MATMUL_NUM_THREADS").is_none() {
-            let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-            std::env::set_var("MATMUL_NUM_THREADS", n.to_string());
+            std::env::set_var("MATMUL_NUM_THREADS", "1");
         }
     });
 }

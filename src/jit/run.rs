@@ -70,6 +70,14 @@ impl RunOptions {
 const MIN_WORK_PER_THREAD: usize = 1 << 16;
 /// Threads one kernel call may start, whatever the options say.
 const MAX_THREADS: usize = 256;
+/// Multiply-adds of a GEMM below which it runs on one thread.
+const MIN_GEMM_WORK_PER_THREAD: usize = 1 << 20;
+
+/// The node base pointers, read by the threads of one GEMM.
+struct SharedPtrs<'a>(&'a [*mut u8]);
+// SAFETY: the pointers are only read; each thread writes disjoint rows of
+// the contraction's own buffer.
+unsafe impl Sync for SharedPtrs<'_> {}
 
 /// The process's pool of `n` kernel threads, started on first use and kept
 /// (starting threads for each kernel call cost more than a medium node's
@@ -110,6 +118,15 @@ impl Pool {
     /// A zeroed vector of `n` elements, reusing the smallest pooled one that
     /// fits.
     fn take<T: Copy + Default + Send + 'static>(&mut self, n: usize) -> Vec<T> {
+        let mut v = self.take_dirty(n);
+        v.fill(T::default());
+        v
+    }
+
+    /// A vector of `n` elements of which only those a pooled vector did not
+    /// hold are zeroed (the rest are an earlier run's values): for buffers
+    /// their node overwrites entirely.
+    fn take_dirty<T: Copy + Default + Send + 'static>(&mut self, n: usize) -> Vec<T> {
         let mut best: Option<(usize, usize)> = None;
         for (i, b) in self.bufs.iter().enumerate() {
             if let Some(v) = b.downcast_ref::<Vec<T>>() {
@@ -122,7 +139,7 @@ impl Pool {
         match best {
             Some((i, _)) => match self.bufs.swap_remove(i).downcast::<Vec<T>>() {
                 Ok(mut v) => {
-                    v.clear();
+                    v.truncate(n);
                     v.resize(n, T::default());
                     *v
                 }
@@ -152,6 +169,15 @@ impl<F: Real> Buf<F> {
             DType::Float => Buf::F(pool.take(n)),
             DType::Int => Buf::I(pool.take(n)),
             DType::Bool => Buf::B(pool.take(n)),
+        }
+    }
+
+    /// A buffer its node overwrites entirely (`Pool::take_dirty`).
+    fn dirty(pool: &mut Pool, dtype: DType, n: usize) -> Buf<F> {
+        match dtype {
+            DType::Float => Buf::F(pool.take_dirty(n)),
+            DType::Int => Buf::I(pool.take_dirty(n)),
+            DType::Bool => Buf::B(pool.take_dirty(n)),
         }
     }
 
@@ -390,9 +416,12 @@ impl<F: Real> Run<'_, F> {
             NodeKind::Comp(_) => {
                 let kernel = self.kernel(id)?;
                 self.check_proofs(id, kernel)?;
-                self.allocate(id);
                 if self.accumulating(id) {
+                    self.allocate(id);
                     self.counts[i] = Some(self.pool.take(self.elems[i]));
+                } else {
+                    // The kernel (or GEMM) writes every element.
+                    self.allocate_dirty(id);
                 }
                 let done = self.gemm(id, gemm::Part::Whole);
                 if !done {
@@ -421,7 +450,7 @@ impl<F: Real> Run<'_, F> {
                     )));
                 }
                 let bytes = self.elems[i] * self.bytes(id);
-                self.allocate(id);
+                self.allocate_dirty(id);
                 // SAFETY: both buffers hold `elems` elements of one dtype.
                 unsafe { std::ptr::copy_nonoverlapping(self.ptrs[s], self.ptrs[i], bytes) };
                 Ok(())
@@ -452,6 +481,14 @@ impl<F: Real> Run<'_, F> {
     fn allocate(&mut self, id: NodeId) {
         let i = id.index();
         let mut buf = Buf::zeroed(&mut self.pool, self.graph.node(id).dtype, self.elems[i]);
+        self.ptrs[i] = buf.ptr();
+        self.bufs[i] = Some(buf);
+    }
+
+    /// `allocate` for a node that writes every element of its buffer.
+    fn allocate_dirty(&mut self, id: NodeId) {
+        let i = id.index();
+        let mut buf = Buf::dirty(&mut self.pool, self.graph.node(id).dtype, self.elems[i]);
         self.ptrs[i] = buf.ptr();
         self.bufs[i] = Some(buf);
     }
@@ -538,6 +575,8 @@ impl<F: Real> Run<'_, F> {
 
     /// The contraction through GEMM when the node is one (`false`: run the
     /// kernel).
+    /// A whole (unbatched) contraction or a block of its rows runs as
+    /// blocks of rows on the thread pool when the work pays for it.
     fn gemm(&mut self, id: NodeId, part: gemm::Part) -> bool {
         let Some(con) = &self.code.contractions[id.index()] else {
             return false;
@@ -548,21 +587,63 @@ impl<F: Real> Run<'_, F> {
             (graph.node(n).shape.len() == shapes[n.index()].len())
                 .then(|| shapes[n.index()].clone())
         };
+        let shape = &self.shapes[id.index()];
+        let rows = match (part, con.batched, shape.as_slice()) {
+            (gemm::Part::Whole, false, [m, _]) => Some((0, *m)),
+            (gemm::Part::Rows(lo, hi), false, _) => Some((lo, hi)),
+            _ => None,
+        };
+        let k = con.k.eval(&self.bound.sizes).unwrap_or(0).max(0) as usize;
+        let n = shape.last().copied().unwrap_or(0);
+        let chunks = rows.map_or(1, |(lo, hi)| {
+            let m = hi.saturating_sub(lo);
+            (m.saturating_mul(n).saturating_mul(k) / MIN_GEMM_WORK_PER_THREAD)
+                .clamp(1, self.opts.threads.clamp(1, MAX_THREADS))
+                .min(m.max(1))
+        });
+        let pool = if chunks > 1 {
+            thread_pool(self.opts.threads.clamp(1, MAX_THREADS))
+        } else {
+            None
+        };
+        let ptrs = SharedPtrs(&self.ptrs);
+        let c = self.ptrs[id.index()] as usize;
+        let (precision, sizes) = (self.code.precision, &self.bound.sizes);
         // SAFETY: every node the contraction reads has its buffer (or tile's
         // virtual base) at `ptrs`, row-major in its node shape at these sizes,
         // floats of `code.precision`, which is `F`'s; this node's buffer
-        // holds its shape's elements (or is a tile, when `part` is rows).
-        unsafe {
+        // holds its shape's elements (or is a tile, when `part` is rows);
+        // blocks of rows write disjoint rows of it.
+        let run = |part: gemm::Part| unsafe {
+            let ptrs = &ptrs;
             gemm::run(
                 con,
-                self.code.precision,
-                &self.bound.sizes,
-                &self.shapes[id.index()],
+                precision,
+                sizes,
+                shape,
                 &operand_shape,
-                &self.ptrs,
-                self.ptrs[id.index()],
+                ptrs.0,
+                c as *mut u8,
                 part,
             )
+        };
+        match (pool, rows) {
+            (Some(pool), Some((lo, hi))) => {
+                let per = (hi - lo).div_ceil(chunks);
+                let done: Vec<bool> = pool.install(|| {
+                    (0..chunks)
+                        .into_par_iter()
+                        .map(|b| {
+                            let from = lo + b * per;
+                            run(gemm::Part::Rows(from, (from + per).min(hi)))
+                        })
+                        .collect()
+                });
+                // Every block declines alike (the operands' shapes decide);
+                // if not, the kernel recomputes every row.
+                done.iter().all(|d| *d)
+            }
+            _ => run(part),
         }
     }
 
@@ -787,7 +868,7 @@ impl<F: Real> Run<'_, F> {
         let esize = self.bytes(id);
         let outer: usize = shape[..axis].iter().product();
         let inner: usize = shape[axis + 1..].iter().product();
-        self.allocate(id);
+        self.allocate_dirty(id);
         let mut at = 0;
         for o in 0..outer {
             for p in parts {
@@ -835,7 +916,7 @@ impl<F: Real> Run<'_, F> {
         let outer: usize = s[..axis].iter().product();
         let inner = s[axis + 1..].iter().product::<usize>() * esize;
         let (row, start, len) = (s[axis] * inner, begin as usize * inner, shape[axis] * inner);
-        self.allocate(id);
+        self.allocate_dirty(id);
         for o in 0..outer {
             // SAFETY: the source holds `outer * row` bytes and
             // `start + len <= row`; the output holds `outer * len`.
