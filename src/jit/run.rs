@@ -134,9 +134,10 @@ pub(super) struct Pool {
     bufs: Vec<Box<dyn Any + Send>>,
 }
 
-/// Buffers smaller than this are not worth keeping.
-const POOL_MIN_ELEMS: usize = 4096;
-const POOL_MAX_BUFS: usize = 64;
+/// Buffers smaller than this are not worth keeping (a fresh zeroed
+/// allocation of a larger one costs a memset on every run).
+const POOL_MIN_ELEMS: usize = 64;
+const POOL_MAX_BUFS: usize = 256;
 
 impl Pool {
     /// A zeroed vector of `n` elements, reusing the smallest pooled one that
