@@ -34,6 +34,9 @@ use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{types, BlockArg, InstBuilder, MemFlagsData, Type, Value};
 use std::collections::HashMap;
 
+/// Independent partial sums of a vectorised fold (`translate_vector_fold`).
+const FOLD_UNROLL: i64 = 4;
+
 /// Vector loads and stores: no trap (every access is in bounds, as for the
 /// scalar code), but no alignment promised.
 const VEC_FLAGS: MemFlagsData = MemFlagsData::new().with_notrap();
@@ -315,29 +318,44 @@ impl Translator<'_, '_> {
     /// the innermost level, leaving `i` at the first element it did not do
     /// (the scalar loop resumes from there).
     pub(super) fn translate_vector_loop(&mut self, level: usize, inner: &mut dyn FnMut(&mut Self)) {
+        let start = self.bounds[level].0;
+        self.b.def_var(self.loop_vars[level], start);
+        self.translate_unrolled_loop(level, 1, &mut |t, _| inner(t));
+    }
+
+    /// `translate_vector_loop` from the counter's current value, `unroll`
+    /// vector steps per iteration (`inner` gets the step's number; the
+    /// counter advances `LANES` between steps), while all of them fit.
+    fn translate_unrolled_loop(
+        &mut self,
+        level: usize,
+        unroll: i64,
+        inner: &mut dyn FnMut(&mut Self, i64),
+    ) {
         let var = self.loop_vars[level];
-        let (start, end) = self.bounds[level];
+        let end = self.bounds[level].1;
         let n = i64::from(self.lanes.n);
-        self.b.def_var(var, start);
         let header = self.b.create_block();
         let body = self.b.create_block();
         let exit = self.b.create_block();
         self.b.ins().jump(header, &[]);
         self.b.switch_to_block(header);
         let i = self.b.use_var(var);
-        let next = self.b.ins().iadd_imm_s(i, n);
+        let next = self.b.ins().iadd_imm_s(i, n * unroll);
         let fits = self.b.ins().icmp(IntCC::SignedLessThanOrEqual, next, end);
         self.b.ins().brif(fits, body, &[], exit, &[]);
         self.b.switch_to_block(body);
         self.b.seal_block(body);
-        self.memo.push(HashMap::new());
-        self.vmemo.push(HashMap::new());
-        inner(self);
-        self.vmemo.pop();
-        self.memo.pop();
-        let i = self.b.use_var(var);
-        let next = self.b.ins().iadd_imm_s(i, n);
-        self.b.def_var(var, next);
+        for u in 0..unroll {
+            self.memo.push(HashMap::new());
+            self.vmemo.push(HashMap::new());
+            inner(self, u);
+            self.vmemo.pop();
+            self.memo.pop();
+            let i = self.b.use_var(var);
+            let next = self.b.ins().iadd_imm_s(i, n);
+            self.b.def_var(var, next);
+        }
         self.b.ins().jump(header, &[]);
         self.b.seal_block(header);
         self.b.switch_to_block(exit);
@@ -575,16 +593,34 @@ impl Translator<'_, '_> {
         step: &mut dyn FnMut(&mut Self) -> Value,
     ) {
         let lanes = self.lanes;
-        let partial = self.b.declare_var(lanes.float);
         let zeros = self.splat_float(0.0);
-        self.b.def_var(partial, zeros);
-        self.translate_vector_loop(level, &mut |t| {
-            let x = step(t);
-            let p = t.b.use_var(partial);
-            let p = t.b.ins().fadd(p, x);
-            t.b.def_var(partial, p);
-        });
-        let p = self.b.use_var(partial);
+        let partials: Vec<cranelift_frontend::Variable> = (0..FOLD_UNROLL)
+            .map(|_| {
+                let v = self.b.declare_var(lanes.float);
+                self.b.def_var(v, zeros);
+                v
+            })
+            .collect();
+        let start = self.bounds[level].0;
+        self.b.def_var(self.loop_vars[level], start);
+        // FOLD_UNROLL independent partial sums hide the latency of the adds;
+        // then one vector at a time into the first.
+        for unroll in [FOLD_UNROLL, 1] {
+            self.translate_unrolled_loop(level, unroll, &mut |t, u| {
+                let x = step(t);
+                let var = partials[u as usize];
+                let p = t.b.use_var(var);
+                let p = t.b.ins().fadd(p, x);
+                t.b.def_var(var, p);
+            });
+        }
+        let p0 = self.b.use_var(partials[0]);
+        let p1 = self.b.use_var(partials[1]);
+        let p2 = self.b.use_var(partials[2]);
+        let p3 = self.b.use_var(partials[3]);
+        let p01 = self.b.ins().fadd(p0, p1);
+        let p23 = self.b.ins().fadd(p2, p3);
+        let p = self.b.ins().fadd(p01, p23);
         let mut folded = self.b.ins().extractlane(p, 0);
         for l in 1..lanes.n {
             let x = self.b.ins().extractlane(p, l);
