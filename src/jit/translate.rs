@@ -351,7 +351,10 @@ impl<'a, 'f> Translator<'a, 'f> {
             self.translate_vector_loop(level, &mut |t| t.translate_vector_point());
             self.translate_loop_from_here(level, &mut |t| t.translate_output_loops(level + 1));
         } else if self.vector == Some(VectorLoop::Column) && level + 1 == self.n_out() {
-            self.translate_vector_loop(level, &mut |t| t.translate_vector_column_point());
+            let start = self.bounds[level].0;
+            self.b.def_var(self.loop_vars[level], start);
+            self.translate_column_steps(level, simd::COLUMN_WIDTH);
+            self.translate_column_steps(level, 1);
             self.translate_loop_from_here(level, &mut |t| t.translate_output_loops(level + 1));
         } else {
             self.translate_loop(level, &mut |t| t.translate_output_loops(level + 1));

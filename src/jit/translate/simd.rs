@@ -36,6 +36,8 @@ use std::collections::HashMap;
 
 /// Independent partial sums of a vectorised fold (`translate_vector_fold`).
 const FOLD_UNROLL: i64 = 4;
+/// Vectors of columns a column sum computes side by side.
+pub(super) const COLUMN_WIDTH: usize = 4;
 
 /// Vector loads and stores: no trap (every access is in bounds, as for the
 /// scalar code), but no alignment promised.
@@ -380,64 +382,119 @@ impl Translator<'_, '_> {
     /// then mean and the empty value as `translate_reduce`; or, in an
     /// accumulating kernel, the sums added to the output and the count to
     /// each lane's count (`translate_accumulate`).
-    pub(super) fn translate_vector_column_point(&mut self) {
+    pub(super) fn translate_vector_column_point(&mut self, width: usize) {
         let body = self.body.expect("a column sum has a body");
         let r = self
             .comp
             .reduce
             .as_ref()
             .expect("a column sum is a reduction");
-        let partial = self.b.declare_var(self.lanes.float);
+        let n_lanes = i64::from(self.lanes.n);
+        let cvar = self.loop_vars[self.vlevel];
         let zeros = self.splat_float(0.0);
-        self.b.def_var(partial, zeros);
+        let partials: Vec<cranelift_frontend::Variable> = (0..width)
+            .map(|_| {
+                let v = self.b.declare_var(self.lanes.float);
+                self.b.def_var(v, zeros);
+                v
+            })
+            .collect();
         let count = self.b.declare_var(types::I64);
         let zero = self.b.ins().iconst(types::I64, 0);
         self.b.def_var(count, zero);
         self.translate_column_loops(self.n_out(), &mut |t| {
             t.translate_filtered(&mut |t| {
-                t.vmemo.push(HashMap::new());
-                let x = t.translate_vexpr(body);
-                t.vmemo.pop();
-                let p = t.b.use_var(partial);
-                let p = t.b.ins().fadd(p, x);
-                t.b.def_var(partial, p);
+                // `width` vectors of columns side by side: the counter moves
+                // a vector at a time and comes back; terms that do not vary
+                // along the columns are computed once for all of them.
+                let c0 = t.b.use_var(cvar);
+                for (u, var) in partials.iter().enumerate() {
+                    if u > 0 {
+                        let c = t.b.ins().iadd_imm_s(c0, u as i64 * n_lanes);
+                        t.b.def_var(cvar, c);
+                    }
+                    t.vmemo.push(HashMap::new());
+                    let x = t.translate_vexpr(body);
+                    t.vmemo.pop();
+                    let p = t.b.use_var(*var);
+                    let p = t.b.ins().fadd(p, x);
+                    t.b.def_var(*var, p);
+                }
+                t.b.def_var(cvar, c0);
                 let n = t.b.use_var(count);
                 let n = t.b.ins().iadd_imm_s(n, 1);
                 t.b.def_var(count, n);
             })
         });
-        let sum = self.b.use_var(partial);
         let n = self.b.use_var(count);
         let pos = self.b.use_var(self.out_pos);
         let addr = self.element_addr(self.out_base, pos, Ty::F);
+        let bytes = (n_lanes * self.precision.bytes()) as i32;
+        for (u, var) in partials.iter().enumerate() {
+            let sum = self.b.use_var(*var);
+            let offset = u as i32 * bytes;
+            let v = match self.counts {
+                Some(_) => {
+                    let cur = self.b.ins().load(self.lanes.float, VEC_FLAGS, addr, offset);
+                    self.b.ins().fadd(cur, sum)
+                }
+                None => {
+                    let value = if r.op == RedOp::Mean {
+                        let fty = self.fty();
+                        let nf = self.b.ins().fcvt_from_sint(fty, n);
+                        let nv = self.b.ins().splat(self.lanes.float, nf);
+                        self.b.ins().fdiv(sum, nv)
+                    } else {
+                        sum
+                    };
+                    let empty = self.splat_float(r.empty);
+                    let none = self.b.ins().icmp_imm_s(IntCC::Equal, n, 0);
+                    self.b.ins().select(none, empty, value)
+                }
+            };
+            self.b.ins().store(VEC_FLAGS, v, addr, offset);
+        }
         if let Some(counts) = self.counts {
-            let cur = self.b.ins().load(self.lanes.float, VEC_FLAGS, addr, 0);
-            let v = self.b.ins().fadd(cur, sum);
-            self.b.ins().store(VEC_FLAGS, v, addr, 0);
             let caddr = self.element_addr(counts, pos, Ty::I);
-            for l in 0..i32::from(self.lanes.n) {
+            for l in 0..(width as i32 * i32::from(self.lanes.n)) {
                 let c = self.b.ins().load(types::I64, VEC_FLAGS, caddr, 8 * l);
                 let c = self.b.ins().iadd(c, n);
                 self.b.ins().store(VEC_FLAGS, c, caddr, 8 * l);
             }
-            let next = self.b.ins().iadd_imm_s(pos, i64::from(self.lanes.n));
-            self.b.def_var(self.out_pos, next);
-            return;
         }
-        let value = if r.op == RedOp::Mean {
-            let fty = self.fty();
-            let nf = self.b.ins().fcvt_from_sint(fty, n);
-            let nv = self.b.ins().splat(self.lanes.float, nf);
-            self.b.ins().fdiv(sum, nv)
-        } else {
-            sum
-        };
-        let empty = self.splat_float(r.empty);
-        let none = self.b.ins().icmp_imm_s(IntCC::Equal, n, 0);
-        let v = self.b.ins().select(none, empty, value);
-        self.b.ins().store(VEC_FLAGS, v, addr, 0);
-        let next = self.b.ins().iadd_imm_s(pos, i64::from(self.lanes.n));
+        let next = self.b.ins().iadd_imm_s(pos, width as i64 * n_lanes);
         self.b.def_var(self.out_pos, next);
+    }
+
+    /// The column loop: `width` vectors of columns per step while they fit,
+    /// the counter left at the first column not done.
+    pub(super) fn translate_column_steps(&mut self, level: usize, width: usize) {
+        let var = self.loop_vars[level];
+        let end = self.bounds[level].1;
+        let stride = width as i64 * i64::from(self.lanes.n);
+        let header = self.b.create_block();
+        let body = self.b.create_block();
+        let exit = self.b.create_block();
+        self.b.ins().jump(header, &[]);
+        self.b.switch_to_block(header);
+        let i = self.b.use_var(var);
+        let next = self.b.ins().iadd_imm_s(i, stride);
+        let fits = self.b.ins().icmp(IntCC::SignedLessThanOrEqual, next, end);
+        self.b.ins().brif(fits, body, &[], exit, &[]);
+        self.b.switch_to_block(body);
+        self.b.seal_block(body);
+        self.memo.push(HashMap::new());
+        self.vmemo.push(HashMap::new());
+        self.translate_vector_column_point(width);
+        self.vmemo.pop();
+        self.memo.pop();
+        let i = self.b.use_var(var);
+        let next = self.b.ins().iadd_imm_s(i, stride);
+        self.b.def_var(var, next);
+        self.b.ins().jump(header, &[]);
+        self.b.seal_block(header);
+        self.b.switch_to_block(exit);
+        self.b.seal_block(exit);
     }
 
     /// The reduced loops of a column sum, plain.
