@@ -535,23 +535,13 @@ impl Translator<'_, '_> {
         count: cranelift_frontend::Variable,
     ) {
         let lanes = self.lanes;
-        let body = self.body.expect("a vectorised logsumexp has a body");
-        let best = self.b.declare_var(lanes.float);
-        let init = self.splat_float(f64::NEG_INFINITY);
-        self.b.def_var(best, init);
         let start = self.bounds[level].0;
         let passed = self.start_mask_count();
-        self.translate_vector_loop(level, &mut |t| {
-            let mask = t.translate_vfilter();
-            let x = t.translate_vexpr(body);
-            let x = t.masked(mask, x, f64::NEG_INFINITY, passed);
-            let cur = t.b.use_var(best);
+        let v = self.translate_vector_best(level, f64::NEG_INFINITY, passed, &|t, x, cur| {
             let gt = t.b.ins().fcmp(FloatCC::GreaterThan, x, cur);
             let gt = t.mask_as_float(gt);
-            let next = t.b.ins().bitselect(gt, x, cur);
-            t.b.def_var(best, next);
+            t.b.ins().bitselect(gt, x, cur)
         });
-        let v = self.b.use_var(best);
         let mut cur = self.b.use_var(acc);
         for l in 0..lanes.n {
             let x = self.b.ins().extractlane(v, l);
@@ -573,7 +563,6 @@ impl Translator<'_, '_> {
         count: cranelift_frontend::Variable,
     ) {
         let lanes = self.lanes;
-        let body = self.body.expect("a vectorised max/min has a body");
         let worst = if max {
             f64::NEG_INFINITY
         } else {
@@ -584,26 +573,17 @@ impl Translator<'_, '_> {
         } else {
             FloatCC::LessThan
         };
-        let best = self.b.declare_var(lanes.float);
-        let init = self.splat_float(worst);
-        self.b.def_var(best, init);
         let start = self.bounds[level].0;
         let passed = self.start_mask_count();
-        self.translate_vector_loop(level, &mut |t| {
-            let mask = t.translate_vfilter();
-            let x = t.translate_vexpr(body);
-            let x = t.masked(mask, x, worst, passed);
-            let cur = t.b.use_var(best);
+        let v = self.translate_vector_best(level, worst, passed, &|t, x, cur| {
             let better = t.b.ins().fcmp(cc, x, cur);
             let x_nan = t.b.ins().fcmp(FloatCC::Unordered, x, x);
             let cur_num = t.b.ins().fcmp(FloatCC::Ordered, cur, cur);
             let nan_wins = t.b.ins().band(x_nan, cur_num);
             let take = t.b.ins().bor(better, nan_wins);
             let take = t.mask_as_float(take);
-            let next = t.b.ins().bitselect(take, x, cur);
-            t.b.def_var(best, next);
+            t.b.ins().bitselect(take, x, cur)
         });
-        let v = self.b.use_var(best);
         let n0 = self.b.use_var(count);
         let mut cur = self.b.use_var(acc);
         for l in 0..lanes.n {
@@ -621,6 +601,47 @@ impl Translator<'_, '_> {
         }
         self.b.def_var(acc, cur);
         self.finish_count(level, start, count, passed);
+    }
+
+    /// The running best of the innermost loop per lane by `pick(x, best)`,
+    /// from `worst` (also what masked-out lanes give): `FOLD_UNROLL`
+    /// independent vectors while they fit, then one at a time, combined in
+    /// order (later ones as `x`).
+    fn translate_vector_best(
+        &mut self,
+        level: usize,
+        worst: f64,
+        passed: Option<cranelift_frontend::Variable>,
+        pick: &dyn Fn(&mut Self, Value, Value) -> Value,
+    ) -> Value {
+        let body = self.body.expect("a vectorised reduction has a body");
+        let init = self.splat_float(worst);
+        let bests: Vec<cranelift_frontend::Variable> = (0..FOLD_UNROLL)
+            .map(|_| {
+                let v = self.b.declare_var(self.lanes.float);
+                self.b.def_var(v, init);
+                v
+            })
+            .collect();
+        let start = self.bounds[level].0;
+        self.b.def_var(self.loop_vars[level], start);
+        for unroll in [FOLD_UNROLL, 1] {
+            self.translate_unrolled_loop(level, unroll, &mut |t, u| {
+                let mask = t.translate_vfilter();
+                let x = t.translate_vexpr(body);
+                let x = t.masked(mask, x, worst, passed);
+                let var = bests[u as usize];
+                let cur = t.b.use_var(var);
+                let next = pick(t, x, cur);
+                t.b.def_var(var, next);
+            });
+        }
+        let mut v = self.b.use_var(bests[0]);
+        for var in &bests[1..] {
+            let x = self.b.use_var(*var);
+            v = pick(self, x, v);
+        }
+        v
     }
 
     /// Pass two of a vectorised logsumexp: `sum += exp(x - m)` in lanes.
