@@ -844,22 +844,27 @@ loss Lanes() {
     input s: [B, N]
     input t: [B, N]
     input u: [B, N]
+    input lab: int[B, N]
+    let q[i, j] = if lab[i, j] == lab[i, 0] and j != i then s[i, j] * 3.0 else s[i, j]
+    let w[i, j] = if lab[i, j] != i then t[i, j] * t[i, j] else 0.0
     let d[i, j] = if i == j then maximum(x[i, j], 0.5) else relu(x[i, j]) * 2.0
     let c[i, j] = if x[i, j] > 0.0 then sqrt(x[i, j]) else -x[i, j]
     let g[i, j] = if j >= i then exp(-abs(x[i, j])) else minimum(x[i, j], 1.0)
     let col[j] = sum(i) x[i, j] * s[i, j]
     let colmean[j] = mean(i | i != 1) exp(x[i, j] * 0.01) * t[i, j]
     output columns = sum(j) (col[j] + colmean[j])
-    sum(i, j) (d[i, j] + c[i, j] + g[i, j] + s[i, j] * exp(x[i, j]) + t[i, j] * exp(log(x[i, j])) + u[i, j] * exp(1e300 * x[i, j]))
+    sum(i, j) (q[i, j] + w[i, j] + d[i, j] + c[i, j] + g[i, j] + s[i, j] * exp(x[i, j]) + t[i, j] * exp(log(x[i, j])) + u[i, j] * exp(1e300 * x[i, j]))
 }
 "#;
 
 /// SIMD lanes compute what the scalar code computes, bit for bit: exp
 /// (lossc's own, `lossc::math`, also the interpreter's; the gradients with
-/// respect to `s`, `t`, `u` are exactly `exp` of `x`, of `log x` and of
-/// `1e300 x`) across and past the ends of its range, on NaN, infinities,
+/// respect to `s`, `t`, `u` hold `exp` of `x`, of `log x` and of `1e300 x`,
+/// and the label masks; the gradient with respect to `x` is mostly NaN or
+/// infinite by design) across and past the ends of its range, on NaN, infinities,
 /// zeros and subnormals; diagonal masks (`i == j`, `j >= i`), per-lane `if`,
-/// relu, maximum/minimum; column sums and means (`sum(i) x[i, j]`, lanes
+/// relu, maximum/minimum; int labels compared per lane (`lab[i, j] ==
+/// lab[i, 0]`, `lab[i, j] != i`); column sums and means (`sum(i) x[i, j]`, lanes
 /// along `j`); and the scalar remainder of every row length from 1 to 11.
 #[test]
 fn simd_lanes_agree_bit_for_bit_with_the_interpreter() {
@@ -891,6 +896,13 @@ fn simd_lanes_agree_bit_for_bit_with_the_interpreter() {
             ("s".to_string(), ones(1.0)),
             ("t".to_string(), ones(0.5)),
             ("u".to_string(), ones(0.25)),
+            (
+                "lab".to_string(),
+                lossc::tensor_io::HostTensor::i64(
+                    vec![b, n],
+                    (0..b * n).map(|k| ((k * 7 + n) % 3) as i64).collect(),
+                ),
+            ),
         ]);
         let bound = bind_or(&full, &tensors).unwrap();
         for f32_run in [false, true] {

@@ -241,9 +241,44 @@ fn index_side(
     }
 }
 
+/// Which operand of an integer `==`/`!=` is a contiguous read of an int node
+/// along the vector loop (labels, `labels[j] == labels[i]`), the other not
+/// varying along it: `Some(true)` for the left.
+fn int_read_side(
+    dag: &Dag,
+    varies: &[bool],
+    var: crate::ir::IdxVar,
+    a: usize,
+    b: usize,
+) -> Option<bool> {
+    let contiguous = |t: usize| match &dag.terms[t].op {
+        Op::Read(_, at) if dag.terms[t].ty == Ty::I => {
+            let l = at.len().checked_sub(1);
+            l.is_some_and(|l| {
+                dag.terms[at[l]].op == Op::Index(var)
+                    && !dag.terms[t].checked[l]
+                    && at[..l].iter().all(|ix| !varies[*ix])
+            })
+        }
+        _ => false,
+    };
+    let invariant = |t: usize| !varies[t] && dag.terms[t].ty == Ty::I;
+    if contiguous(a) && invariant(b) {
+        Some(true)
+    } else if contiguous(b) && invariant(a) {
+        Some(false)
+    } else {
+        None
+    }
+}
+
 impl Check<'_> {
     fn index_comparison(&self, a: usize, b: usize) -> Option<bool> {
         index_side(self.dag, self.varies, self.var, a, b)
+    }
+
+    fn int_read_comparison(&self, a: usize, b: usize) -> Option<bool> {
+        int_read_side(self.dag, self.varies, self.var, a, b)
     }
 
     fn lane_wise(&mut self, id: usize) -> bool {
@@ -288,7 +323,9 @@ impl Check<'_> {
                     // The innermost index against an integer that does not
                     // vary along the loop (a diagonal, `j == i`).
                     (Ty::I, Ty::I) => {
-                        return op.is_comparison() && self.index_comparison(*a, *b).is_some();
+                        return op.is_comparison() && self.index_comparison(*a, *b).is_some()
+                            || matches!(op, BinOp::Eq | BinOp::Ne)
+                                && self.int_read_comparison(*a, *b).is_some();
                     }
                     _ => false,
                 };
@@ -844,6 +881,20 @@ impl Translator<'_, '_> {
         at: &[usize],
         checked: &[bool],
     ) -> Value {
+        let addr = self.read_row_address(node, at, checked, Ty::F);
+        self.b.ins().load(self.lanes.float, VEC_FLAGS, addr, 0)
+    }
+
+    /// The address of a read's element at the vector loop's counter: the
+    /// leading indices evaluated (and checked) as the scalar read does, the
+    /// last one the counter.
+    fn read_row_address(
+        &mut self,
+        node: crate::ir::NodeId,
+        at: &[usize],
+        checked: &[bool],
+        ty: Ty,
+    ) -> Value {
         let dims = self.read_dims[&node].clone();
         let last = at.len() - 1;
         let mut offset: Option<Value> = None;
@@ -874,8 +925,7 @@ impl Translator<'_, '_> {
             }
         };
         let base = self.bases[&node];
-        let addr = self.element_addr(base, offset, Ty::F);
-        self.b.ins().load(self.lanes.float, VEC_FLAGS, addr, 0)
+        self.element_addr(base, offset, ty)
     }
 
     /// A math helper applied to each lane (the scalar code's own function).
@@ -1033,7 +1083,11 @@ impl Translator<'_, '_> {
     fn translate_vbinary(&mut self, op: BinOp, a: usize, b: usize) -> Value {
         let ta = self.dag.terms[a].ty;
         if ta == Ty::I {
-            return self.translate_index_comparison(op, a, b);
+            let var = self.levels[self.vlevel].0;
+            return match int_read_side(self.dag, &self.varies, var, a, b) {
+                Some(read_left) => self.translate_int_read_comparison(op, a, b, read_left),
+                None => self.translate_index_comparison(op, a, b),
+            };
         }
         let x = self.translate_vexpr(a);
         let y = self.translate_vexpr(b);
@@ -1103,6 +1157,52 @@ impl Translator<'_, '_> {
             _ => IntCC::SignedGreaterThanOrEqual,
         };
         self.b.ins().icmp(cc, iota, d)
+    }
+
+    /// `labels[j] == c` (or `!=`) per lane: the int lanes loaded as 64-bit
+    /// pairs and compared with `c` broadcast; for four f32 lanes the two
+    /// pairs' masks are narrowed into one of four 32-bit lanes.
+    fn translate_int_read_comparison(
+        &mut self,
+        op: BinOp,
+        a: usize,
+        b: usize,
+        read_left: bool,
+    ) -> Value {
+        let (read, other) = if read_left { (a, b) } else { (b, a) };
+        let Op::Read(node, at) = self.dag.terms[read].op.clone() else {
+            unreachable!("`int_read_side` found a read");
+        };
+        let checked = self.dag.terms[read].checked.clone();
+        let c = self.translate_expr(other);
+        let base = self.read_row_address(node, &at, &checked, Ty::I);
+        let c = self.b.ins().splat(types::I64X2, c);
+        let cc = if op == BinOp::Eq {
+            IntCC::Equal
+        } else {
+            IntCC::NotEqual
+        };
+        let pairs: Vec<Value> = (0..i32::from(self.lanes.n) / 2)
+            .map(|p| {
+                let v = self.b.ins().load(types::I64X2, VEC_FLAGS, base, 16 * p);
+                self.b.ins().icmp(cc, v, c)
+            })
+            .collect();
+        if self.lanes.mask == types::I64X2 {
+            return pairs[0];
+        }
+        // Each 64-bit mask lane is all ones or all zeros: its low 4 bytes
+        // make the 32-bit lane.
+        let bytes: Vec<u8> = [0u8, 8, 16, 24]
+            .iter()
+            .flat_map(|start| (0..4).map(move |k| start + k))
+            .collect();
+        let flags = MemFlagsData::new();
+        let lo = self.b.ins().bitcast(types::I8X16, flags, pairs[0]);
+        let hi = self.b.ins().bitcast(types::I8X16, flags, pairs[1]);
+        let mask = self.b.func.dfg.immediates.push(bytes.into());
+        let narrowed = self.b.ins().shuffle(lo, hi, mask);
+        self.b.ins().bitcast(types::I32X4, flags, narrowed)
     }
 
     /// `translate_nan_extreme` per lane: NaN when either is NaN, else `a`
