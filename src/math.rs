@@ -41,8 +41,8 @@ pub const EXP_F64: ExpConsts<f64> = ExpConsts {
     log2e: std::f64::consts::LOG2_E,
     // fdlibm's split of ln 2: the high part has 32 trailing zero bits, so
     // `n * ln2_hi` is exact for every n this range produces.
-    ln2_hi: 6.931_471_803_691_238_164_9e-1,
-    ln2_lo: 1.908_214_929_270_587_700_02e-10,
+    ln2_hi: f64::from_bits(0x3fe6_2e42_fee0_0000),
+    ln2_lo: f64::from_bits(0x3dea_39ef_3579_3c76),
     magic: 6_755_399_441_055_744.0,
     lo: -746.0,
     hi: 710.0,
