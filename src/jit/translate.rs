@@ -821,9 +821,9 @@ impl<'a, 'f> Translator<'a, 'f> {
             _ => {
                 let x = self.convert(x, ty, Ty::F);
                 match op {
-                    UnOp::Neg => self.b.ins().fneg(x),
-                    UnOp::Abs => self.b.ins().fabs(x),
-                    UnOp::Sqrt => self.b.ins().sqrt(x),
+                    UnOp::Neg | UnOp::Abs | UnOp::Sqrt => self
+                        .float_unary_instruction(op, x)
+                        .expect("one instruction"),
                     UnOp::Exp => self.call(Math::Exp, &[x]),
                     UnOp::Log => self.call(Math::Ln, &[x]),
                     UnOp::Tanh => self.call(Math::Tanh, &[x]),
@@ -840,6 +840,18 @@ impl<'a, 'f> Translator<'a, 'f> {
                 }
             }
         }
+    }
+
+    /// The float unary operations that are one instruction, on scalars and
+    /// on vector lanes alike.
+    fn float_unary_instruction(&mut self, op: UnOp, x: Value) -> Option<Value> {
+        let ins = self.b.ins();
+        Some(match op {
+            UnOp::Neg => ins.fneg(x),
+            UnOp::Abs => ins.fabs(x),
+            UnOp::Sqrt => ins.sqrt(x),
+            _ => return None,
+        })
     }
 
     fn translate_binary(&mut self, op: BinOp, a: usize, b: usize, result: Ty) -> Value {
@@ -871,20 +883,13 @@ impl<'a, 'f> Translator<'a, 'f> {
                 _ => self.b.ins().icmp(IntCC::NotEqual, x, y),
             },
             (Ty::F, Ty::F) => match op {
-                BinOp::Add => self.b.ins().fadd(x, y),
-                BinOp::Sub => self.b.ins().fsub(x, y),
-                BinOp::Mul => self.b.ins().fmul(x, y),
-                BinOp::Div => self.b.ins().fdiv(x, y),
                 BinOp::Pow => self.call(Math::Pow, &[x, y]),
                 BinOp::Max | BinOp::ClampMin => self.translate_nan_extreme(x, y, true),
                 BinOp::Min | BinOp::ClampMax => self.translate_nan_extreme(x, y, false),
-                BinOp::Eq => self.b.ins().fcmp(FloatCC::Equal, x, y),
-                BinOp::Ne => self.b.ins().fcmp(FloatCC::NotEqual, x, y),
-                BinOp::Lt => self.b.ins().fcmp(FloatCC::LessThan, x, y),
-                BinOp::Le => self.b.ins().fcmp(FloatCC::LessThanOrEqual, x, y),
-                BinOp::Gt => self.b.ins().fcmp(FloatCC::GreaterThan, x, y),
-                BinOp::Ge => self.b.ins().fcmp(FloatCC::GreaterThanOrEqual, x, y),
                 BinOp::Rem | BinOp::FloorDiv | BinOp::And | BinOp::Or => self.fconst(f64::NAN),
+                _ => self
+                    .float_instruction(op, x, y)
+                    .expect("every other float operation is one instruction"),
             },
             _ => {
                 // Operands of different types: the interpreter's internal
@@ -899,6 +904,25 @@ impl<'a, 'f> Translator<'a, 'f> {
                 }
             }
         }
+    }
+
+    /// The float operations that are one instruction, on scalars and on
+    /// vector lanes alike (a comparison gives an i8 or a lane mask).
+    fn float_instruction(&mut self, op: BinOp, x: Value, y: Value) -> Option<Value> {
+        let ins = self.b.ins();
+        Some(match op {
+            BinOp::Add => ins.fadd(x, y),
+            BinOp::Sub => ins.fsub(x, y),
+            BinOp::Mul => ins.fmul(x, y),
+            BinOp::Div => ins.fdiv(x, y),
+            BinOp::Eq => ins.fcmp(FloatCC::Equal, x, y),
+            BinOp::Ne => ins.fcmp(FloatCC::NotEqual, x, y),
+            BinOp::Lt => ins.fcmp(FloatCC::LessThan, x, y),
+            BinOp::Le => ins.fcmp(FloatCC::LessThanOrEqual, x, y),
+            BinOp::Gt => ins.fcmp(FloatCC::GreaterThan, x, y),
+            BinOp::Ge => ins.fcmp(FloatCC::GreaterThanOrEqual, x, y),
+            _ => return None,
+        })
     }
 
     /// `nan_max`/`nan_min`: NaN when either is NaN, else `a` on a tie (which

@@ -230,15 +230,7 @@ fn index_side(
     a: usize,
     b: usize,
 ) -> Option<bool> {
-    let is_var = |t: usize| dag.terms[t].op == Op::Index(var);
-    let invariant = |t: usize| !varies[t] && dag.terms[t].ty == Ty::I;
-    if is_var(a) && invariant(b) {
-        Some(true)
-    } else if is_var(b) && invariant(a) {
-        Some(false)
-    } else {
-        None
-    }
+    side(dag, varies, a, b, |t| dag.terms[t].op == Op::Index(var))
 }
 
 /// Which operand of an integer `==`/`!=` is a contiguous read of an int node
@@ -251,25 +243,41 @@ fn int_read_side(
     a: usize,
     b: usize,
 ) -> Option<bool> {
-    let contiguous = |t: usize| match &dag.terms[t].op {
-        Op::Read(_, at) if dag.terms[t].ty == Ty::I => {
-            let l = at.len().checked_sub(1);
-            l.is_some_and(|l| {
-                dag.terms[at[l]].op == Op::Index(var)
-                    && !dag.terms[t].checked[l]
-                    && at[..l].iter().all(|ix| !varies[*ix])
-            })
-        }
-        _ => false,
-    };
+    side(dag, varies, a, b, |t| {
+        dag.terms[t].ty == Ty::I && contiguous_read(dag, varies, var, t)
+    })
+}
+
+/// `Some(true)` when `a` is `wanted` and `b` an int that does not vary along
+/// the vector loop, `Some(false)` the other way round.
+fn side(
+    dag: &Dag,
+    varies: &[bool],
+    a: usize,
+    b: usize,
+    wanted: impl Fn(usize) -> bool,
+) -> Option<bool> {
     let invariant = |t: usize| !varies[t] && dag.terms[t].ty == Ty::I;
-    if contiguous(a) && invariant(b) {
+    if wanted(a) && invariant(b) {
         Some(true)
-    } else if contiguous(b) && invariant(a) {
+    } else if wanted(b) && invariant(a) {
         Some(false)
     } else {
         None
     }
+}
+
+/// A read whose last index is the vector loop's variable, unchecked, and
+/// whose other indices do not vary along it: its lanes are contiguous.
+fn contiguous_read(dag: &Dag, varies: &[bool], var: crate::ir::IdxVar, t: usize) -> bool {
+    let Op::Read(_, at) = &dag.terms[t].op else {
+        return false;
+    };
+    at.len().checked_sub(1).is_some_and(|l| {
+        dag.terms[at[l]].op == Op::Index(var)
+            && !dag.terms[t].checked[l]
+            && at[..l].iter().all(|ix| !varies[*ix])
+    })
 }
 
 impl Check<'_> {
@@ -291,15 +299,10 @@ impl Check<'_> {
         }
         let terms = &self.dag.terms;
         let ok = match &t.op {
-            Op::Read(node, at) => {
-                let last = at.len().checked_sub(1);
+            Op::Read(node, _) => {
                 t.ty == Ty::F
                     && self.graph.node(*node).dtype == DType::Float
-                    && last.is_some_and(|l| {
-                        terms[at[l]].op == Op::Index(self.var)
-                            && !t.checked[l]
-                            && at[..l].iter().all(|ix| !self.varies[*ix])
-                    })
+                    && contiguous_read(self.dag, self.varies, self.var, id)
             }
             Op::Unary(op, a) => {
                 let ta = terms[*a].ty;
@@ -371,9 +374,24 @@ impl Translator<'_, '_> {
         unroll: i64,
         inner: &mut dyn FnMut(&mut Self, i64),
     ) {
+        self.translate_strided_loop(level, unroll, 1, inner);
+    }
+
+    /// The loop under `translate_unrolled_loop` and `translate_column_steps`:
+    /// from the counter's current value, `steps` calls of `inner` per
+    /// iteration, each in its own scope and followed by advancing the
+    /// counter `width` vectors, while all of them fit.
+    fn translate_strided_loop(
+        &mut self,
+        level: usize,
+        steps: i64,
+        width: i64,
+        inner: &mut dyn FnMut(&mut Self, i64),
+    ) {
         let var = self.loop_vars[level];
         let end = self.bounds[level].1;
-        let n = i64::from(self.lanes.n);
+        let n = i64::from(self.lanes.n) * width;
+        let unroll = steps;
         let header = self.b.create_block();
         let body = self.b.create_block();
         let exit = self.b.create_block();
@@ -506,32 +524,9 @@ impl Translator<'_, '_> {
     /// The column loop: `width` vectors of columns per step while they fit,
     /// the counter left at the first column not done.
     pub(super) fn translate_column_steps(&mut self, level: usize, width: usize) {
-        let var = self.loop_vars[level];
-        let end = self.bounds[level].1;
-        let stride = width as i64 * i64::from(self.lanes.n);
-        let header = self.b.create_block();
-        let body = self.b.create_block();
-        let exit = self.b.create_block();
-        self.b.ins().jump(header, &[]);
-        self.b.switch_to_block(header);
-        let i = self.b.use_var(var);
-        let next = self.b.ins().iadd_imm_s(i, stride);
-        let fits = self.b.ins().icmp(IntCC::SignedLessThanOrEqual, next, end);
-        self.b.ins().brif(fits, body, &[], exit, &[]);
-        self.b.switch_to_block(body);
-        self.b.seal_block(body);
-        self.memo.push(HashMap::new());
-        self.vmemo.push(HashMap::new());
-        self.translate_vector_column_point(width);
-        self.vmemo.pop();
-        self.memo.pop();
-        let i = self.b.use_var(var);
-        let next = self.b.ins().iadd_imm_s(i, stride);
-        self.b.def_var(var, next);
-        self.b.ins().jump(header, &[]);
-        self.b.seal_block(header);
-        self.b.switch_to_block(exit);
-        self.b.seal_block(exit);
+        self.translate_strided_loop(level, 1, width as i64, &mut |t, _| {
+            t.translate_vector_column_point(width)
+        });
     }
 
     /// The reduced loops of a column sum, plain.
@@ -641,9 +636,7 @@ impl Translator<'_, '_> {
     }
 
     /// The running best of the innermost loop per lane by `pick(x, best)`,
-    /// from `worst` (also what masked-out lanes give): `FOLD_UNROLL`
-    /// independent vectors while they fit, then one at a time, combined in
-    /// order (later ones as `x`).
+    /// from `worst` (also what masked-out lanes give).
     fn translate_vector_best(
         &mut self,
         level: usize,
@@ -652,33 +645,16 @@ impl Translator<'_, '_> {
         pick: &dyn Fn(&mut Self, Value, Value) -> Value,
     ) -> Value {
         let body = self.body.expect("a vectorised reduction has a body");
-        let init = self.splat_float(worst);
-        let bests: Vec<cranelift_frontend::Variable> = (0..FOLD_UNROLL)
-            .map(|_| {
-                let v = self.b.declare_var(self.lanes.float);
-                self.b.def_var(v, init);
-                v
-            })
-            .collect();
-        let start = self.bounds[level].0;
-        self.b.def_var(self.loop_vars[level], start);
-        for unroll in [FOLD_UNROLL, 1] {
-            self.translate_unrolled_loop(level, unroll, &mut |t, u| {
+        self.translate_vector_accumulate(
+            level,
+            worst,
+            &mut |t| {
                 let mask = t.translate_vfilter();
                 let x = t.translate_vexpr(body);
-                let x = t.masked(mask, x, worst, passed);
-                let var = bests[u as usize];
-                let cur = t.b.use_var(var);
-                let next = pick(t, x, cur);
-                t.b.def_var(var, next);
-            });
-        }
-        let mut v = self.b.use_var(bests[0]);
-        for var in &bests[1..] {
-            let x = self.b.use_var(*var);
-            v = pick(self, x, v);
-        }
-        v
+                t.masked(mask, x, worst, passed)
+            },
+            pick,
+        )
     }
 
     /// Pass two of a vectorised logsumexp: `sum += exp(x - m)` in lanes.
@@ -707,43 +683,55 @@ impl Translator<'_, '_> {
         acc: cranelift_frontend::Variable,
         step: &mut dyn FnMut(&mut Self) -> Value,
     ) {
-        let lanes = self.lanes;
-        let zeros = self.splat_float(0.0);
-        let partials: Vec<cranelift_frontend::Variable> = (0..FOLD_UNROLL)
-            .map(|_| {
-                let v = self.b.declare_var(lanes.float);
-                self.b.def_var(v, zeros);
-                v
-            })
-            .collect();
-        let start = self.bounds[level].0;
-        self.b.def_var(self.loop_vars[level], start);
-        // FOLD_UNROLL independent partial sums hide the latency of the adds;
-        // then one vector at a time into the first.
-        for unroll in [FOLD_UNROLL, 1] {
-            self.translate_unrolled_loop(level, unroll, &mut |t, u| {
-                let x = step(t);
-                let var = partials[u as usize];
-                let p = t.b.use_var(var);
-                let p = t.b.ins().fadd(p, x);
-                t.b.def_var(var, p);
-            });
-        }
-        let p0 = self.b.use_var(partials[0]);
-        let p1 = self.b.use_var(partials[1]);
-        let p2 = self.b.use_var(partials[2]);
-        let p3 = self.b.use_var(partials[3]);
-        let p01 = self.b.ins().fadd(p0, p1);
-        let p23 = self.b.ins().fadd(p2, p3);
-        let p = self.b.ins().fadd(p01, p23);
+        let p =
+            self.translate_vector_accumulate(level, 0.0, step, &|t, x, cur| t.b.ins().fadd(cur, x));
         let mut folded = self.b.ins().extractlane(p, 0);
-        for l in 1..lanes.n {
+        for l in 1..self.lanes.n {
             let x = self.b.ins().extractlane(p, l);
             folded = self.b.ins().fadd(folded, x);
         }
         let cur = self.b.use_var(acc);
         let sum = self.b.ins().fadd(cur, folded);
         self.b.def_var(acc, sum);
+    }
+
+    /// The innermost loop from its start, `acc = pick(step(), acc)` per
+    /// lane: `FOLD_UNROLL` independent accumulators from `init` (which hides
+    /// the latency of each pick) while they fit, then one vector at a time
+    /// into the first; the accumulators combined in order (later ones as
+    /// `x`).
+    fn translate_vector_accumulate(
+        &mut self,
+        level: usize,
+        init: f64,
+        step: &mut dyn FnMut(&mut Self) -> Value,
+        pick: &dyn Fn(&mut Self, Value, Value) -> Value,
+    ) -> Value {
+        let init = self.splat_float(init);
+        let accs: Vec<cranelift_frontend::Variable> = (0..FOLD_UNROLL)
+            .map(|_| {
+                let v = self.b.declare_var(self.lanes.float);
+                self.b.def_var(v, init);
+                v
+            })
+            .collect();
+        let start = self.bounds[level].0;
+        self.b.def_var(self.loop_vars[level], start);
+        for unroll in [FOLD_UNROLL, 1] {
+            self.translate_unrolled_loop(level, unroll, &mut |t, u| {
+                let x = step(t);
+                let var = accs[u as usize];
+                let cur = t.b.use_var(var);
+                let next = pick(t, x, cur);
+                t.b.def_var(var, next);
+            });
+        }
+        let mut v = self.b.use_var(accs[0]);
+        for var in &accs[1..] {
+            let x = self.b.use_var(*var);
+            v = pick(self, x, v);
+        }
+        v
     }
 
     /// The filter's mask for this vector step (`None`: every lane passes).
@@ -1059,9 +1047,9 @@ impl Translator<'_, '_> {
                 self.b.ins().bitselect(m, one, zero)
             }
             _ => match op {
-                UnOp::Neg => self.b.ins().fneg(x),
-                UnOp::Abs => self.b.ins().fabs(x),
-                UnOp::Sqrt => self.b.ins().sqrt(x),
+                UnOp::Neg | UnOp::Abs | UnOp::Sqrt => self
+                    .float_unary_instruction(op, x)
+                    .expect("one instruction"),
                 UnOp::Exp => self.translate_vexp(x),
                 UnOp::Log => self.per_lane(Math::Ln, &[x]),
                 UnOp::Tanh => self.per_lane(Math::Tanh, &[x]),
@@ -1100,22 +1088,12 @@ impl Translator<'_, '_> {
             };
         }
         match op {
-            BinOp::Add => self.b.ins().fadd(x, y),
-            BinOp::Sub => self.b.ins().fsub(x, y),
-            BinOp::Mul => self.b.ins().fmul(x, y),
-            BinOp::Div => self.b.ins().fdiv(x, y),
             BinOp::Pow => self.per_lane(Math::Pow, &[x, y]),
             BinOp::Max | BinOp::ClampMin => self.translate_vnan_extreme(x, y, true),
             BinOp::Min | BinOp::ClampMax => self.translate_vnan_extreme(x, y, false),
-            BinOp::Eq => self.b.ins().fcmp(FloatCC::Equal, x, y),
-            BinOp::Ne => self.b.ins().fcmp(FloatCC::NotEqual, x, y),
-            BinOp::Lt => self.b.ins().fcmp(FloatCC::LessThan, x, y),
-            BinOp::Le => self.b.ins().fcmp(FloatCC::LessThanOrEqual, x, y),
-            BinOp::Gt => self.b.ins().fcmp(FloatCC::GreaterThan, x, y),
-            BinOp::Ge => self.b.ins().fcmp(FloatCC::GreaterThanOrEqual, x, y),
-            BinOp::Rem | BinOp::FloorDiv | BinOp::And | BinOp::Or => {
-                unreachable!("`analyse` admits no such float operation")
-            }
+            _ => self
+                .float_instruction(op, x, y)
+                .expect("`analyse` admits no other float operation"),
         }
     }
 
