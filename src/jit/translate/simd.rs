@@ -1175,7 +1175,8 @@ impl Translator<'_, '_> {
             .iter()
             .flat_map(|start| (0..4).map(move |k| start + k))
             .collect();
-        let flags = MemFlagsData::new();
+        // Bitcasts that change the lane count must name a byte order.
+        let flags = MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little);
         let lo = self.b.ins().bitcast(types::I8X16, flags, pairs[0]);
         let hi = self.b.ins().bitcast(types::I8X16, flags, pairs[1]);
         let mask = self.b.func.dfg.immediates.push(bytes.into());
