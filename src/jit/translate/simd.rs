@@ -105,7 +105,11 @@ impl Lanes {
 /// column sum) its last output loop.
 pub(in crate::jit) fn analyse(k: &Kernel) -> Option<Plan> {
     let inner = k.levels.len().checked_sub(1)?;
-    innermost(k, inner).or_else(|| column(k))
+    let body = k.body?;
+    if k.dag.terms[body].ty != Ty::F || k.dtype != DType::Float {
+        return None;
+    }
+    innermost(k, inner, body).or_else(|| column(k, body))
 }
 
 /// Which terms depend on loop variable `var`.
@@ -128,15 +132,10 @@ fn varying(dag: &Dag, var: crate::ir::IdxVar) -> Vec<bool> {
 
 /// A column sum: the last output index in lanes, for a float `sum`/`mean`
 /// whose filter (if any) does not vary along it.
-fn column(k: &Kernel) -> Option<Plan> {
-    let body = k.body?;
+fn column(k: &Kernel, body: usize) -> Option<Plan> {
     let r = k.comp.reduce.as_ref()?;
     let n_out = k.comp.indices.len();
-    if n_out == 0
-        || !matches!(r.op, RedOp::Sum | RedOp::Mean)
-        || k.dag.terms[body].ty != Ty::F
-        || k.dtype != DType::Float
-    {
+    if n_out == 0 || !matches!(r.op, RedOp::Sum | RedOp::Mean) {
         return None;
     }
     let level = n_out - 1;
@@ -145,14 +144,7 @@ fn column(k: &Kernel) -> Option<Plan> {
     if k.filter.is_some_and(|f| varies[f]) || !varies[body] {
         return None;
     }
-    let mut check = Check {
-        dag: k.dag,
-        varies: &varies,
-        var,
-        graph: k.graph,
-        seen: HashMap::new(),
-    };
-    check.lane_wise(body).then_some(())?;
+    Check::new(k, var, &varies).lane_wise(body).then_some(())?;
     Some(Plan {
         how: VectorLoop::Column,
         level,
@@ -161,11 +153,7 @@ fn column(k: &Kernel) -> Option<Plan> {
 }
 
 /// The innermost loop in lanes.
-fn innermost(k: &Kernel, inner: usize) -> Option<Plan> {
-    let body = k.body?;
-    if k.dag.terms[body].ty != Ty::F || k.dtype != DType::Float {
-        return None;
-    }
+fn innermost(k: &Kernel, inner: usize, body: usize) -> Option<Plan> {
     let n_out = k.comp.indices.len();
     let how = match &k.comp.reduce {
         None => VectorLoop::Elementwise,
@@ -183,13 +171,7 @@ fn innermost(k: &Kernel, inner: usize) -> Option<Plan> {
     };
     let var = k.levels[inner].0;
     let varies = varying(k.dag, var);
-    let mut check = Check {
-        dag: k.dag,
-        varies: &varies,
-        var,
-        graph: k.graph,
-        seen: HashMap::new(),
-    };
+    let mut check = Check::new(k, var, &varies);
     let lanes_ok = check.lane_wise(body)
         && masked_filter(k.dag, k.filter, n_out).is_none_or(|f| {
             // Every lane evaluates filter and body, passing or not.
@@ -280,7 +262,17 @@ fn contiguous_read(dag: &Dag, varies: &[bool], var: crate::ir::IdxVar, t: usize)
     })
 }
 
-impl Check<'_> {
+impl<'a> Check<'a> {
+    fn new(k: &Kernel<'a>, var: crate::ir::IdxVar, varies: &'a [bool]) -> Check<'a> {
+        Check {
+            dag: k.dag,
+            varies,
+            var,
+            graph: k.graph,
+            seen: HashMap::new(),
+        }
+    }
+
     fn index_comparison(&self, a: usize, b: usize) -> Option<bool> {
         index_side(self.dag, self.varies, self.var, a, b)
     }
