@@ -589,6 +589,44 @@ fn a_read_guarded_by_if_runs_only_when_taken() {
     assert!((eval.outputs[0].1 - 2.0 / 3.0).abs() < 1e-15);
 }
 
+/// `truncate(x, 3)` reads columns `0 .. 3` of a dim `D`: the JIT assumes
+/// `D >= 3` and reads them unchecked (and in vector lanes) when that holds.
+/// Where it does not, the node goes to the interpreter: its values where the
+/// guard keeps the reads from running, its error where one runs.
+const TRUNCATED: &str = r#"
+loss Truncated() {
+    input x: [B, D]
+    input flag: [B]
+    let y = truncate(x, 3)
+    sum(b, t) (if flag[b] > 0.0 then y[b, t] else 0.5)
+}
+"#;
+
+#[test]
+fn an_assumed_bound_that_fails_hands_the_node_to_the_interpreter() {
+    let graph = compile_src(TRUNCATED, None, &lossc::Params::new()).unwrap();
+    let full = lossc::differentiate(&graph).0;
+    let code = jit::compile(&full, Precision::F64).unwrap();
+    let run = |x: &str, flag: &str| {
+        let tensors = tensors_of(&format!(r#"{{"x": {x}, "flag": {flag}}}"#));
+        let bound = bind_or(&full, &tensors).unwrap();
+        both::<f32>(&full, &bound, &code, RTOL_F32).map(|_| ())?;
+        both::<f64>(&full, &bound, &code, RTOL_F64).map(|(e, _)| e.outputs[0].1)
+    };
+    // D = 4: the assumption holds, the kernel runs.
+    let wide = "[[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]]";
+    assert_eq!(run(wide, "[1.0, -1.0]"), Ok(6.0 + 1.5));
+    // D = 2, no read taken: the interpreter's values.
+    let narrow = "[[1.0, 2.0], [3.0, 4.0]]";
+    assert_eq!(run(narrow, "[0.0, -1.0]"), Ok(3.0));
+    // D = 2, a read taken: the interpreter's error, word for word.
+    let err = run(narrow, "[0.0, 1.0]").unwrap_err();
+    assert!(
+        err.starts_with("SAME-ERROR LC0506: index 2 is out of range for dim 1"),
+        "{err}"
+    );
+}
+
 /// `# key: value` directives of a program file, objects merged.
 fn directive(text: &str, key: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
     let mut out: Option<serde_json::Map<String, serde_json::Value>> = None;

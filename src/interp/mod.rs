@@ -82,6 +82,31 @@ pub fn evaluate<F: Real>(graph: &Graph, bound: &Bound) -> Rt<Evaluation<F>> {
     Ok(Evaluation { outputs, values })
 }
 
+/// The value of comprehension `id` from the values of the nodes it reads
+/// (`values` has an entry for every earlier node; the others may be
+/// placeholders): the reference for a node another backend cannot run.
+pub fn comprehension<F: Real>(
+    graph: &Graph,
+    bound: &Bound,
+    values: &[Tensor<F>],
+    id: NodeId,
+) -> Rt<Tensor<F>> {
+    let shape = node_shape(graph, bound, id)?;
+    let node = graph.node(id);
+    let NodeKind::Comp(c) = &node.kind else {
+        return Err(Diagnostic::error(
+            codes::TENSOR_SHAPE,
+            format!("internal error: %{} is not a comprehension", id.index()),
+        ));
+    };
+    Interp {
+        graph,
+        bound,
+        values,
+    }
+    .comp(c, node.dtype, &shape)
+}
+
 /// The graph's named outputs, read from the node values (every backend
 /// reports them this way; a non-float or empty value is NaN).
 pub fn scalar_outputs<F: Real>(graph: &Graph, values: &[Tensor<F>]) -> Vec<(String, F)> {

@@ -11,8 +11,9 @@
 //!    filter hash-consed into a DAG of *terms*, each with the interpreter's
 //!    runtime type, the innermost loop level it depends on, and whether it is
 //!    *safe* (cannot raise an error); and for every read index, whether it is
-//!    proven in range (a loop variable or constant whose range lies inside the
-//!    read dim for all sizes) or must be checked at run time. Every symbolic
+//!    unchecked (a loop variable or constant whose range lies inside the read
+//!    dim, proven for all sizes or assumed and verified before each call) or
+//!    must be checked at run time. Every symbolic
 //!    dim a kernel needs gets a slot in one dim table for the graph.
 //! 2. **Translate** (`translate.rs`, one `Translator` per node, one
 //!    `translate_*` method per construct). The entry block loads the dims and
@@ -43,7 +44,9 @@
 //!    does not fit and the interpreter's error must be raised). A
 //!    kernel that meets an out-of-range index (or an integer division by
 //!    zero) stores what it saw and returns a site code; `run` turns it into
-//!    the interpreter's diagnostic (LC0506) with the same message.
+//!    the interpreter's diagnostic (LC0506) with the same message. A node
+//!    whose assumed bounds fail at these sizes runs on the interpreter
+//!    instead (its members whole, when it is part of a streamed pass).
 //!
 //! # Invariants
 //!
@@ -51,9 +54,9 @@
 //!   exactly the elements of its node's shape at these sizes (checked for
 //!   inputs, by construction for the rest); writes go to the kernel's own
 //!   buffer at positions below its element count; every read is either at
-//!   loop indices (or constants) proven within the verified shapes — proofs
-//!   re-checked numerically before each call — or bounds-checked before the
-//!   load, in the interpreter's order.
+//!   loop indices (or constants) within the verified shapes — every proof
+//!   checked numerically before each call, the node interpreted where one
+//!   fails — or bounds-checked before the load, in the interpreter's order.
 //! * Generated code never traps: integer division is guarded (zero is an
 //!   error, `-1` is negation), float-to-int goes through a helper, loads are
 //!   in bounds.
@@ -464,12 +467,16 @@ fn compile_code(graph: &Graph, p: Precision) -> Result<Code, String> {
             dims: &mut dims,
             proofs: &mut proofs,
             dag: plan::Dag::default(),
+            guards: Vec::new(),
+            conditional: 0,
         };
-        let filter = comp
-            .reduce
-            .as_ref()
-            .and_then(|r| r.filter.as_ref())
-            .map(|f| builder.add(f));
+        let filter_expr = comp.reduce.as_ref().and_then(|r| r.filter.as_ref());
+        let filter = filter_expr.map(|f| builder.add(f));
+        // The body is evaluated only where the filter passes.
+        if let Some(f) = filter_expr {
+            plan::value_vars(f, &mut builder.guards);
+            builder.conditional += 1;
+        }
         let counts = comp.reduce.as_ref().is_some_and(|r| r.op == RedOp::Count);
         let body = (!counts).then(|| builder.add(&comp.body));
         let dag = builder.dag;

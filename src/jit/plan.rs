@@ -12,12 +12,18 @@
 //!   division). Safe terms may be evaluated early, once per iteration of the
 //!   outermost loop they depend on; unsafe ones are evaluated exactly where
 //!   and when the interpreter evaluates them, so the first error is the same.
-//! * Proofs: a read index that is a loop variable (or a constant) whose range
-//!   is symbolically inside the read dim (`dim - extent` has no negative
-//!   coefficient) is not checked in generated code. Each such proof is kept
-//!   as `(bound, dim)` and re-verified numerically before the kernel runs, so
-//!   even sizes outside the symbolic assumptions (negative sizes) can never
-//!   make an unchecked read go out of bounds.
+//! * Proofs: a read index that is a loop variable (or a constant) is not
+//!   checked in generated code when its range is inside the read dim. Each
+//!   such proof is kept as `(bound, dim)` and verified numerically before the
+//!   kernel runs; where one fails, the run hands the node to the interpreter
+//!   (`run`), which gives exactly its values or its error. So an unchecked
+//!   read can never go out of bounds. Some proofs hold symbolically (`dim -
+//!   extent` has no negative coefficient: `t < D` reading a dim `D`). The
+//!   others are assumed, which pays when they hold at every size a program
+//!   meets (`t < 384` reading a dim `D` that is 384 or more; Matryoshka's
+//!   truncations), and is not made where the program itself guards the index
+//!   (`if t < 48 then x[t]`, a filter `j != i`): there the proof fails on
+//!   every run, so the read is checked element by element instead.
 
 use crate::ir::{BinOp, Dim, Expr, Graph, IdxVar, NodeId, UnOp};
 use std::collections::HashMap;
@@ -111,7 +117,7 @@ pub(super) struct Proof {
 #[derive(Debug, Default)]
 pub(super) struct Dag {
     pub terms: Vec<Term>,
-    index: HashMap<Op, usize>,
+    index: HashMap<(Op, Vec<bool>), usize>,
 }
 
 /// Everything about a comprehension's loops the DAG builder needs.
@@ -132,6 +138,31 @@ pub(super) struct Builder<'a> {
     pub dims: &'a mut DimTable,
     pub proofs: &'a mut Vec<Proof>,
     pub dag: Dag,
+    /// Loop variables whose value an enclosing `if` condition or the
+    /// reduction's filter uses (reads indexed by them are not assumed in
+    /// range), and how many such conditions enclose the term being added.
+    pub guards: Vec<IdxVar>,
+    pub conditional: usize,
+}
+
+/// The loop variables `e` uses as values (not only as read indices): those
+/// a condition can compare against a bound.
+pub(super) fn value_vars(e: &Expr, out: &mut Vec<IdxVar>) {
+    match e {
+        Expr::Index(v) => out.push(*v),
+        Expr::Read { .. } => {}
+        Expr::Unary(_, a) => value_vars(a, out),
+        Expr::Binary(_, a, b) => {
+            value_vars(a, out);
+            value_vars(b, out);
+        }
+        Expr::Select(c, a, b) => {
+            value_vars(c, out);
+            value_vars(a, out);
+            value_vars(b, out);
+        }
+        Expr::Float(_) | Expr::Int(_) | Expr::Bool(_) | Expr::Size(_) => {}
+    }
 }
 
 impl Builder<'_> {
@@ -190,10 +221,15 @@ impl Builder<'_> {
                 let safe = ta.safe && tb.safe && ta.ty == tb.ty && !divides;
                 self.intern(Op::Binary(*op, a, b), ty, level, safe, vec![])
             }
-            Expr::Select(c, a, b) => {
-                let c = self.add(c);
+            Expr::Select(c_expr, a, b) => {
+                let c = self.add(c_expr);
+                let (guards, conditional) = (self.guards.len(), self.conditional);
+                value_vars(c_expr, &mut self.guards);
+                self.conditional += 1;
                 let a = self.add(a);
                 let b = self.add(b);
+                self.guards.truncate(guards);
+                self.conditional = conditional;
                 let t = &self.dag.terms;
                 let ty = t[a].ty;
                 let level = t[c].level.max(t[a].level).max(t[b].level);
@@ -203,17 +239,19 @@ impl Builder<'_> {
         }
     }
 
-    /// Whether index term `id` is always inside `0 .. dim`, symbolically.
+    /// Whether index term `id` can go unchecked: always inside `0 .. dim`
+    /// symbolically, or assumed so (module doc).
     fn prove(&mut self, id: usize, dim: &Dim) -> bool {
-        let bound = match self.dag.terms[id].op {
+        let (bound, guarded) = match self.dag.terms[id].op {
             Op::Index(v) => match self.loops.level(v) {
-                Some(l) => self.loops.levels[l].1.clone(),
-                None => Dim::lit(1), // an unbound variable reads as 0
+                Some(l) => (self.loops.levels[l].1.clone(), self.guards.contains(&v)),
+                // An unbound variable reads as 0.
+                None => (Dim::lit(1), self.conditional > 0),
             },
-            Op::Int(c) if c >= 0 => Dim::lit(c + 1),
+            Op::Int(c) if c >= 0 => (Dim::lit(c + 1), self.conditional > 0),
             _ => return false,
         };
-        if !dim.sub(&bound).is_non_negative() {
+        if guarded && !dim.sub(&bound).is_non_negative() {
             return false;
         }
         let proof = Proof {
@@ -227,9 +265,12 @@ impl Builder<'_> {
     }
 
     fn intern(&mut self, op: Op, ty: Ty, level: i32, safe: bool, checked: Vec<bool>) -> usize {
-        if let Some(id) = self.dag.index.get(&op) {
+        // A read checked under one guard and not under another is two terms.
+        let key = (op, checked);
+        if let Some(id) = self.dag.index.get(&key) {
             return *id;
         }
+        let (op, checked) = key.clone();
         self.dag.terms.push(Term {
             op: op.clone(),
             ty,
@@ -238,7 +279,7 @@ impl Builder<'_> {
             checked,
         });
         let id = self.dag.terms.len() - 1;
-        self.dag.index.insert(op, id);
+        self.dag.index.insert(key, id);
         id
     }
 }

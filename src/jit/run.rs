@@ -441,7 +441,9 @@ impl<F: Real> Run<'_, F> {
             NodeKind::Input { .. } => self.input(id),
             NodeKind::Comp(_) => {
                 let kernel = self.kernel(id)?;
-                self.check_proofs(id, kernel)?;
+                if !self.proofs_hold(kernel) {
+                    return self.interpret(id);
+                }
                 if self.accumulating(id) {
                     self.allocate(id);
                     self.counts[i] = Some(self.pool.take(self.elems[i]));
@@ -578,22 +580,65 @@ impl<F: Real> Run<'_, F> {
     }
 
     /// Unchecked reads stay in range when each proof holds at these sizes.
-    fn check_proofs(&self, id: NodeId, kernel: &CompiledKernel) -> Result<(), Diagnostic> {
+    fn proofs_hold(&self, kernel: &CompiledKernel) -> bool {
         let sizes = &self.bound.sizes;
-        for proof in &kernel.proofs {
+        kernel.proofs.iter().all(|proof| {
             let dim = proof.dim.eval(sizes).unwrap_or(0);
-            let need = proof.bound.eval(sizes).unwrap_or(0).max(0);
-            if dim < need {
-                return Err(Diagnostic::error(
-                    codes::INDEX_RANGE,
-                    format!(
-                        "index range {} = {need} exceeds the dim {} = {dim} it reads in %{}",
-                        proof.bound,
-                        proof.dim,
-                        id.index()
-                    ),
-                )
-                .with_help("these sizes break an assumption of the program's shapes"));
+            dim >= proof.bound.eval(sizes).unwrap_or(0).max(0)
+        })
+    }
+
+    /// A node whose kernel may not run at these sizes (a proof fails), on
+    /// the interpreter: exactly its values, or exactly its error.
+    fn interpret(&mut self, id: NodeId) -> Result<(), Diagnostic> {
+        let placeholder = || Tensor::F(ArrayD::from_elem(IxDyn(&[0]), F::zero()));
+        let mut values: Vec<Tensor<F>> = (0..id.index()).map(|_| placeholder()).collect();
+        for op in self.graph.operands(id) {
+            let (i, n, shape) = (op.index(), self.elems[op.index()], &self.shapes[op.index()]);
+            let ptr = self.ptrs[i];
+            if ptr.is_null() {
+                return Err(shape_error(format!("internal error: %{i} has no value")));
+            }
+            let s = IxDyn(shape);
+            // SAFETY: a node's base holds its `elems` elements of its dtype in
+            // the run's precision (passes, the only holders of partial tiles,
+            // run their members whole before calling this).
+            let v = unsafe {
+                match self.graph.node(op).dtype {
+                    DType::Float => ArrayD::from_shape_vec(
+                        s,
+                        std::slice::from_raw_parts(ptr as *const F, n).to_vec(),
+                    )
+                    .map(Tensor::F),
+                    DType::Int => ArrayD::from_shape_vec(
+                        s,
+                        std::slice::from_raw_parts(ptr as *const i64, n).to_vec(),
+                    )
+                    .map(Tensor::I),
+                    DType::Bool => ArrayD::from_shape_vec(
+                        s,
+                        std::slice::from_raw_parts(ptr as *const u8, n)
+                            .iter()
+                            .map(|b| *b != 0)
+                            .collect(),
+                    )
+                    .map(Tensor::B),
+                }
+            };
+            values[i] = v.map_err(|e| shape_error(format!("internal shape error: {e}")))?;
+        }
+        let value = crate::interp::comprehension(self.graph, self.bound, &values, id)?;
+        self.allocate_dirty(id);
+        match (self.bufs[id.index()].as_mut(), value) {
+            (Some(Buf::F(b)), Tensor::F(v)) => b.iter_mut().zip(v).for_each(|(b, v)| *b = v),
+            (Some(Buf::I(b)), Tensor::I(v)) => b.iter_mut().zip(v).for_each(|(b, v)| *b = v),
+            (Some(Buf::B(b)), Tensor::B(v)) => {
+                b.iter_mut().zip(v).for_each(|(b, v)| *b = u8::from(v))
+            }
+            _ => {
+                return Err(shape_error(
+                    "internal error: the interpreter's dtype differs",
+                ))
             }
         }
         Ok(())
@@ -797,8 +842,10 @@ impl<F: Real> Run<'_, F> {
     /// A pass: its members block by block (module doc).
     fn pass(&mut self, p: &Pass) -> Result<(), Diagnostic> {
         for (id, _) in &p.nodes {
-            let kernel = self.kernel(*id)?;
-            self.check_proofs(*id, kernel)?;
+            if !self.proofs_hold(self.kernel(*id)?) {
+                // Unstreamed, each member whole (`whole` interprets this one).
+                return p.nodes.iter().try_for_each(|(id, _)| self.whole(*id));
+            }
         }
         // Tiles for the streamed nodes; whole buffers for the others.
         let mut tiles: Vec<(NodeId, Buf<F>, usize)> = Vec::new();
