@@ -968,6 +968,104 @@ fn simd_lanes_agree_bit_for_bit_with_the_interpreter() {
     assert!(compared > 1000, "{compared} elements compared");
 }
 
+const GUARDED_LANES: &str = r#"
+loss Guarded() {
+    input x: [B, N]
+    let y = truncate(x, 5)
+    let z = truncate(x, 2)
+    sum(i, j) exp(y[i, j]) * 0.5 + sum(i, j) z[i, j] * z[i, j]
+}
+loss Rows() {
+    input x: [B, N]
+    input lab: int[B]
+    sum(i) (sum(j) x[lab[i], j] * x[i, j])
+}
+"#;
+
+/// A vector step that may not run every lane hands the rest of its row to
+/// the scalar loop. The gradient of `truncate` reads `if j < 2 then dz[i,
+/// j]` (`dz` has 2 columns): lanes where `j < 2` and `j >= 2` meet in one
+/// step for f32 (and `j < 5` in one step for both precisions), so the steps
+/// before run in lanes and the rest of the row runs scalar, bit for bit as
+/// the interpreter. A read whose leading index is out of range (`x[lab[i],
+/// j]`) leaves the vector loop too, and the scalar code raises the
+/// interpreter's error.
+#[test]
+fn a_vector_step_that_cannot_run_every_lane_hands_the_row_to_the_scalar_loop() {
+    let graph = compile_src(GUARDED_LANES, Some("Guarded"), &lossc::Params::new())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let full = lossc::differentiate(&graph).0;
+    let code = jit::compile(&full, Precision::F64).unwrap();
+    let grad = full.grads[0].1;
+    assert!(code.is_vectorised(grad), "the gradient runs in lanes");
+    let mut compared = 0usize;
+    for n in 5..=13usize {
+        let b = 3usize;
+        let x: Vec<f64> = (0..b * n).map(|k| (k as f64 * 0.37).sin()).collect();
+        let tensors = TensorMap::from([(
+            "x".to_string(),
+            lossc::tensor_io::HostTensor::f64(vec![b, n], x),
+        )]);
+        let bound = bind_or(&full, &tensors).unwrap();
+        let pairs = [
+            float_nodes(
+                &interp::evaluate::<f64>(&full, &bound).unwrap(),
+                &code.run::<f64>(&bound).unwrap(),
+            ),
+            float_nodes(
+                &interp::evaluate::<f32>(&full, &bound).unwrap(),
+                &code.run::<f32>(&bound).unwrap(),
+            ),
+        ];
+        for nodes in pairs {
+            let (w, g, _) = nodes
+                .iter()
+                .find(|(_, _, i)| *i == grad.index())
+                .expect("the gradient is a float node");
+            for (k, (a, b)) in g.iter().zip(w).enumerate() {
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "N={n} [{k}]: jit {a:e}, interp {b:e}"
+                );
+                compared += 1;
+            }
+        }
+    }
+    assert!(compared > 400, "{compared} elements compared");
+
+    let graph = compile_src(GUARDED_LANES, Some("Rows"), &lossc::Params::new()).unwrap();
+    let full = lossc::differentiate(&graph).0;
+    let code = jit::compile(&full, Precision::F64).unwrap();
+    let x: Vec<f64> = (0..4 * 9).map(|k| k as f64 * 0.25).collect();
+    for (lab, ok) in [(vec![3, 0, 2, 1], true), (vec![0, 1, 4, 2], false)] {
+        let tensors = TensorMap::from([
+            (
+                "x".to_string(),
+                lossc::tensor_io::HostTensor::f64(vec![4, 9], x.clone()),
+            ),
+            (
+                "lab".to_string(),
+                lossc::tensor_io::HostTensor::i64(vec![4], lab),
+            ),
+        ]);
+        let bound = bind_or(&full, &tensors).unwrap();
+        for result in [
+            both::<f64>(&full, &bound, &code, RTOL_F64).map(|_| ()),
+            both::<f32>(&full, &bound, &code, RTOL_F32).map(|_| ()),
+        ] {
+            match (ok, result) {
+                (true, r) => r.unwrap(),
+                (false, Err(e)) => assert!(
+                    e.starts_with("SAME-ERROR LC0506: index 4 is out of range for dim 0"),
+                    "{e}"
+                ),
+                (false, Ok(())) => panic!("label 4 of 4 rows ran"),
+            }
+        }
+    }
+}
+
 /// Every float node's values from two evaluations, as f64 (exact for f32).
 fn float_nodes<F: Real>(
     want: &Evaluation<F>,

@@ -307,6 +307,14 @@ impl JitProgram {
     pub fn vectorised_kernels(&self) -> usize {
         self.code.vector.iter().filter(|v| v.is_some()).count()
     }
+
+    /// Whether node `id`'s kernel runs in SIMD lanes.
+    pub fn is_vectorised(&self, id: NodeId) -> bool {
+        self.code
+            .vector
+            .get(id.index())
+            .is_some_and(|v| v.is_some())
+    }
 }
 
 /// One pass of a streamed run (`JitProgram::schedule`).

@@ -74,6 +74,9 @@ pub(super) struct Translator<'a, 'f> {
     lanes: simd::Lanes,
     /// Vector values of terms, scoped as `memo`.
     vmemo: Vec<HashMap<usize, Value>>,
+    /// Inside a vector loop that may hand a row to the scalar loop: the
+    /// block that does (`simd::bail_if`).
+    bail: Option<cranelift_codegen::ir::Block>,
     loop_vars: Vec<Variable>,
     /// `(start, end)` of each loop level, clamped to `0 .. extent`.
     bounds: Vec<(Value, Value)>,
@@ -219,6 +222,7 @@ impl<'a, 'f> Translator<'a, 'f> {
             varies: plan.map(|p| p.varies).unwrap_or_default(),
             lanes: simd::Lanes::of(k.precision),
             vmemo: Vec::new(),
+            bail: None,
             loop_vars,
             bounds,
             counts,

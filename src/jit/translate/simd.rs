@@ -12,9 +12,18 @@
 //! * Same values as the scalar code, lane by lane: the same operations in
 //!   the same precision, NaN-propagating max/min as `translate_nan_extreme`,
 //!   math functions through the same helpers (called per lane). An `if`
-//!   whose condition varies per lane computes both branches and blends them,
-//!   so it is allowed only when both branches are safe (cannot raise an
-//!   error); with an invariant condition it stays a branch.
+//!   whose condition varies per lane computes both branches and blends them
+//!   when both are safe (cannot raise an error); with an invariant condition
+//!   it stays a branch.
+//! * A step may hand the rest of its row to the scalar loop (*bail*; not in
+//!   a column sum): before anything of the step is stored or accumulated, it
+//!   leaves the vector loop with the counter at its first element. It does
+//!   so when a checked read is out of range in some lane, and when an `if`
+//!   whose side can fail (a guarded read, `if j < 48 then g[i, j]`) has
+//!   lanes going both ways; an `if` whose lanes all agree runs that side
+//!   alone. So such kernels vectorise, run in lanes up to the step where the
+//!   guard changes, and the scalar code raises any error in the
+//!   interpreter's order.
 //! * A vectorised `sum` adds `LANES` running partial sums and folds them at
 //!   the end: the summation order differs from the interpreter's, so its
 //!   values agree to the rounding of a sum (`JitProgram::reordered_nodes`).
@@ -144,7 +153,9 @@ fn column(k: &Kernel, body: usize) -> Option<Plan> {
     if k.filter.is_some_and(|f| varies[f]) || !varies[body] {
         return None;
     }
-    Check::new(k, var, &varies).lane_wise(body).then_some(())?;
+    Check::new(k, var, &varies, false)
+        .lane_wise(body)
+        .then_some(())?;
     Some(Plan {
         how: VectorLoop::Column,
         level,
@@ -171,7 +182,7 @@ fn innermost(k: &Kernel, inner: usize, body: usize) -> Option<Plan> {
     };
     let var = k.levels[inner].0;
     let varies = varying(k.dag, var);
-    let mut check = Check::new(k, var, &varies);
+    let mut check = Check::new(k, var, &varies, true);
     let lanes_ok = check.lane_wise(body)
         && masked_filter(k.dag, k.filter, n_out).is_none_or(|f| {
             // Every lane evaluates filter and body, passing or not.
@@ -201,6 +212,10 @@ struct Check<'a> {
     var: crate::ir::IdxVar,
     graph: &'a crate::ir::Graph,
     seen: HashMap<usize, bool>,
+    /// A vector step may hand the rest of the row to the scalar code (not in
+    /// a column sum, whose lanes are outputs): then a checked read and an
+    /// `if` whose sides can fail vectorise too (`translate_vselect`).
+    bail: bool,
 }
 
 /// Which operand of an integer comparison is the vector loop's index (the
@@ -226,7 +241,7 @@ fn int_read_side(
     b: usize,
 ) -> Option<bool> {
     side(dag, varies, a, b, |t| {
-        dag.terms[t].ty == Ty::I && contiguous_read(dag, varies, var, t)
+        dag.terms[t].ty == Ty::I && contiguous_read(dag, varies, var, t, false)
     })
 }
 
@@ -249,27 +264,35 @@ fn side(
     }
 }
 
-/// A read whose last index is the vector loop's variable, unchecked, and
-/// whose other indices do not vary along it: its lanes are contiguous.
-fn contiguous_read(dag: &Dag, varies: &[bool], var: crate::ir::IdxVar, t: usize) -> bool {
+/// A read whose last index is the vector loop's variable (unchecked, unless
+/// `checked_ok`), and whose other indices do not vary along it: its lanes
+/// are contiguous.
+fn contiguous_read(
+    dag: &Dag,
+    varies: &[bool],
+    var: crate::ir::IdxVar,
+    t: usize,
+    checked_ok: bool,
+) -> bool {
     let Op::Read(_, at) = &dag.terms[t].op else {
         return false;
     };
     at.len().checked_sub(1).is_some_and(|l| {
         dag.terms[at[l]].op == Op::Index(var)
-            && !dag.terms[t].checked[l]
+            && (checked_ok || !dag.terms[t].checked[l])
             && at[..l].iter().all(|ix| !varies[*ix])
     })
 }
 
 impl<'a> Check<'a> {
-    fn new(k: &Kernel<'a>, var: crate::ir::IdxVar, varies: &'a [bool]) -> Check<'a> {
+    fn new(k: &Kernel<'a>, var: crate::ir::IdxVar, varies: &'a [bool], bail: bool) -> Check<'a> {
         Check {
             dag: k.dag,
             varies,
             var,
             graph: k.graph,
             seen: HashMap::new(),
+            bail,
         }
     }
 
@@ -294,7 +317,7 @@ impl<'a> Check<'a> {
             Op::Read(node, _) => {
                 t.ty == Ty::F
                     && self.graph.node(*node).dtype == DType::Float
-                    && contiguous_read(self.dag, self.varies, self.var, id)
+                    && contiguous_read(self.dag, self.varies, self.var, id, self.bail)
             }
             Op::Unary(op, a) => {
                 let ta = terms[*a].ty;
@@ -333,7 +356,7 @@ impl<'a> Check<'a> {
                     && ta == t.ty
                     && tb == t.ty
                     && tc != Ty::I
-                    && (!per_lane || (terms[*a].safe && terms[*b].safe))
+                    && (!per_lane || self.bail || (terms[*a].safe && terms[*b].safe))
                     && self.lane_wise(*c)
                     && self.lane_wise(*a)
                     && self.lane_wise(*b)
@@ -387,6 +410,10 @@ impl Translator<'_, '_> {
         let header = self.b.create_block();
         let body = self.b.create_block();
         let exit = self.b.create_block();
+        let outer_bail = self.bail;
+        if self.vector != Some(VectorLoop::Column) {
+            self.bail = Some(exit);
+        }
         self.b.ins().jump(header, &[]);
         self.b.switch_to_block(header);
         let i = self.b.use_var(var);
@@ -409,6 +436,21 @@ impl Translator<'_, '_> {
         self.b.seal_block(header);
         self.b.switch_to_block(exit);
         self.b.seal_block(exit);
+        self.bail = outer_bail;
+    }
+
+    /// Leaves the vector loop when `cond` holds: the counter still at this
+    /// step's first element, nothing of the step stored or accumulated, so
+    /// the scalar loop does the rest of the row (and raises any error in the
+    /// interpreter's order).
+    fn bail_if(&mut self, cond: Value) {
+        let bail = self
+            .bail
+            .expect("`analyse` vectorised a step that can bail");
+        let go_on = self.b.create_block();
+        self.b.ins().brif(cond, bail, &[], go_on, &[]);
+        self.b.seal_block(go_on);
+        self.b.switch_to_block(go_on);
     }
 
     /// One vector step of an elementwise kernel: `LANES` outputs stored at
@@ -861,6 +903,18 @@ impl Translator<'_, '_> {
         at: &[usize],
         checked: &[bool],
     ) -> Value {
+        let last = at.len() - 1;
+        if checked.get(last).copied().unwrap_or(true) {
+            // Every lane in range, or the scalar code takes over.
+            let i = self.b.use_var(self.loop_vars[self.vlevel]);
+            let top = self.b.ins().iadd_imm_s(i, i64::from(self.lanes.n) - 1);
+            let dim = self.read_dims[&node][last];
+            let out = self
+                .b
+                .ins()
+                .icmp(IntCC::UnsignedGreaterThanOrEqual, top, dim);
+            self.bail_if(out);
+        }
         let addr = self.read_row_address(node, at, checked, Ty::F);
         self.b.ins().load(self.lanes.float, VEC_FLAGS, addr, 0)
     }
@@ -886,7 +940,12 @@ impl Translator<'_, '_> {
                     .b
                     .ins()
                     .icmp(IntCC::UnsignedGreaterThanOrEqual, v, dims[k]);
-                self.translate_error_if(out, super::ErrorSite::Index { node, dim: k }, v, dims[k]);
+                if self.bail.is_some() {
+                    self.bail_if(out);
+                } else {
+                    let site = super::ErrorSite::Index { node, dim: k };
+                    self.translate_error_if(out, site, v, dims[k]);
+                }
             }
             offset = Some(match offset {
                 None => v,
@@ -1202,14 +1261,29 @@ impl Translator<'_, '_> {
             Ty::F => self.lanes.float,
             _ => self.lanes.mask,
         };
-        if !self.varies[c] {
-            let cv = self.translate_expr(c);
-            let cv = self.as_b(cv, cty);
+        let safe = self.dag.terms[a].safe && self.dag.terms[b].safe;
+        if !self.varies[c] || !safe {
             let then_block = self.b.create_block();
             let else_block = self.b.create_block();
             let merge = self.b.create_block();
             let result = self.b.append_block_param(merge, vty);
-            self.b.ins().brif(cv, then_block, &[], else_block, &[]);
+            if !self.varies[c] {
+                let cv = self.translate_expr(c);
+                let cv = self.as_b(cv, cty);
+                self.b.ins().brif(cv, then_block, &[], else_block, &[]);
+            } else {
+                // A side that can fail runs only where the interpreter runs
+                // it: every lane takes one side, or the scalar code goes on.
+                let mask = self.translate_vmask(c);
+                let all = self.b.ins().vall_true(mask);
+                let mixed = self.b.create_block();
+                self.b.ins().brif(all, then_block, &[], mixed, &[]);
+                self.b.seal_block(mixed);
+                self.b.switch_to_block(mixed);
+                let any = self.b.ins().vany_true(mask);
+                self.bail_if(any);
+                self.b.ins().jump(else_block, &[]);
+            }
             self.b.seal_block(then_block);
             self.b.seal_block(else_block);
             for (block, branch) in [(then_block, a), (else_block, b)] {
@@ -1225,14 +1299,7 @@ impl Translator<'_, '_> {
             self.b.switch_to_block(merge);
             return result;
         }
-        let cv = self.translate_vexpr(c);
-        let mask = match cty {
-            Ty::F => {
-                let zero = self.splat_float(0.0);
-                self.b.ins().fcmp(FloatCC::NotEqual, cv, zero)
-            }
-            _ => cv,
-        };
+        let mask = self.translate_vmask(c);
         let x = self.translate_vexpr(a);
         let y = self.translate_vexpr(b);
         let mask = match ty {
@@ -1240,5 +1307,18 @@ impl Translator<'_, '_> {
             _ => mask,
         };
         self.b.ins().bitselect(mask, x, y)
+    }
+
+    /// A condition's lanes as a mask (a float condition is true where
+    /// nonzero).
+    fn translate_vmask(&mut self, c: usize) -> Value {
+        let cv = self.translate_vexpr(c);
+        match self.dag.terms[c].ty {
+            Ty::F => {
+                let zero = self.splat_float(0.0);
+                self.b.ins().fcmp(FloatCC::NotEqual, cv, zero)
+            }
+            _ => cv,
+        }
     }
 }
