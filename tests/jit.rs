@@ -252,10 +252,21 @@ fn both<F: Real>(
     program: &JitProgram,
     rtol: f64,
 ) -> Result<(Evaluation<F>, f64), String> {
+    both_with(graph, bound, program, rtol, jit::RunOptions::full())
+}
+
+/// `both` with the JIT run under `opts` (which must keep every node's value).
+fn both_with<F: Real>(
+    graph: &Graph,
+    bound: &Bound,
+    program: &JitProgram,
+    rtol: f64,
+    opts: jit::RunOptions,
+) -> Result<(Evaluation<F>, f64), String> {
     let t0 = Instant::now();
     let want = interp::evaluate::<F>(graph, bound);
     let t1 = Instant::now();
-    let got = program.run::<F>(bound);
+    let got = program.run_with::<F>(bound, opts);
     let t2 = Instant::now();
     TIMES.with(|t| {
         let mut t = t.borrow_mut();
@@ -1062,6 +1073,116 @@ fn a_vector_step_that_cannot_run_every_lane_hands_the_row_to_the_scalar_loop() {
                 ),
                 (false, Ok(())) => panic!("label 4 of 4 rows ran"),
             }
+        }
+    }
+}
+
+const SCALARS: &str = r#"
+loss Scalars() {
+    input x: [B]
+    input y: [B]
+    input t: [B, B]
+    output lse = logsumexp(i, j | x[i] < x[j]) (x[i] - y[j])
+    output table = logsumexp(i, j) log(t[i, j])
+    output big = logsumexp(i, j) exp(t[i, j])
+    output hi = max(i, j) (log(t[i, j]) * x[j])
+    output lo = min(i, j | i != j) (x[i] - y[j])
+    sum(i, j) (x[i] * y[j] * t[i, j])
+}
+"#;
+
+/// A reduction to a scalar over a large domain runs on several threads, each
+/// a block of its outermost reduced index, the blocks' values combined in
+/// order (a logsumexp as the interpreter's two passes over all blocks). At
+/// 3 threads over 700 rows the blocks are uneven; the values agree with the
+/// interpreter to the rounding of a sum, and NaN, infinities and a block
+/// where nothing passes give the interpreter's results exactly.
+#[test]
+fn reductions_to_a_scalar_split_across_threads_agree() {
+    let graph = compile_src(SCALARS, None, &lossc::Params::new()).unwrap_or_else(|e| panic!("{e}"));
+    let full = lossc::differentiate(&graph).0;
+    let code = jit::compile(&full, Precision::F64).unwrap();
+    let opts = jit::RunOptions {
+        threads: 3,
+        ..jit::RunOptions::full()
+    };
+    let b = 700usize;
+    let base_x: Vec<f64> = (0..b)
+        .map(|k| ((k * 37 % 101) as f64 * 0.173).sin() * 3.0)
+        .collect();
+    let base_y: Vec<f64> = (0..b)
+        .map(|k| ((k * 53 % 97) as f64 * 0.311).cos() * 2.0)
+        .collect();
+    let base_t: Vec<f64> = (0..b * b)
+        .map(|k| ((k % 1009) as f64 * 0.0137).sin().abs() * 5.0 + 0.1)
+        .collect();
+    type Case = (&'static str, fn(&mut [f64], &mut [f64], &mut [f64]));
+    let cases: [Case; 5] = [
+        ("finite", |_, _, _| {}),
+        // The first block's terms of `table` are NaN or -inf (logs of -1
+        // and 0): NaN, as the interpreter (its maximum ignores the NaN, its
+        // sum does not).
+        ("nan in one block", |_, _, t| {
+            for (k, v) in t[..100 * 700].iter_mut().enumerate() {
+                *v = if k % 2 == 0 { -1.0 } else { 0.0 };
+            }
+        }),
+        // Every term of `table` -inf: -inf.
+        ("all -inf", |_, _, t| t.fill(0.0)),
+        // A +inf term of `big`: +inf.
+        ("+inf", |_, _, t| t[600 * 700 + 3] = 1000.0),
+        // Only the last block's rows pass `x[i] < x[j]`: the other blocks
+        // are empty.
+        ("empty blocks", |x, _, _| {
+            for (k, v) in x.iter_mut().enumerate() {
+                *v = if k < 690 { 10.0 } else { k as f64 - 1000.0 };
+            }
+        }),
+    ];
+    for (name, edit) in cases {
+        let (mut x, mut y, mut t) = (base_x.clone(), base_y.clone(), base_t.clone());
+        edit(&mut x, &mut y, &mut t);
+        let tensors = TensorMap::from([
+            (
+                "x".to_string(),
+                lossc::tensor_io::HostTensor::f64(vec![b], x),
+            ),
+            (
+                "y".to_string(),
+                lossc::tensor_io::HostTensor::f64(vec![b], y),
+            ),
+            (
+                "t".to_string(),
+                lossc::tensor_io::HostTensor::f64(vec![b, b], t),
+            ),
+        ]);
+        let bound = bind_or(&full, &tensors).unwrap();
+        let (got, _) = both_with::<f64>(&full, &bound, &code, RTOL_F64, opts)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        // In f32 the interpreter's one running sum of 240 000 exponentials
+        // is itself off by 2e-5 (the blocks' sums are closer to the f64
+        // value): the f32 outputs are held to the f64 interpreter's, within
+        // 1e-4 relative.
+        let got32 = code.run_with::<f32>(&bound, opts).unwrap();
+        for ((o, g), (_, g32)) in got.outputs.iter().zip(&got32.outputs) {
+            let g32 = f64::from(*g32);
+            assert!(
+                g.is_nan() && g32.is_nan()
+                    || g.is_infinite() && *g == g32
+                    || (g - g32).abs() <= 1e-4 * g.abs(),
+                "{name} {o}: jit f32 {g32}, f64 {g}"
+            );
+        }
+        let want = interp::evaluate::<f64>(&full, &bound).unwrap();
+        let out =
+            |e: &Evaluation<f64>, name: &str| e.outputs.iter().find(|o| o.0 == name).unwrap().1;
+        for o in ["lse", "table", "big", "hi", "lo"] {
+            let (w, g) = (out(&want, o), out(&got, o));
+            let exact = w.is_nan() && g.is_nan() || w.is_infinite() && w == g;
+            assert!(
+                exact || (w - g).abs() <= 1e-12 * w.abs(),
+                "{name} {o}: jit {g}, interp {w}"
+            );
         }
     }
 }

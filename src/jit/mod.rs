@@ -164,6 +164,9 @@ struct Code {
     stream: stream::Analysis,
     /// Kernels whose innermost loop runs in SIMD lanes (`translate/simd.rs`).
     vector: Vec<Option<translate::VectorLoop>>,
+    /// Reductions to a scalar whose outermost reduced loop threads split
+    /// (`translate::Kernel::split_red`, `run.rs`).
+    split: Vec<bool>,
     dims: Vec<Dim>,
     sites: Vec<ErrorSite>,
     compile_ms: f64,
@@ -289,6 +292,7 @@ impl JitProgram {
         let ids: Vec<NodeId> = (0..self.graph.nodes.len())
             .filter(|&i| {
                 code.contractions[i].is_some()
+                    || code.split[i]
                     || matches!(
                         code.vector[i],
                         Some(
@@ -450,11 +454,13 @@ fn compile_code(graph: &Graph, p: Precision) -> Result<Code, String> {
     let mut contractions: Vec<Option<contraction::Contraction>> =
         (0..graph.nodes.len()).map(|_| None).collect();
     let mut vector = vec![None; graph.nodes.len()];
+    let mut split = vec![false; graph.nodes.len()];
     for (i, node) in graph.nodes.iter().enumerate() {
         let NodeKind::Comp(comp) = &node.kind else {
             continue;
         };
         contractions[i] = contraction::recognise(graph, comp, node.dtype);
+        split[i] = analysis.ranged_red[i].is_none() && splits(comp, node.dtype);
         let id = NodeId(i as u32);
         let mut levels: Vec<(IdxVar, Dim)> = comp
             .indices
@@ -513,6 +519,7 @@ fn compile_code(graph: &Graph, p: Precision) -> Result<Code, String> {
                 body,
                 filter,
                 ranged_red: analysis.ranged_red[i],
+                split_red: split[i],
             },
             fb,
             &mut dims,
@@ -556,10 +563,29 @@ fn compile_code(graph: &Graph, p: Precision) -> Result<Code, String> {
         contractions,
         stream: analysis,
         vector,
+        split,
         dims: dims.dims,
         sites,
         compile_ms: start.elapsed().as_secs_f64() * 1e3,
     })
+}
+
+/// Whether threads may split a reduction to a scalar by its outermost
+/// reduced index: a float `sum`, `logsumexp`, `max` or `min` whose empty value
+/// is the identity of combining the blocks' values (so a block where nothing
+/// passed changes nothing).
+fn splits(comp: &crate::ir::Comp, dtype: crate::ir::DType) -> bool {
+    let Some(r) = &comp.reduce else {
+        return false;
+    };
+    comp.indices.is_empty()
+        && dtype == crate::ir::DType::Float
+        && match r.op {
+            RedOp::Sum => r.empty == 0.0,
+            RedOp::LogSumExp | RedOp::Max => r.empty == f64::NEG_INFINITY,
+            RedOp::Min => r.empty == f64::INFINITY,
+            _ => false,
+        }
 }
 
 /// The interpreter's diagnostic for a kernel's failure.

@@ -21,7 +21,7 @@ use super::stream::{self, Mode, Pass, Step, Streaming};
 use super::{gemm, kernel_error, Code, CompiledKernel, Precision};
 use crate::bind::Bound;
 use crate::interp::{Evaluation, Real, Tensor};
-use crate::ir::{DType, Graph, NodeId, NodeKind, RedOp};
+use crate::ir::{Comp, DType, Graph, NodeId, NodeKind, RedOp};
 use crate::syntax::{codes, Diagnostic};
 use crate::tensor_io::TensorData;
 use ndarray::{ArrayD, IxDyn};
@@ -742,6 +742,20 @@ impl<F: Real> Run<'_, F> {
                 work = work.saturating_mul(e);
             }
         }
+        if shape.is_empty() && self.code.split[i] && red == (0, i64::MAX) {
+            let extent = match &self.graph.node(id).kind {
+                NodeKind::Comp(Comp {
+                    reduce: Some(r), ..
+                }) => r.over[0].1.eval(&self.bound.sizes).unwrap_or(0).max(0) as usize,
+                _ => 0,
+            };
+            let chunks = (work / MIN_WORK_PER_THREAD)
+                .clamp(1, self.opts.threads.clamp(1, MAX_THREADS))
+                .min(extent);
+            if chunks > 1 {
+                return self.call_split(id, kernel, extent, chunks);
+            }
+        }
         let chunks = if shape.is_empty() {
             1
         } else {
@@ -753,7 +767,7 @@ impl<F: Real> Run<'_, F> {
         let dims = self.dim_values.as_ptr() as usize;
         let f = kernel.f;
         let run_chunk = move |lo: i64, hi: i64| -> (i64, [i64; 2]) {
-            let ctl = [lo, hi, red.0, red.1, counts];
+            let ctl = [lo, hi, red.0, red.1, counts, 0, 0];
             let mut err = [0i64; 2];
             let p = ptrs;
             // SAFETY: `ptrs` holds the base of every node the kernel reads
@@ -795,6 +809,105 @@ impl<F: Real> Run<'_, F> {
                 err,
             )),
         }
+    }
+
+    /// A reduction to a scalar split by its outermost reduced index into
+    /// `chunks` blocks on the pool, each block's value in its own slot,
+    /// combined in order: sums added, extremes by the scalar rule (the first
+    /// NaN wins), and a logsumexp as the interpreter's two passes — the
+    /// blocks' maxima, then their sums of `exp(x - m)` for the largest.
+    fn call_split(
+        &mut self,
+        id: NodeId,
+        kernel: &CompiledKernel,
+        extent: usize,
+        chunks: usize,
+    ) -> Result<(), Diagnostic> {
+        let i = id.index();
+        let Some(op) = (match &self.graph.node(id).kind {
+            NodeKind::Comp(c) => c.reduce.as_ref().map(|r| r.op),
+            _ => None,
+        }) else {
+            return Err(shape_error("internal error: a split node is no reduction"));
+        };
+        let per = extent.div_ceil(chunks) as i64;
+        let pool = thread_pool(self.opts.threads.clamp(1, MAX_THREADS));
+        let (f, dims) = (kernel.f, self.dim_values.as_ptr() as usize);
+        let blocks = |mode: i64, m: f64| -> Result<Vec<F>, Diagnostic> {
+            let mut slots = vec![F::zero(); chunks];
+            let base = slots.as_mut_ptr() as usize;
+            // Each block's pointer table: this node's entry is its slot.
+            let tables: Vec<Vec<usize>> = (0..chunks)
+                .map(|c| {
+                    let mut t: Vec<usize> = self.ptrs.iter().map(|p| *p as usize).collect();
+                    t[i] = base + c * std::mem::size_of::<F>();
+                    t
+                })
+                .collect();
+            let run_block = |c: usize| -> (i64, [i64; 2]) {
+                let lo = c as i64 * per;
+                let ctl = [0, i64::MAX, lo, lo + per, 0, mode, m.to_bits() as i64];
+                let mut err = [0i64; 2];
+                // SAFETY: as in `call`; the kernel writes one element, its
+                // block's slot, and reads every other buffer in range.
+                let status = unsafe {
+                    f(
+                        tables[c].as_ptr() as *const *mut u8,
+                        dims as *const i64,
+                        err.as_mut_ptr(),
+                        ctl.as_ptr(),
+                    )
+                };
+                (status, err)
+            };
+            let results: Vec<(i64, [i64; 2])> = match &pool {
+                Some(pool) => pool.install(|| (0..chunks).into_par_iter().map(run_block).collect()),
+                None => (0..chunks).map(run_block).collect(),
+            };
+            // The first block's error is the interpreter's first.
+            if let Some((status, err)) = results.into_iter().find(|(s, _)| *s != 0) {
+                return Err(kernel_error(
+                    self.graph,
+                    self.code,
+                    &self.shapes,
+                    status,
+                    err,
+                ));
+            }
+            Ok(slots)
+        };
+        let better = |x: F, best: F, max: bool| {
+            x.is_nan() && !best.is_nan() || if max { x > best } else { x < best }
+        };
+        let value = match op {
+            RedOp::Sum => blocks(0, 0.0)?.into_iter().fold(F::zero(), |a, x| a + x),
+            RedOp::Max | RedOp::Min => {
+                let parts = blocks(0, 0.0)?;
+                let max = op == RedOp::Max;
+                parts[1..].iter().fold(
+                    parts[0],
+                    |best, x| if better(*x, best, max) { *x } else { best },
+                )
+            }
+            RedOp::LogSumExp => {
+                let m = blocks(1, 0.0)?.into_iter().fold(F::neg_infinity(), F::max);
+                if m.is_infinite() {
+                    m
+                } else {
+                    let m64 = m.to_f64().unwrap_or(f64::NAN);
+                    // A block where nothing passed gives the empty value.
+                    let s = blocks(2, m64)?
+                        .into_iter()
+                        .map(|s| if s == F::neg_infinity() { F::zero() } else { s })
+                        .fold(F::zero(), |a, x| a + x);
+                    m + s.ln()
+                }
+            }
+            _ => return Err(shape_error("internal error: an unsplittable reduction")),
+        };
+        // SAFETY: the node's own buffer holds its one element.
+        unsafe { *(self.ptrs[i] as *mut F) = value };
+        Ok(())
     }
 
     /// An accumulating node's sums and counts into the reduction's values:

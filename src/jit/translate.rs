@@ -16,7 +16,12 @@
 //! `ctl[2] .. ctl[3]` only and adds its raw fold (the sum, or the count) into
 //! its output, and the number of elements that passed into the i64 buffer at
 //! `ctl[4]`; the caller zeroes both first and turns them into the reduction's
-//! value afterwards (`finalize` in `mod.rs`).
+//! value afterwards (`finalize` in `mod.rs`). A reduction to a scalar that
+//! threads split (`Kernel::split_red`) runs its outermost reduced level over
+//! `ctl[2] .. ctl[3]` and writes that block's value; a split logsumexp reads
+//! a mode at `ctl[5]`: 0 its value, 1 the block's maximum, 2 the block's sum
+//! of `exp(x - m)` for the f64 `m` at `ctl[6]` (`run.rs` combines them as
+//! the interpreter's two passes).
 
 mod simd;
 
@@ -48,6 +53,10 @@ pub(super) struct Kernel<'a> {
     /// The reduced level a streaming pass splits into blocks: the kernel
     /// accumulates (module doc). Only for `sum`, `mean` and `count`.
     pub ranged_red: Option<usize>,
+    /// A reduction to a scalar that threads split: its outermost reduced
+    /// level runs over `ctl[2] .. ctl[3]`, and a logsumexp's `ctl[5]` picks
+    /// what it computes (module doc).
+    pub split_red: bool,
 }
 
 /// One comprehension being translated into one function.
@@ -89,6 +98,8 @@ pub(super) struct Translator<'a, 'f> {
     err: Value,
     out_base: Value,
     out_pos: Variable,
+    /// A split logsumexp's mode (`ctl[5]`) and given maximum (`ctl[6]`).
+    split_lse: Option<(Value, Value)>,
 }
 
 /// Accumulators of one reduction.
@@ -180,7 +191,7 @@ impl<'a, 'f> Translator<'a, 'f> {
             .map(|(l, &e)| {
                 if l == 0 && n_out > 0 {
                     ranged(&mut b, 0, e)
-                } else if Some(l) == k.ranged_red {
+                } else if Some(l) == k.ranged_red || (k.split_red && l == 0 && n_out == 0) {
                     ranged(&mut b, 2, e)
                 } else {
                     (zero, e)
@@ -190,6 +201,20 @@ impl<'a, 'f> Translator<'a, 'f> {
         let counts = k
             .ranged_red
             .map(|_| b.ins().load(types::I64, TRUSTED, ctl, 32));
+        let split_lse = (k.split_red
+            && k.comp
+                .reduce
+                .as_ref()
+                .is_some_and(|r| r.op == RedOp::LogSumExp))
+        .then(|| {
+            let mode = b.ins().load(types::I64, TRUSTED, ctl, 40);
+            let m = b.ins().load(types::F64, TRUSTED, ctl, 48);
+            let m = match k.precision {
+                Precision::F64 => m,
+                Precision::F32 => b.ins().fdemote(types::F32, m),
+            };
+            (mode, m)
+        });
         // The first output position: the first row times the row length.
         let out_pos = b.declare_var(types::I64);
         let start = match n_out {
@@ -232,6 +257,7 @@ impl<'a, 'f> Translator<'a, 'f> {
             err,
             out_base,
             out_pos,
+            split_lse,
         }
     }
 
@@ -688,7 +714,20 @@ impl<'a, 'f> Translator<'a, 'f> {
         let inf = self.fconst(f64::INFINITY);
         let is_inf = self.b.ins().fcmp(FloatCC::Equal, abs, inf);
         let empty = self.b.ins().icmp_imm_s(IntCC::Equal, n, 0);
-        let done = self.b.ins().bor(is_inf, empty);
+        let mut done = self.b.ins().bor(is_inf, empty);
+        // A split logsumexp (`run.rs`): mode 1 gives the block's maximum,
+        // mode 2 its sum of `exp(x - m)` for the maximum `m` of all blocks.
+        let mut sum_only = None;
+        let mut m = m;
+        if let Some((mode, given)) = self.split_lse {
+            let max_only = self.b.ins().icmp_imm_s(IntCC::Equal, mode, 1);
+            let sums = self.b.ins().icmp_imm_s(IntCC::Equal, mode, 2);
+            let stop = self.b.ins().bor(done, max_only);
+            let not_sums = self.b.ins().bxor_imm_u(sums, 1);
+            done = self.b.ins().band(stop, not_sums);
+            m = self.b.ins().select(sums, given, m);
+            sum_only = Some(sums);
+        }
         self.b
             .ins()
             .brif(done, merge, &[BlockArg::Value(m)], second, &[]);
@@ -717,7 +756,10 @@ impl<'a, 'f> Translator<'a, 'f> {
         self.memo.pop();
         let s = self.b.use_var(sum);
         let ln = self.call(Math::Ln, &[s]);
-        let r = self.b.ins().fadd(m, ln);
+        let mut r = self.b.ins().fadd(m, ln);
+        if let Some(sums_only) = sum_only {
+            r = self.b.ins().select(sums_only, s, r);
+        }
         self.b.ins().jump(merge, &[BlockArg::Value(r)]);
         self.b.seal_block(merge);
         self.b.switch_to_block(merge);
