@@ -1187,6 +1187,63 @@ fn reductions_to_a_scalar_split_across_threads_agree() {
     }
 }
 
+/// TripletLoss's three gradients are elementwise over `[B, D]`, none reading
+/// another: one kernel computes them in one pass over the inputs, each
+/// element bit for bit as the interpreter, in lanes and in the scalar tail,
+/// on one thread and split across three. (The inputs are eighths, so the
+/// distances the gradients read are exact in any summation order.)
+#[test]
+fn elementwise_siblings_run_fused_bit_for_bit() {
+    let graph = compile_std("TripletLoss", &lossc::Params::new()).unwrap();
+    let full = lossc::differentiate(&graph).0;
+    let code = jit::compile(&full, Precision::F64).unwrap();
+    let grads: Vec<lossc::ir::NodeId> = full.grads.iter().map(|g| g.1).collect();
+    let groups = code.fused_groups();
+    assert!(
+        groups.iter().any(|g| grads.iter().all(|x| g.contains(x))),
+        "the gradients {grads:?} are not one group: {groups:?}"
+    );
+    for (b, d) in [(3usize, 7usize), (70, 1030)] {
+        let eighths = |c: usize| {
+            let x = (0..b * d)
+                .map(|k| ((k * 7 + c) % 17) as f64 / 8.0 - 1.0)
+                .collect();
+            lossc::tensor_io::HostTensor::f64(vec![b, d], x)
+        };
+        let tensors = TensorMap::from([
+            ("anchor".to_string(), eighths(0)),
+            ("positive".to_string(), eighths(5)),
+            ("negative".to_string(), eighths(11)),
+        ]);
+        let bound = bind_or(&full, &tensors).unwrap();
+        for threads in [1, 3] {
+            let opts = jit::RunOptions {
+                threads,
+                ..jit::RunOptions::full()
+            };
+            let pairs = [
+                float_nodes(
+                    &interp::evaluate::<f64>(&full, &bound).unwrap(),
+                    &code.run_with::<f64>(&bound, opts).unwrap(),
+                ),
+                float_nodes(
+                    &interp::evaluate::<f32>(&full, &bound).unwrap(),
+                    &code.run_with::<f32>(&bound, opts).unwrap(),
+                ),
+            ];
+            for nodes in pairs {
+                for g in &grads {
+                    let (w, got, _) = nodes.iter().find(|n| n.2 == g.index()).unwrap();
+                    assert_eq!(w.len(), b * d);
+                    for (k, (a, x)) in got.iter().zip(w).enumerate() {
+                        assert_eq!(a.to_bits(), x.to_bits(), "B={b} %{}[{k}]", g.index());
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Every float node's values from two evaluations, as f64 (exact for f32).
 fn float_nodes<F: Real>(
     want: &Evaluation<F>,

@@ -47,6 +47,10 @@
 //!    the interpreter's diagnostic (LC0506) with the same message. A node
 //!    whose assumed bounds fail at these sizes runs on the interpreter
 //!    instead (its members whole, when it is part of a streamed pass).
+//!    Consecutive elementwise nodes of one shape, none reading another and
+//!    none able to fail, also compile as one *fusion group* kernel storing
+//!    every member at each position (`Group`); a run whose next steps are
+//!    exactly the group's members calls it instead of theirs.
 //!
 //! # Invariants
 //!
@@ -151,6 +155,17 @@ struct CompiledKernel {
     proofs: Vec<plan::Proof>,
 }
 
+/// Consecutive elementwise nodes of one shape, none reading another, run
+/// as one loop nest that stores each member's element at each position: the
+/// terms they share (the inputs' reads, common differences) are computed
+/// once, and their inputs are read in one pass instead of one per member.
+/// Each member keeps its own kernel, for runs where the members are not
+/// consecutive steps (streamed) or the group's assumed bounds fail.
+struct Group {
+    members: Vec<NodeId>,
+    kernel: CompiledKernel,
+}
+
 /// The native code of one graph at one precision.
 struct Code {
     precision: Precision,
@@ -167,6 +182,10 @@ struct Code {
     /// Reductions to a scalar whose outermost reduced loop threads split
     /// (`translate::Kernel::split_red`, `run.rs`).
     split: Vec<bool>,
+    /// Elementwise siblings computed by one kernel (`fusion_groups`), and
+    /// for each node the group it starts, if any.
+    groups: Vec<Group>,
+    group_at: Vec<Option<usize>>,
     dims: Vec<Dim>,
     sites: Vec<ErrorSite>,
     compile_ms: f64,
@@ -312,6 +331,16 @@ impl JitProgram {
         self.code.vector.iter().filter(|v| v.is_some()).count()
     }
 
+    /// The fusion groups (`Group`): elementwise nodes computed by one
+    /// kernel when they are consecutive steps of a run.
+    pub fn fused_groups(&self) -> Vec<Vec<NodeId>> {
+        self.code
+            .groups
+            .iter()
+            .map(|g| lower::original_ids(&self.map, &g.members))
+            .collect()
+    }
+
     /// Whether node `id`'s kernel runs in SIMD lanes.
     pub fn is_vectorised(&self, id: NodeId) -> bool {
         self.code
@@ -446,10 +475,17 @@ fn compile_code(graph: &Graph, p: Precision) -> Result<Code, String> {
     let declared = helpers::declare(&mut module, p)?;
 
     let analysis = stream::analyse(graph);
-    let mut dims = plan::DimTable::default();
-    let mut sites = Vec::new();
-    let mut ctx = module.make_context();
-    let mut fctx = FunctionBuilderContext::new();
+    let mut e = Emitter {
+        graph,
+        p,
+        module,
+        declared,
+        dims: plan::DimTable::default(),
+        sites: Vec::new(),
+        ctx: None,
+        fctx: FunctionBuilderContext::new(),
+    };
+    e.ctx = Some(e.module.make_context());
     let mut defined = Vec::new();
     let mut contractions: Vec<Option<contraction::Contraction>> =
         (0..graph.nodes.len()).map(|_| None).collect();
@@ -461,7 +497,125 @@ fn compile_code(graph: &Graph, p: Precision) -> Result<Code, String> {
         };
         contractions[i] = contraction::recognise(graph, comp, node.dtype);
         split[i] = analysis.ranged_red[i].is_none() && splits(comp, node.dtype);
-        let id = NodeId(i as u32);
+        let spec = Spec {
+            id: NodeId(i as u32),
+            also: Vec::new(),
+            ranged_red: analysis.ranged_red[i],
+            split_red: split[i],
+        };
+        let (func_id, proofs, v) = e
+            .define(&format!("node{i}"), &spec)?
+            .ok_or_else(|| format!("internal error: %{i} not compiled"))?;
+        vector[i] = v;
+        defined.push((i, func_id, proofs));
+    }
+    // Elementwise siblings fused: one loop nest storing every member.
+    let mut group_specs = Vec::new();
+    for members in fusion_groups(graph, &analysis) {
+        let spec = Spec {
+            id: members[0],
+            also: members[1..].to_vec(),
+            ranged_red: None,
+            split_red: false,
+        };
+        let name = format!("group{}", members[0].index());
+        if let Some((func_id, proofs, _)) = e.define(&name, &spec)? {
+            group_specs.push((members, func_id, proofs));
+        }
+    }
+    let Emitter {
+        mut module,
+        dims,
+        sites,
+        ..
+    } = e;
+    module
+        .finalize_definitions()
+        .map_err(|e| format!("finalizing code: {e}"))?;
+    let finalized = |module: &JITModule, func_id, proofs| {
+        let ptr = module.get_finalized_function(func_id);
+        // SAFETY: the function was declared with exactly this signature
+        // (four pointer-sized integers in, one i64 out, default call
+        // convention, which is the platform's C convention).
+        let f = unsafe { std::mem::transmute::<*const u8, KernelFn>(ptr) };
+        CompiledKernel { f, proofs }
+    };
+    let mut kernels: Vec<Option<CompiledKernel>> = (0..graph.nodes.len()).map(|_| None).collect();
+    for (i, func_id, proofs) in defined {
+        kernels[i] = Some(finalized(&module, func_id, proofs));
+    }
+    let mut group_at = vec![None; graph.nodes.len()];
+    let mut groups = Vec::new();
+    for (members, func_id, proofs) in group_specs {
+        group_at[members[0].index()] = Some(groups.len());
+        groups.push(Group {
+            members,
+            kernel: finalized(&module, func_id, proofs),
+        });
+    }
+    Ok(Code {
+        precision: p,
+        module: Some(module),
+        kernels,
+        contractions,
+        stream: analysis,
+        vector,
+        split,
+        groups,
+        group_at,
+        dims: dims.dims,
+        sites,
+        compile_ms: start.elapsed().as_secs_f64() * 1e3,
+    })
+}
+
+/// What one kernel computes: node `id`'s comprehension, and with it the
+/// elementwise nodes `also` (a fusion group; their index variables renamed
+/// to `id`'s).
+struct Spec {
+    id: NodeId,
+    also: Vec<NodeId>,
+    ranged_red: Option<usize>,
+    split_red: bool,
+}
+
+/// The state of compiling one graph's kernels into one module.
+struct Emitter<'g> {
+    graph: &'g Graph,
+    p: Precision,
+    module: JITModule,
+    declared: helpers::Declared,
+    dims: plan::DimTable,
+    sites: Vec<ErrorSite>,
+    ctx: Option<cranelift_codegen::Context>,
+    fctx: FunctionBuilderContext,
+}
+
+impl Emitter<'_> {
+    /// Plans, translates and defines one kernel function: its id, the
+    /// proofs its unchecked reads need, and how it vectorised. A group whose
+    /// members can raise an error is not defined (`None`): the interpreter
+    /// raises the first member's errors before the second's, and the
+    /// group's elements interleave them.
+    #[allow(clippy::type_complexity)]
+    fn define(
+        &mut self,
+        name: &str,
+        spec: &Spec,
+    ) -> Result<
+        Option<(
+            cranelift_module::FuncId,
+            Vec<plan::Proof>,
+            Option<translate::VectorLoop>,
+        )>,
+        String,
+    > {
+        let graph = self.graph;
+        let i = spec.id.index();
+        let node = graph.node(spec.id);
+        let NodeKind::Comp(comp) = &node.kind else {
+            return Err(format!("internal error: %{i} is not a comprehension"));
+        };
         let mut levels: Vec<(IdxVar, Dim)> = comp
             .indices
             .iter()
@@ -472,13 +626,13 @@ fn compile_code(graph: &Graph, p: Precision) -> Result<Code, String> {
             levels.extend(r.over.iter().cloned());
         }
         for d in &node.shape {
-            dims.slot(d);
+            self.dims.slot(d);
         }
         let mut proofs = Vec::new();
         let mut builder = plan::Builder {
             graph,
             loops: plan::Loops { levels: &levels },
-            dims: &mut dims,
+            dims: &mut self.dims,
             proofs: &mut proofs,
             dag: plan::Dag::default(),
             guards: Vec::new(),
@@ -493,81 +647,124 @@ fn compile_code(graph: &Graph, p: Precision) -> Result<Code, String> {
         }
         let counts = comp.reduce.as_ref().is_some_and(|r| r.op == RedOp::Count);
         let body = (!counts).then(|| builder.add(&comp.body));
+        let mut also = Vec::new();
+        for &m in &spec.also {
+            let NodeKind::Comp(c) = &graph.node(m).kind else {
+                return Err(format!(
+                    "internal error: %{} is not a comprehension",
+                    m.index()
+                ));
+            };
+            let rename: std::collections::BTreeMap<IdxVar, crate::ir::Expr> = c
+                .indices
+                .iter()
+                .zip(&comp.indices)
+                .map(|(from, to)| (*from, crate::ir::Expr::Index(*to)))
+                .collect();
+            also.push((m, builder.add(&c.body.subst(&rename))));
+        }
         let dag = builder.dag;
+        let safe = |t: Option<usize>| t.is_some_and(|t| dag.terms[t].safe);
+        if !also.is_empty() && !(safe(body) && also.iter().all(|(_, t)| safe(Some(*t)))) {
+            return Ok(None);
+        }
 
+        let module = &mut self.module;
         let mut sig = module.make_signature();
         for _ in 0..4 {
             sig.params.push(AbiParam::new(types::I64));
         }
         sig.returns.push(AbiParam::new(types::I64));
         let func_id = module
-            .declare_function(&format!("node{i}"), Linkage::Local, &sig)
+            .declare_function(name, Linkage::Local, &sig)
             .map_err(|e| format!("%{i}: {e}"))?;
+        let ctx = self.ctx.as_mut().expect("a context");
         ctx.func.signature = sig;
-        let imported = helpers::import(&mut module, &declared, &mut ctx.func);
+        let imported = helpers::import(module, &self.declared, &mut ctx.func);
         let config = module.target_config();
-        let fb = FunctionBuilder::new(&mut ctx.func, &mut fctx);
+        let fb = FunctionBuilder::new(&mut ctx.func, &mut self.fctx);
         let translator = translate::Translator::new(
             translate::Kernel {
                 graph,
-                node: id,
+                node: spec.id,
                 comp,
                 dtype: node.dtype,
-                precision: p,
+                precision: self.p,
                 dag: &dag,
                 levels: &levels,
                 body,
                 filter,
-                ranged_red: analysis.ranged_red[i],
-                split_red: split[i],
+                ranged_red: spec.ranged_red,
+                split_red: spec.split_red,
+                also,
             },
             fb,
-            &mut dims,
+            &mut self.dims,
             imported,
-            &mut sites,
+            &mut self.sites,
         );
-        vector[i] = translator.vector_loop();
+        let vector = translator.vector_loop();
         if std::env::var_os("LOSSC_JIT_PROFILE").is_some() {
-            eprintln!("profile: %{i} simd {:?}", vector[i]);
+            eprintln!("profile: {name} simd {vector:?}");
         }
         translator.translate(config);
         let disasm = std::env::var_os("LOSSC_JIT_DISASM").is_some();
         ctx.set_disasm(disasm);
         module
-            .define_function(func_id, &mut ctx)
+            .define_function(func_id, ctx)
             .map_err(|e| format!("%{i}: code generation failed: {e:?}"))?;
         if disasm {
             if let Some(code) = ctx.compiled_code().and_then(|c| c.vcode.as_ref()) {
-                eprintln!("; %{i}\n{code}");
+                eprintln!("; {name}\n{code}");
             }
         }
-        module.clear_context(&mut ctx);
-        defined.push((i, func_id, proofs));
+        module.clear_context(ctx);
+        Ok(Some((func_id, proofs, vector)))
     }
-    module
-        .finalize_definitions()
-        .map_err(|e| format!("finalizing code: {e}"))?;
-    let mut kernels: Vec<Option<CompiledKernel>> = (0..graph.nodes.len()).map(|_| None).collect();
-    for (i, func_id, proofs) in defined {
-        let ptr = module.get_finalized_function(func_id);
-        // SAFETY: the function was declared with exactly this signature
-        // (four pointer-sized integers in, one i64 out, default call
-        // convention, which is the platform's C convention).
-        let f = unsafe { std::mem::transmute::<*const u8, KernelFn>(ptr) };
-        kernels[i] = Some(CompiledKernel { f, proofs });
+}
+
+/// Runs of consecutive float elementwise nodes of one shape, none reading
+/// another, none accumulating: each becomes a `Group` (at most
+/// `MAX_GROUP` members).
+fn fusion_groups(graph: &Graph, analysis: &stream::Analysis) -> Vec<Vec<NodeId>> {
+    const MAX_GROUP: usize = 8;
+    let fusable = |i: usize| match &graph.nodes[i].kind {
+        NodeKind::Comp(c) => {
+            c.reduce.is_none()
+                && graph.nodes[i].dtype == crate::ir::DType::Float
+                && !graph.nodes[i].shape.is_empty()
+                && analysis.ranged_red[i].is_none()
+        }
+        _ => false,
+    };
+    let mut out = Vec::new();
+    let mut run: Vec<NodeId> = Vec::new();
+    for i in 0..graph.nodes.len() {
+        let joins = fusable(i)
+            && run
+                .first()
+                .is_some_and(|f| graph.node(*f).shape == graph.nodes[i].shape)
+            && run.len() < MAX_GROUP
+            && !graph
+                .operands(NodeId(i as u32))
+                .iter()
+                .any(|o| run.contains(o));
+        if !joins {
+            if run.len() > 1 {
+                out.push(std::mem::take(&mut run));
+            }
+            run.clear();
+            if fusable(i) {
+                run.push(NodeId(i as u32));
+            }
+            continue;
+        }
+        run.push(NodeId(i as u32));
     }
-    Ok(Code {
-        precision: p,
-        module: Some(module),
-        kernels,
-        contractions,
-        stream: analysis,
-        vector,
-        split,
-        dims: dims.dims,
-        sites,
-        compile_ms: start.elapsed().as_secs_f64() * 1e3,
-    })
+    if run.len() > 1 {
+        out.push(run);
+    }
+    out
 }
 
 /// Whether threads may split a reduction to a scalar by its outermost

@@ -18,7 +18,7 @@
 //!   later element than the interpreter's first).
 
 use super::stream::{self, Mode, Pass, Step, Streaming};
-use super::{gemm, kernel_error, Code, CompiledKernel, Precision};
+use super::{gemm, kernel_error, Code, CompiledKernel, Group, Precision};
 use crate::bind::Bound;
 use crate::interp::{Evaluation, Real, Tensor};
 use crate::ir::{Comp, DType, Graph, NodeId, NodeKind, RedOp};
@@ -396,16 +396,40 @@ pub(super) fn execute<F: Real>(
         }
     }
     let profile = std::env::var_os("LOSSC_JIT_PROFILE").is_some();
-    for (s, step) in steps.iter().enumerate() {
+    let mut s = 0;
+    while s < steps.len() {
         let started = profile.then(std::time::Instant::now);
-        match step {
-            Step::Whole(id) => run.whole(*id)?,
-            Step::Pass(p) => run.pass(p)?,
-        }
+        // A fusion group whose members are the next steps runs as one.
+        let group = match &steps[s] {
+            Step::Whole(id) => code.group_at[id.index()]
+                .map(|g| &code.groups[g])
+                .filter(|g| {
+                    g.members
+                        .iter()
+                        .enumerate()
+                        .all(|(k, m)| matches!(steps.get(s + k), Some(Step::Whole(id)) if id == m))
+                }),
+            Step::Pass(_) => None,
+        };
+        let taken = match (group, &steps[s]) {
+            (Some(g), _) => {
+                run.group(g)?;
+                g.members.len()
+            }
+            (None, Step::Whole(id)) => {
+                run.whole(*id)?;
+                1
+            }
+            (None, Step::Pass(p)) => {
+                run.pass(p)?;
+                1
+            }
+        };
         if let Some(t) = started {
-            let what = match step {
-                Step::Whole(id) => format!("%{} {:?}", id.index(), run.shapes[id.index()]),
-                Step::Pass(p) => format!("pass over {} nodes", p.nodes.len()),
+            let what = match (group, &steps[s]) {
+                (Some(g), _) => format!("group of {:?}", g.members),
+                (None, Step::Whole(id)) => format!("%{} {:?}", id.index(), run.shapes[id.index()]),
+                (None, Step::Pass(p)) => format!("pass over {} nodes", p.nodes.len()),
             };
             eprintln!(
                 "profile: {:>10.3} ms  {what}",
@@ -414,7 +438,7 @@ pub(super) fn execute<F: Real>(
         }
         if opts.lean {
             for i in 0..n {
-                if !keep[i] && last_use[i] == s {
+                if !keep[i] && (s..s + taken).contains(&last_use[i]) {
                     if let Some(b) = run.bufs[i].take() {
                         b.recycle(&mut run.pool);
                         run.ptrs[i] = std::ptr::null_mut();
@@ -422,6 +446,7 @@ pub(super) fn execute<F: Real>(
                 }
             }
         }
+        s += taken;
     }
     // A run that fails drops its buffers instead: errors are rare.
     run.finish(&keep).map(|(e, spare)| {
@@ -484,6 +509,20 @@ impl<F: Real> Run<'_, F> {
                 Ok(())
             }
         }
+    }
+
+    /// A fusion group's members at once (each whole, when the group's
+    /// assumed bounds fail).
+    fn group(&mut self, g: &Group) -> Result<(), Diagnostic> {
+        if !self.proofs_hold(&g.kernel) {
+            return g.members.iter().try_for_each(|id| self.whole(*id));
+        }
+        for id in &g.members {
+            self.allocate_dirty(*id);
+        }
+        let first = g.members[0];
+        let rows = self.shapes[first.index()].first().copied().unwrap_or(1);
+        self.call(first, &g.kernel, (0, rows as i64), (0, i64::MAX))
     }
 
     fn kernel(&self, id: NodeId) -> Result<&'static CompiledKernel, Diagnostic> {

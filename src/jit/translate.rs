@@ -57,6 +57,9 @@ pub(super) struct Kernel<'a> {
     /// level runs over `ctl[2] .. ctl[3]`, and a logsumexp's `ctl[5]` picks
     /// what it computes (module doc).
     pub split_red: bool,
+    /// More outputs of an elementwise kernel (a fusion group): each node
+    /// and the term of its body, stored at the same position as `node`'s.
+    pub also: Vec<(NodeId, usize)>,
 }
 
 /// One comprehension being translated into one function.
@@ -100,6 +103,8 @@ pub(super) struct Translator<'a, 'f> {
     out_pos: Variable,
     /// A split logsumexp's mode (`ctl[5]`) and given maximum (`ctl[6]`).
     split_lse: Option<(Value, Value)>,
+    /// The base and body term of each further output (`Kernel::also`).
+    also: Vec<(Value, usize)>,
 }
 
 /// Accumulators of one reduction.
@@ -175,6 +180,16 @@ impl<'a, 'f> Translator<'a, 'f> {
         let out_base = b
             .ins()
             .load(types::I64, TRUSTED, bufs, (k.node.index() * 8) as i32);
+        let also: Vec<(Value, usize)> = k
+            .also
+            .iter()
+            .map(|(n, body)| {
+                let base = b
+                    .ins()
+                    .load(types::I64, TRUSTED, bufs, (n.index() * 8) as i32);
+                (base, *body)
+            })
+            .collect();
         let loop_vars: Vec<Variable> = k.levels.iter().map(|_| b.declare_var(types::I64)).collect();
         let n_out = k.comp.indices.len();
         let zero = b.ins().iconst(types::I64, 0);
@@ -258,6 +273,7 @@ impl<'a, 'f> Translator<'a, 'f> {
             out_base,
             out_pos,
             split_lse,
+            also,
         }
     }
 
@@ -414,6 +430,13 @@ impl<'a, 'f> Translator<'a, 'f> {
         };
         let addr = self.element_addr(self.out_base, pos, out_ty);
         self.b.ins().store(TRUSTED, value, addr, 0);
+        for k in 0..self.also.len() {
+            let (base, body) = self.also[k];
+            let v = self.translate_expr(body);
+            let v = self.convert(v, self.dag.terms[body].ty, out_ty);
+            let addr = self.element_addr(base, pos, out_ty);
+            self.b.ins().store(TRUSTED, v, addr, 0);
+        }
         let next = self.b.ins().iadd_imm_s(pos, 1);
         self.b.def_var(self.out_pos, next);
     }

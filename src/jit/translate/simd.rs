@@ -183,7 +183,12 @@ fn innermost(k: &Kernel, inner: usize, body: usize) -> Option<Plan> {
     let var = k.levels[inner].0;
     let varies = varying(k.dag, var);
     let mut check = Check::new(k, var, &varies, true);
-    let lanes_ok = check.lane_wise(body)
+    let also_ok = k
+        .also
+        .iter()
+        .all(|(_, t)| k.dag.terms[*t].ty == Ty::F && check.lane_wise(*t));
+    let lanes_ok = also_ok
+        && check.lane_wise(body)
         && masked_filter(k.dag, k.filter, n_out).is_none_or(|f| {
             // Every lane evaluates filter and body, passing or not.
             k.dag.terms[f].safe && k.dag.terms[body].safe && check.lane_wise(f)
@@ -458,9 +463,21 @@ impl Translator<'_, '_> {
     pub(super) fn translate_vector_point(&mut self) {
         let body = self.body.expect("a vectorised kernel has a body");
         let v = self.translate_vexpr(body);
+        // Every member's lanes before any store: a step that bails stores
+        // nothing.
+        let more: Vec<(Value, Value)> = (0..self.also.len())
+            .map(|k| {
+                let (base, body) = self.also[k];
+                (base, self.translate_vexpr(body))
+            })
+            .collect();
         let pos = self.b.use_var(self.out_pos);
         let addr = self.element_addr(self.out_base, pos, Ty::F);
         self.b.ins().store(VEC_FLAGS, v, addr, 0);
+        for (base, v) in more {
+            let addr = self.element_addr(base, pos, Ty::F);
+            self.b.ins().store(VEC_FLAGS, v, addr, 0);
+        }
         let next = self.b.ins().iadd_imm_s(pos, i64::from(self.lanes.n));
         self.b.def_var(self.out_pos, next);
     }
