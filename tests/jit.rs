@@ -1244,6 +1244,67 @@ fn elementwise_siblings_run_fused_bit_for_bit() {
     }
 }
 
+const DIAGONALS: &str = r#"
+loss Diag() {
+    input x: [N, N]
+    let g[j, j2] = sum(i | j == j2) x[i, j] * x[i, j2]
+    let h[a, b: N] = max(k | b == a) x[a, k]
+    sum(p, q) (g[p, q] * 2.0 + exp(h[q, p]) + g[q, q]) + sum(p) h[p, p]
+}
+"#;
+
+/// A reduction whose filter compares two output indices (`j == j2`: the
+/// gradient of a diagonal read) is lowered to the reduction on the diagonal
+/// and reads of it to `if a == b then d[a] else empty`: the same values as
+/// the interpreter, every node kept in a full run, on one thread and three,
+/// and in a lean run; its gradient too.
+#[test]
+fn reductions_on_a_diagonal_agree() {
+    let graph =
+        compile_src(DIAGONALS, None, &lossc::Params::new()).unwrap_or_else(|e| panic!("{e}"));
+    let full = lossc::differentiate(&graph).0;
+    let code = jit::compile(&full, Precision::F64).unwrap();
+    for n in [1usize, 6, 37] {
+        let x: Vec<f64> = (0..n * n)
+            .map(|k| ((k * 13 % 29) as f64 * 0.41).sin())
+            .collect();
+        let tensors = TensorMap::from([(
+            "x".to_string(),
+            lossc::tensor_io::HostTensor::f64(vec![n, n], x),
+        )]);
+        let bound = bind_or(&full, &tensors).unwrap();
+        for threads in [1, 3] {
+            let opts = jit::RunOptions {
+                threads,
+                ..jit::RunOptions::full()
+            };
+            both_with::<f64>(&full, &bound, &code, RTOL_F64, opts)
+                .unwrap_or_else(|e| panic!("N={n}: {e}"));
+            both_with::<f32>(&full, &bound, &code, RTOL_F32, opts)
+                .unwrap_or_else(|e| panic!("N={n} f32: {e}"));
+        }
+        let want = interp::evaluate::<f64>(&full, &bound).unwrap();
+        let lean = code
+            .run_with::<f64>(&bound, jit::RunOptions::lean())
+            .unwrap();
+        let (w, g) = (want.outputs[0].1, lean.outputs[0].1);
+        assert!(
+            (w - g).abs() <= 1e-12 * w.abs(),
+            "N={n}: lean {g}, interp {w}"
+        );
+        let grad = full.grads[0].1.index();
+        let (Tensor::F(w), Tensor::F(g)) = (&want.values[grad], &lean.values[grad]) else {
+            panic!("float gradients");
+        };
+        for (a, b) in g.iter().zip(w.iter()) {
+            assert!(
+                (a - b).abs() <= 1e-12 * b.abs().max(1.0),
+                "N={n}: {a} vs {b}"
+            );
+        }
+    }
+}
+
 /// Every float node's values from two evaluations, as f64 (exact for f32).
 fn float_nodes<F: Real>(
     want: &Evaluation<F>,

@@ -133,6 +133,23 @@ pub struct Comp {
     pub body: Expr,
 }
 
+impl Comp {
+    /// Its loop levels, outermost first: the output indices over the node's
+    /// `shape`, then the reduced indices.
+    pub fn levels(&self, shape: &[Dim]) -> Vec<(IdxVar, Dim)> {
+        let mut levels: Vec<(IdxVar, Dim)> = self
+            .indices
+            .iter()
+            .copied()
+            .zip(shape.iter().cloned())
+            .collect();
+        if let Some(r) = &self.reduce {
+            levels.extend(r.over.iter().cloned());
+        }
+        levels
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Reduce {
     pub op: RedOp,

@@ -1,4 +1,5 @@
-//! Lowering before code generation: contraction operands become nodes.
+//! Lowering before code generation: contraction operands become nodes, and
+//! reductions on a diagonal become vectors (`Diagonal`).
 //!
 //! The elaborator inlines functions at the expression level, so a
 //! similarity of transformed embeddings (Matryoshka's
@@ -26,9 +27,20 @@ pub(super) fn lower(graph: &Graph) -> (Graph, Vec<NodeId>) {
         ..graph.clone()
     };
     let mut map: Vec<NodeId> = Vec::with_capacity(graph.nodes.len());
+    let mut diagonals: Vec<Diagonal> = Vec::new();
     for node in &graph.nodes {
         let mut node = node.clone();
         node.remap(&map);
+        read_diagonals(&mut node, &diagonals);
+        let vector = NodeId(out.nodes.len() as u32);
+        if let Some((d, whole, mut diag)) = diagonal(&node, vector) {
+            out.nodes.push(d);
+            out.nodes.push(whole);
+            diag.node = NodeId(out.nodes.len() as u32 - 1);
+            map.push(diag.node);
+            diagonals.push(diag);
+            continue;
+        }
         if let Some((factors, body)) = split(&out, &node) {
             let mut ids = Vec::new();
             for f in factors {
@@ -46,6 +58,152 @@ pub(super) fn lower(graph: &Graph) -> (Graph, Vec<NodeId>) {
         *id = map[id.index()];
     }
     (out, map)
+}
+
+/// A reduction over a diagonal, `out[j, j2] = sum(i | j == j2) x[i, j]`
+/// (the gradient of a diagonal read, `g[j, j]`): the filter compares two
+/// output indices, so every element off the diagonal is the empty value,
+/// yet the loop nest visits all `N·N` of them (and a streaming pass every
+/// one per block). Lowered to the reduction on the diagonal alone,
+/// `d[j] = sum(i) x[i, j]`, one element per `j`, then the node itself as
+/// `if j == j2 then d[j] else empty`, and every later read `out[a, b]` as
+/// `if a == b then d[a] else empty` (so the node is computed only where a
+/// run keeps it). The same elements are reduced in the same order, and only
+/// on the diagonal, as the interpreter's filter lets through.
+struct Diagonal {
+    /// The lowered node (the whole matrix) and the vector on its diagonal.
+    node: NodeId,
+    vector: NodeId,
+    /// The positions of the two compared indices (the second one dropped),
+    /// and the node's shape.
+    keep: usize,
+    drop: usize,
+    shape: Vec<Dim>,
+    empty: f64,
+}
+
+/// For a float reduction whose filter is exactly `a == b` of two output
+/// indices of one dim: their positions, and the empty value.
+fn diagonal_filter(c: &Comp) -> Option<(usize, usize, f64)> {
+    let r = c.reduce.as_ref()?;
+    let Some(Expr::Binary(BinOp::Eq, a, b)) = &r.filter else {
+        return None;
+    };
+    let (Expr::Index(a), Expr::Index(b)) = (a.as_ref(), b.as_ref()) else {
+        return None;
+    };
+    let pa = c.indices.iter().position(|v| v == a)?;
+    let pb = c.indices.iter().position(|v| v == b)?;
+    (pa != pb).then_some((pa.min(pb), pa.max(pb), r.empty))
+}
+
+/// The vector on the diagonal (to get id `vector`), the node rebuilt from
+/// it, and their `Diagonal` (its `node` set by the caller).
+fn diagonal(node: &Node, vector: NodeId) -> Option<(Node, Node, Diagonal)> {
+    let NodeKind::Comp(c) = &node.kind else {
+        return None;
+    };
+    if node.dtype != DType::Float {
+        return None;
+    }
+    let (keep, drop, empty) = diagonal_filter(c)?;
+    if node.shape[keep] != node.shape[drop] {
+        return None;
+    }
+    let (a, b) = (c.indices[keep], c.indices[drop]);
+    let rename = std::collections::BTreeMap::from([(b, Expr::Index(a))]);
+    let mut indices = c.indices.clone();
+    indices.remove(drop);
+    let mut shape = node.shape.clone();
+    shape.remove(drop);
+    let mut reduce = c.reduce.clone()?;
+    reduce.filter = None;
+    let on_diagonal = Node {
+        kind: NodeKind::Comp(Comp {
+            indices: indices.clone(),
+            reduce: Some(reduce),
+            body: c.body.subst(&rename),
+        }),
+        dtype: DType::Float,
+        shape,
+        name: Some(format!(
+            "{}.diagonal",
+            node.name.clone().unwrap_or_else(|| "reduction".into())
+        )),
+        span: node.span,
+    };
+    let whole = Node {
+        kind: NodeKind::Comp(Comp {
+            indices: c.indices.clone(),
+            reduce: None,
+            body: Expr::Select(
+                Box::new(Expr::binary(BinOp::Eq, Expr::Index(a), Expr::Index(b))),
+                Box::new(Expr::read(
+                    vector,
+                    indices.iter().map(|v| Expr::Index(*v)).collect(),
+                )),
+                Box::new(Expr::Float(empty)),
+            ),
+        }),
+        ..node.clone()
+    };
+    let diag = Diagonal {
+        node: NodeId(u32::MAX),
+        vector,
+        keep,
+        drop,
+        shape: node.shape.clone(),
+        empty,
+    };
+    Some((on_diagonal, whole, diag))
+}
+
+/// Reads of a lowered diagonal node become `if a == b then d[a] else
+/// empty`, where every index is a loop variable whose extent is the dim it
+/// reads (so the original read could not fail either).
+fn read_diagonals(node: &mut Node, diagonals: &[Diagonal]) {
+    if diagonals.is_empty() {
+        return;
+    }
+    let NodeKind::Comp(c) = &mut node.kind else {
+        return;
+    };
+    let extents = c.levels(&node.shape);
+    let in_range = |at: &[Expr], shape: &[Dim]| {
+        at.len() == shape.len()
+            && at.iter().zip(shape).all(|(e, dim)| match e {
+                Expr::Index(v) => extents.iter().any(|(w, d)| w == v && d == dim),
+                _ => false,
+            })
+    };
+    let re = |e: &Expr| {
+        e.map(&mut |x| match x {
+            Expr::Read { node, at } => match diagonals
+                .iter()
+                .find(|d| d.node == node && in_range(&at, &d.shape))
+            {
+                Some(d) => {
+                    let mut kept = at.clone();
+                    kept.remove(d.drop);
+                    Expr::Select(
+                        Box::new(Expr::binary(
+                            BinOp::Eq,
+                            at[d.keep].clone(),
+                            at[d.drop].clone(),
+                        )),
+                        Box::new(Expr::read(d.vector, kept)),
+                        Box::new(Expr::Float(d.empty)),
+                    )
+                }
+                None => Expr::Read { node, at },
+            },
+            other => other,
+        })
+    };
+    c.body = re(&c.body);
+    if let Some(f) = c.reduce.as_mut().and_then(|r| r.filter.as_mut()) {
+        *f = re(f);
+    }
 }
 
 /// The factors of a product, flattened.

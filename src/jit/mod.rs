@@ -616,15 +616,7 @@ impl Emitter<'_> {
         let NodeKind::Comp(comp) = &node.kind else {
             return Err(format!("internal error: %{i} is not a comprehension"));
         };
-        let mut levels: Vec<(IdxVar, Dim)> = comp
-            .indices
-            .iter()
-            .copied()
-            .zip(node.shape.iter().cloned())
-            .collect();
-        if let Some(r) = &comp.reduce {
-            levels.extend(r.over.iter().cloned());
-        }
+        let levels = comp.levels(&node.shape);
         for d in &node.shape {
             self.dims.slot(d);
         }

@@ -382,6 +382,19 @@ pub(super) fn execute<F: Real>(
                 || graph.grads.iter().any(|(_, g)| *g == id)
         })
         .collect();
+    // What a lean run needs: its outputs and gradients and everything they
+    // read (a node nothing needs is skipped: the whole matrix of a lowered
+    // diagonal, `lower.rs`, whose readers read its diagonal instead).
+    let mut needed: Vec<bool> = (0..n)
+        .map(|i| keep[i] || matches!(graph.nodes[i].kind, NodeKind::Input { .. }))
+        .collect();
+    for i in (0..n).rev() {
+        if needed[i] {
+            for op in graph.operands(NodeId(i as u32)) {
+                needed[op.index()] = true;
+            }
+        }
+    }
     // The last step reading each node, to free it after.
     let mut last_use = vec![0usize; n];
     for (s, step) in steps.iter().enumerate() {
@@ -404,10 +417,10 @@ pub(super) fn execute<F: Real>(
             Step::Whole(id) => code.group_at[id.index()]
                 .map(|g| &code.groups[g])
                 .filter(|g| {
-                    g.members
-                        .iter()
-                        .enumerate()
-                        .all(|(k, m)| matches!(steps.get(s + k), Some(Step::Whole(id)) if id == m))
+                    g.members.iter().enumerate().all(|(k, m)| {
+                        needed[m.index()]
+                            && matches!(steps.get(s + k), Some(Step::Whole(id)) if id == m)
+                    })
                 }),
             Step::Pass(_) => None,
         };
@@ -417,7 +430,9 @@ pub(super) fn execute<F: Real>(
                 g.members.len()
             }
             (None, Step::Whole(id)) => {
-                run.whole(*id)?;
+                if needed[id.index()] {
+                    run.whole(*id)?;
+                }
                 1
             }
             (None, Step::Pass(p)) => {
@@ -429,7 +444,11 @@ pub(super) fn execute<F: Real>(
             let what = match (group, &steps[s]) {
                 (Some(g), _) => format!("group of {:?}", g.members),
                 (None, Step::Whole(id)) => format!("%{} {:?}", id.index(), run.shapes[id.index()]),
-                (None, Step::Pass(p)) => format!("pass over {} nodes", p.nodes.len()),
+                (None, Step::Pass(p)) => format!(
+                    "pass over {:?} (streamed {:?})",
+                    p.nodes.iter().map(|(id, _)| id.index()).collect::<Vec<_>>(),
+                    p.streamed.iter().map(|id| id.index()).collect::<Vec<_>>()
+                ),
             };
             eprintln!(
                 "profile: {:>10.3} ms  {what}",
