@@ -1305,6 +1305,90 @@ fn reductions_on_a_diagonal_agree() {
     }
 }
 
+const FIRSTS: &str = r#"
+loss Firsts() {
+    input x: [B, N]
+    input lab: int[N]
+    let over[i] = min(j | x[i, j] > 0.5) j
+    let labelled[i] = min(j | float(lab[j] == 1) * x[i, j] < -0.25) j
+    let other[i] = min(j | j != i and x[i, j] != 0.0) j
+    sum(i) float(over[i] + 2 * labelled[i] + 3 * other[i])
+}
+"#;
+
+/// `min(j | filter) j` (the gradient of max/min picks its argument this way)
+/// stops at the first passing `j`, in lanes (the first lane of the first
+/// step where any passes) and in the scalar tail: the interpreter's index at
+/// every row length from 1 to 11, with hits in every lane and rows where
+/// nothing passes (the empty value).
+#[test]
+fn the_first_passing_index_is_found_in_lanes() {
+    let graph = compile_src(FIRSTS, None, &lossc::Params::new()).unwrap_or_else(|e| panic!("{e}"));
+    let full = lossc::differentiate(&graph).0;
+    let code = jit::compile(&full, Precision::F64).unwrap();
+    let firsts: Vec<lossc::ir::NodeId> = (0..full.nodes.len())
+        .map(|i| lossc::ir::NodeId(i as u32))
+        .filter(|id| {
+            full.node(*id).dtype == lossc::ir::DType::Int && !full.node(*id).shape.is_empty()
+        })
+        .filter(|id| matches!(full.node(*id).kind, lossc::ir::NodeKind::Comp(_)))
+        .collect();
+    assert_eq!(firsts.len(), 3, "{firsts:?}");
+    for id in &firsts {
+        assert!(code.is_vectorised(*id), "%{} runs in lanes", id.index());
+    }
+    let b = 9usize;
+    for n in 1..=11usize {
+        let x: Vec<f64> = (0..b * n)
+            .map(|k| {
+                let (i, j) = (k / n, k % n);
+                // Row i's first hit of `x > 0.5` at column i (none past n).
+                if j == i {
+                    0.75
+                } else if (j + i) % 4 == 0 {
+                    -0.5
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let lab: Vec<i64> = (0..n).map(|j| (j % 3 == 2) as i64).collect();
+        let tensors = TensorMap::from([
+            (
+                "x".to_string(),
+                lossc::tensor_io::HostTensor::f64(vec![b, n], x),
+            ),
+            (
+                "lab".to_string(),
+                lossc::tensor_io::HostTensor::i64(vec![n], lab),
+            ),
+        ]);
+        let bound = bind_or(&full, &tensors).unwrap();
+        let want = interp::evaluate::<f64>(&full, &bound).unwrap();
+        for got in [
+            code.run::<f64>(&bound).unwrap(),
+            code.run_with::<f64>(
+                &bound,
+                jit::RunOptions {
+                    threads: 3,
+                    ..jit::RunOptions::full()
+                },
+            )
+            .unwrap(),
+        ] {
+            for id in &firsts {
+                let (Tensor::I(w), Tensor::I(g)) =
+                    (&want.values[id.index()], &got.values[id.index()])
+                else {
+                    panic!("int nodes");
+                };
+                assert_eq!(w, g, "N={n} %{}", id.index());
+            }
+        }
+        both::<f32>(&full, &bound, &code, RTOL_F32).unwrap_or_else(|e| panic!("N={n} f32: {e}"));
+    }
+}
+
 /// Every float node's values from two evaluations, as f64 (exact for f32).
 fn float_nodes<F: Real>(
     want: &Evaluation<F>,

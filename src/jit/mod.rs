@@ -343,9 +343,9 @@ impl JitProgram {
 
     /// Whether node `id`'s kernel runs in SIMD lanes.
     pub fn is_vectorised(&self, id: NodeId) -> bool {
-        self.code
-            .vector
+        self.map
             .get(id.index())
+            .and_then(|l| self.code.vector.get(l.index()))
             .is_some_and(|v| v.is_some())
     }
 }

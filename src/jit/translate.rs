@@ -535,6 +535,96 @@ impl<'a, 'f> Translator<'a, 'f> {
     /// the interpreter's two folds). The empty value when nothing passed.
     fn translate_reduce(&mut self, r: &Reduce) -> Value {
         let out_ty = Ty::of(self.dtype);
+        let (n, natural, natural_ty) = if self.first_index() {
+            let (j, n) = self.translate_first(self.levels.len() - 1);
+            (n, j, Ty::I)
+        } else {
+            self.translate_folded(r)
+        };
+        let value = self.convert(natural, natural_ty, out_ty);
+        let empty = match out_ty {
+            Ty::F => self.fconst(r.empty),
+            Ty::I => self.b.ins().iconst(types::I64, r.empty as i64),
+            Ty::B => self.b.ins().iconst(types::I8, i64::from(r.empty != 0.0)),
+        };
+        let none = self.b.ins().icmp_imm_s(IntCC::Equal, n, 0);
+        self.b.ins().select(none, empty, value)
+    }
+
+    /// `min(j | filter) j` over one reduced level, whose filter cannot fail:
+    /// the least passing `j` is the first, and nothing after it can change
+    /// the value or raise an error, so the loop stops there.
+    fn first_index(&self) -> bool {
+        let Some(r) = &self.comp.reduce else {
+            return false;
+        };
+        let inner = self.levels.len() - 1;
+        r.op == RedOp::Min
+            && r.over.len() == 1
+            && self.counts.is_none()
+            && self
+                .body
+                .is_some_and(|b| self.dag.terms[b].op == Op::Index(self.levels[inner].0))
+            && self.filter.is_none_or(|f| self.dag.terms[f].safe)
+    }
+
+    /// The first index of loop `level` that passes the filter, and 1; or 0
+    /// and 0 when none does. In lanes first when the kernel vectorises
+    /// (`VectorLoop::First`: the first lane of the first step any passes).
+    fn translate_first(&mut self, level: usize) -> (Value, Value) {
+        let found = self.b.create_block();
+        let at = self.b.append_block_param(found, types::I64);
+        let n = self.b.append_block_param(found, types::I64);
+        let var = self.loop_vars[level];
+        let start = self.bounds[level].0;
+        self.b.def_var(var, start);
+        let hit_at = |t: &mut Self, pass: Value, lane: &dyn Fn(&mut Self) -> Value| {
+            let hit = t.b.create_block();
+            let go_on = t.b.create_block();
+            t.b.ins().brif(pass, hit, &[], go_on, &[]);
+            t.b.seal_block(hit);
+            t.b.switch_to_block(hit);
+            let j = t.b.use_var(var);
+            let offset = lane(t);
+            let j = t.b.ins().iadd(j, offset);
+            let one = t.b.ins().iconst(types::I64, 1);
+            t.b.ins()
+                .jump(found, &[BlockArg::Value(j), BlockArg::Value(one)]);
+            t.b.seal_block(go_on);
+            t.b.switch_to_block(go_on);
+        };
+        if self.vector == Some(VectorLoop::First) {
+            self.translate_vector_loop(level, &mut |t| {
+                let mask = t.translate_vfirst_mask();
+                let any = t.b.ins().vany_true(mask);
+                hit_at(t, any, &|t| {
+                    let bits = t.b.ins().vhigh_bits(types::I64, mask);
+                    t.b.ins().ctz(bits)
+                });
+            });
+        }
+        self.translate_loop_from_here(level, &mut |t| {
+            let pass = match t.filter {
+                Some(f) => {
+                    let c = t.translate_expr(f);
+                    t.as_b(c, t.dag.terms[f].ty)
+                }
+                None => t.b.ins().iconst(types::I8, 1),
+            };
+            hit_at(t, pass, &|t| t.b.ins().iconst(types::I64, 0));
+        });
+        let zero = self.b.ins().iconst(types::I64, 0);
+        self.b
+            .ins()
+            .jump(found, &[BlockArg::Value(zero), BlockArg::Value(zero)]);
+        self.b.seal_block(found);
+        self.b.switch_to_block(found);
+        (at, n)
+    }
+
+    /// The value of a reduction folded over its loops: the count, the value
+    /// and its type.
+    fn translate_folded(&mut self, r: &Reduce) -> (Value, Value, Ty) {
         let Acc { count, acc, .. } = self.translate_fold(r);
         let n = self.b.use_var(count);
         let (natural, natural_ty) = match (r.op, acc) {
@@ -551,14 +641,7 @@ impl<'a, 'f> Translator<'a, 'f> {
             }
             (_, Some((var, ty))) => (self.b.use_var(var), ty),
         };
-        let value = self.convert(natural, natural_ty, out_ty);
-        let empty = match out_ty {
-            Ty::F => self.fconst(r.empty),
-            Ty::I => self.b.ins().iconst(types::I64, r.empty as i64),
-            Ty::B => self.b.ins().iconst(types::I8, i64::from(r.empty != 0.0)),
-        };
-        let none = self.b.ins().icmp_imm_s(IntCC::Equal, n, 0);
-        self.b.ins().select(none, empty, value)
+        (n, natural, natural_ty)
     }
 
     /// The accumulators of a reduction and its loop nest folding every

@@ -65,6 +65,9 @@ pub(in crate::jit) enum VectorLoop {
     /// The innermost reduced index of a float `max` or `min`: a running
     /// extreme per lane, folded by the scalar rule.
     Extreme,
+    /// `min(j | filter) j`: the filter's lanes, until a step where one
+    /// passes (`Translator::translate_first`).
+    First,
     /// The last output index of a float `sum`/`mean` whose innermost loop
     /// does not vectorise (a column sum, `sum(i) x[i, c]`): `LANES` outputs
     /// at a time, each lane its own accumulator, the reduced loops inside.
@@ -115,10 +118,36 @@ impl Lanes {
 pub(in crate::jit) fn analyse(k: &Kernel) -> Option<Plan> {
     let inner = k.levels.len().checked_sub(1)?;
     let body = k.body?;
+    if let Some(plan) = first(k, inner, body) {
+        return Some(plan);
+    }
     if k.dag.terms[body].ty != Ty::F || k.dtype != DType::Float {
         return None;
     }
     innermost(k, inner, body).or_else(|| column(k, body))
+}
+
+/// `min(j | filter) j` over the innermost (and only reduced) level, the
+/// filter safe and lane-wise: its lanes searched for the first that passes.
+fn first(k: &Kernel, inner: usize, body: usize) -> Option<Plan> {
+    let r = k.comp.reduce.as_ref()?;
+    let n_out = k.comp.indices.len();
+    let var = k.levels[inner].0;
+    if r.op != RedOp::Min
+        || r.over.len() != 1
+        || inner != n_out
+        || k.ranged_red.is_some()
+        || k.dag.terms[body].op != Op::Index(var)
+    {
+        return None;
+    }
+    let f = masked_filter(k.dag, k.filter, n_out)?;
+    let varies = varying(k.dag, var);
+    (k.dag.terms[f].safe && Check::new(k, var, &varies, false).lane_wise(f)).then_some(Plan {
+        how: VectorLoop::First,
+        level: inner,
+        varies,
+    })
 }
 
 /// Which terms depend on loop variable `var`.
@@ -783,6 +812,12 @@ impl Translator<'_, '_> {
             v = pick(self, x, v);
         }
         v
+    }
+
+    /// The filter's mask for a step of `VectorLoop::First`.
+    pub(super) fn translate_vfirst_mask(&mut self) -> Value {
+        self.translate_vfilter()
+            .expect("`analyse` plans First only with a lane-wise filter")
     }
 
     /// The filter's mask for this vector step (`None`: every lane passes).
