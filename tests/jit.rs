@@ -1188,12 +1188,13 @@ fn reductions_to_a_scalar_split_across_threads_agree() {
 }
 
 /// TripletLoss's three gradients are elementwise over `[B, D]`, none reading
-/// another: one kernel computes them in one pass over the inputs, each
-/// element bit for bit as the interpreter, in lanes and in the scalar tail,
-/// on one thread and split across three. (The inputs are eighths, so the
-/// distances the gradients read are exact in any summation order.)
+/// another, and its two distances are sums over the same `k` for each row:
+/// each set runs as one kernel in one pass over the inputs, every element bit
+/// for bit as the interpreter, in lanes and in the scalar tail, on one thread
+/// and split across three. (The inputs are eighths, so the distances are
+/// exact in any summation order.)
 #[test]
-fn elementwise_siblings_run_fused_bit_for_bit() {
+fn siblings_run_fused_bit_for_bit() {
     let graph = compile_std("TripletLoss", &lossc::Params::new()).unwrap();
     let full = lossc::differentiate(&graph).0;
     let code = jit::compile(&full, Precision::F64).unwrap();
@@ -1202,6 +1203,18 @@ fn elementwise_siblings_run_fused_bit_for_bit() {
     assert!(
         groups.iter().any(|g| grads.iter().all(|x| g.contains(x))),
         "the gradients {grads:?} are not one group: {groups:?}"
+    );
+    let distances: Vec<lossc::ir::NodeId> = (0..full.nodes.len())
+        .map(|i| lossc::ir::NodeId(i as u32))
+        .filter(|id| {
+            matches!(&full.node(*id).kind, lossc::ir::NodeKind::Comp(c) if c.reduce.is_some())
+                && full.node(*id).shape.len() == 1
+        })
+        .collect();
+    assert_eq!(distances.len(), 2, "{distances:?}");
+    assert!(
+        groups.iter().any(|g| *g == distances),
+        "the distances {distances:?} are not one group: {groups:?}"
     );
     for (b, d) in [(3usize, 7usize), (70, 1030)] {
         let eighths = |c: usize| {
@@ -1232,9 +1245,8 @@ fn elementwise_siblings_run_fused_bit_for_bit() {
                 ),
             ];
             for nodes in pairs {
-                for g in &grads {
+                for g in grads.iter().chain(&distances) {
                     let (w, got, _) = nodes.iter().find(|n| n.2 == g.index()).unwrap();
-                    assert_eq!(w.len(), b * d);
                     for (k, (a, x)) in got.iter().zip(w).enumerate() {
                         assert_eq!(a.to_bits(), x.to_bits(), "B={b} %{}[{k}]", g.index());
                     }

@@ -47,10 +47,11 @@
 //!    the interpreter's diagnostic (LC0506) with the same message. A node
 //!    whose assumed bounds fail at these sizes runs on the interpreter
 //!    instead (its members whole, when it is part of a streamed pass).
-//!    Consecutive elementwise nodes of one shape, none reading another and
-//!    none able to fail, also compile as one *fusion group* kernel storing
-//!    every member at each position (`Group`); a run whose next steps are
-//!    exactly the group's members calls it instead of theirs.
+//!    Consecutive nodes of one shape with the same loops (elementwise, or one
+//!    reduction over the same extents), none reading another and none able
+//!    to fail, also compile as one *fusion group* kernel storing every member
+//!    at each position (`Group`); a run whose next steps are exactly the
+//!    group's members calls it instead of theirs.
 //!
 //! # Invariants
 //!
@@ -155,10 +156,13 @@ struct CompiledKernel {
     proofs: Vec<plan::Proof>,
 }
 
-/// Consecutive elementwise nodes of one shape, none reading another, run
-/// as one loop nest that stores each member's element at each position: the
-/// terms they share (the inputs' reads, common differences) are computed
-/// once, and their inputs are read in one pass instead of one per member.
+/// Consecutive nodes of one shape running the same loops (elementwise, or
+/// the same reduction over the same extents and filter), none reading
+/// another, run as one loop nest that stores each member's element at each
+/// position: the terms they share (the inputs' reads, common differences)
+/// are computed once, a reduction's members fold one after another over rows
+/// still in cache, and the inputs are read in one pass instead of one per
+/// member.
 /// Each member keeps its own kernel, for runs where the members are not
 /// consecutive steps (streamed) or the group's assumed bounds fail.
 struct Group {
@@ -647,17 +651,20 @@ impl Emitter<'_> {
                     m.index()
                 ));
             };
-            let rename: std::collections::BTreeMap<IdxVar, crate::ir::Expr> = c
-                .indices
+            let also_levels = c.levels(&graph.node(m).shape);
+            let rename: std::collections::BTreeMap<IdxVar, crate::ir::Expr> = also_levels
                 .iter()
-                .zip(&comp.indices)
-                .map(|(from, to)| (*from, crate::ir::Expr::Index(*to)))
+                .zip(&levels)
+                .map(|((from, _), (to, _))| (*from, crate::ir::Expr::Index(*to)))
                 .collect();
             also.push((m, builder.add(&c.body.subst(&rename))));
         }
         let dag = builder.dag;
         let safe = |t: Option<usize>| t.is_some_and(|t| dag.terms[t].safe);
-        if !also.is_empty() && !(safe(body) && also.iter().all(|(_, t)| safe(Some(*t)))) {
+        let filter_safe = filter.is_none_or(|f| dag.terms[f].safe);
+        if !also.is_empty()
+            && !(safe(body) && filter_safe && also.iter().all(|(_, t)| safe(Some(*t))))
+        {
             return Ok(None);
         }
 
@@ -715,17 +722,17 @@ impl Emitter<'_> {
     }
 }
 
-/// Runs of consecutive float elementwise nodes of one shape, none reading
-/// another, none accumulating: each becomes a `Group` (at most
-/// `MAX_GROUP` members).
+/// Runs of consecutive float nodes with the same loops (`same_loops`), none
+/// reading another, none accumulating or run as GEMM: each becomes a `Group`
+/// (at most `MAX_GROUP` members).
 fn fusion_groups(graph: &Graph, analysis: &stream::Analysis) -> Vec<Vec<NodeId>> {
     const MAX_GROUP: usize = 8;
     let fusable = |i: usize| match &graph.nodes[i].kind {
         NodeKind::Comp(c) => {
-            c.reduce.is_none()
-                && graph.nodes[i].dtype == crate::ir::DType::Float
+            graph.nodes[i].dtype == crate::ir::DType::Float
                 && !graph.nodes[i].shape.is_empty()
                 && analysis.ranged_red[i].is_none()
+                && contraction::recognise(graph, c, graph.nodes[i].dtype).is_none()
         }
         _ => false,
     };
@@ -735,7 +742,7 @@ fn fusion_groups(graph: &Graph, analysis: &stream::Analysis) -> Vec<Vec<NodeId>>
         let joins = fusable(i)
             && run
                 .first()
-                .is_some_and(|f| graph.node(*f).shape == graph.nodes[i].shape)
+                .is_some_and(|f| same_loops(graph, *f, NodeId(i as u32)))
             && run.len() < MAX_GROUP
             && !graph
                 .operands(NodeId(i as u32))
@@ -757,6 +764,41 @@ fn fusion_groups(graph: &Graph, analysis: &stream::Analysis) -> Vec<Vec<NodeId>>
         out.push(run);
     }
     out
+}
+
+/// Whether nodes `a` and `b` run the same loops: one shape, and either no
+/// reduction or the same reduction (operation, reduced extents, empty value,
+/// and filter up to the names of the index variables).
+fn same_loops(graph: &Graph, a: NodeId, b: NodeId) -> bool {
+    let (na, nb) = (graph.node(a), graph.node(b));
+    let (NodeKind::Comp(ca), NodeKind::Comp(cb)) = (&na.kind, &nb.kind) else {
+        return false;
+    };
+    if na.shape != nb.shape {
+        return false;
+    }
+    match (&ca.reduce, &cb.reduce) {
+        (None, None) => true,
+        (Some(ra), Some(rb)) => {
+            let extents =
+                |r: &crate::ir::Reduce| r.over.iter().map(|(_, d)| d.clone()).collect::<Vec<_>>();
+            let rename: std::collections::BTreeMap<IdxVar, crate::ir::Expr> = cb
+                .levels(&nb.shape)
+                .iter()
+                .zip(&ca.levels(&na.shape))
+                .map(|((from, _), (to, _))| (*from, crate::ir::Expr::Index(*to)))
+                .collect();
+            ra.op == rb.op
+                && ra.empty.to_bits() == rb.empty.to_bits()
+                && extents(ra) == extents(rb)
+                && match (&ra.filter, &rb.filter) {
+                    (None, None) => true,
+                    (Some(fa), Some(fb)) => *fa == fb.subst(&rename),
+                    _ => false,
+                }
+        }
+        _ => false,
+    }
 }
 
 /// Whether threads may split a reduction to a scalar by its outermost

@@ -430,10 +430,23 @@ impl<'a, 'f> Translator<'a, 'f> {
         };
         let addr = self.element_addr(self.out_base, pos, out_ty);
         self.b.ins().store(TRUSTED, value, addr, 0);
+        // A fusion group's other members at this position: elementwise, or
+        // their own reductions over the same loops, one after another (the
+        // rows they read are still in cache).
         for k in 0..self.also.len() {
             let (base, body) = self.also[k];
-            let v = self.translate_expr(body);
-            let v = self.convert(v, self.dag.terms[body].ty, out_ty);
+            let v = match &self.comp.reduce {
+                None => {
+                    let v = self.translate_expr(body);
+                    self.convert(v, self.dag.terms[body].ty, out_ty)
+                }
+                Some(r) => {
+                    let main = self.body.replace(body);
+                    let v = self.translate_reduce(r);
+                    self.body = main;
+                    v
+                }
+            };
             let addr = self.element_addr(base, pos, out_ty);
             self.b.ins().store(TRUSTED, v, addr, 0);
         }

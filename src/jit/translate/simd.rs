@@ -173,7 +173,7 @@ fn varying(dag: &Dag, var: crate::ir::IdxVar) -> Vec<bool> {
 fn column(k: &Kernel, body: usize) -> Option<Plan> {
     let r = k.comp.reduce.as_ref()?;
     let n_out = k.comp.indices.len();
-    if n_out == 0 || !matches!(r.op, RedOp::Sum | RedOp::Mean) {
+    if n_out == 0 || !matches!(r.op, RedOp::Sum | RedOp::Mean) || !k.also.is_empty() {
         return None;
     }
     let level = n_out - 1;
