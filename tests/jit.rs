@@ -1401,6 +1401,70 @@ fn the_first_passing_index_is_found_in_lanes() {
     }
 }
 
+const PAIRS: &str = r#"
+loss Pairs() {
+    input s: [B]
+    input lab: [B]
+    let r[i] = sum(j | lab[i] < lab[j]) exp(s[i] - s[j])
+    let c[j] = sum(i | lab[i] < lab[j]) (-2.0 * exp(s[i] - s[j]))
+    sum(i) (r[i] * s[i]) + sum(j) (c[j] * lab[j])
+}
+"#;
+
+/// A row sum and a column sum over one domain and filter (a pairwise term's
+/// gradient with respect to both sides, CoSENT's) run as one pass: each
+/// `(i, j)` adds to its row and, into a buffer of the thread's own, to its
+/// column. Rows split across three threads at B = 700 (uneven blocks) and
+/// odd sizes agree with the interpreter, in lanes and the scalar tail.
+#[test]
+fn a_row_sum_and_a_column_sum_of_one_domain_run_as_one_pass() {
+    let graph = compile_src(PAIRS, None, &lossc::Params::new()).unwrap_or_else(|e| panic!("{e}"));
+    let full = lossc::differentiate(&graph).0;
+    let code = jit::compile(&full, Precision::F64).unwrap();
+    let sums: Vec<lossc::ir::NodeId> = (0..full.nodes.len())
+        .map(|i| lossc::ir::NodeId(i as u32))
+        .filter(|id| {
+            full.node(*id)
+                .name
+                .as_deref()
+                .is_some_and(|n| n == "r" || n == "c")
+        })
+        .collect();
+    assert_eq!(sums.len(), 2, "{sums:?}");
+    assert!(
+        code.fused_groups().contains(&sums),
+        "{sums:?} not one pass: {:?}",
+        code.fused_groups()
+    );
+    for b in [1usize, 5, 17, 700] {
+        let s: Vec<f64> = (0..b)
+            .map(|k| ((k * 31 % 23) as f64 * 0.37).sin() * 4.0)
+            .collect();
+        let lab: Vec<f64> = (0..b).map(|k| (k * 7 % 5) as f64).collect();
+        let tensors = TensorMap::from([
+            (
+                "s".to_string(),
+                lossc::tensor_io::HostTensor::f64(vec![b], s),
+            ),
+            (
+                "lab".to_string(),
+                lossc::tensor_io::HostTensor::f64(vec![b], lab),
+            ),
+        ]);
+        let bound = bind_or(&full, &tensors).unwrap();
+        for threads in [1, 3] {
+            let opts = jit::RunOptions {
+                threads,
+                ..jit::RunOptions::full()
+            };
+            both_with::<f64>(&full, &bound, &code, RTOL_F64, opts)
+                .unwrap_or_else(|e| panic!("B={b} threads={threads}: {e}"));
+            both_with::<f32>(&full, &bound, &code, RTOL_F32, opts)
+                .unwrap_or_else(|e| panic!("B={b} threads={threads} f32: {e}"));
+        }
+    }
+}
+
 /// Every float node's values from two evaluations, as f64 (exact for f32).
 fn float_nodes<F: Real>(
     want: &Evaluation<F>,

@@ -165,8 +165,16 @@ struct CompiledKernel {
 /// member.
 /// Each member keeps its own kernel, for runs where the members are not
 /// consecutive steps (streamed) or the group's assumed bounds fail.
+/// A *row/column pair* is a group too: a row sum `r[i] = sum(j | f) a` and
+/// a column sum `c[j] = sum(i | f) b` over the same domain and filter (a
+/// pairwise term's gradient with respect to both of its sides), computed in
+/// one pass: each `(i, j)` adds `a` to row `i` and `b` into a thread's own
+/// buffer of column sums, and the threads' buffers are added in order.
 struct Group {
     members: Vec<NodeId>,
+    /// For a row/column pair: the row sum (the kernel's own node) and the
+    /// column sum.
+    pair: Option<(NodeId, NodeId)>,
     kernel: CompiledKernel,
 }
 
@@ -316,6 +324,10 @@ impl JitProgram {
             .filter(|&i| {
                 code.contractions[i].is_some()
                     || code.split[i]
+                    || code
+                        .groups
+                        .iter()
+                        .any(|g| g.pair.is_some_and(|(_, c)| c.index() == i))
                     || matches!(
                         code.vector[i],
                         Some(
@@ -504,6 +516,7 @@ fn compile_code(graph: &Graph, p: Precision) -> Result<Code, String> {
         let spec = Spec {
             id: NodeId(i as u32),
             also: Vec::new(),
+            column: None,
             ranged_red: analysis.ranged_red[i],
             split_red: split[i],
         };
@@ -519,12 +532,28 @@ fn compile_code(graph: &Graph, p: Precision) -> Result<Code, String> {
         let spec = Spec {
             id: members[0],
             also: members[1..].to_vec(),
+            column: None,
             ranged_red: None,
             split_red: false,
         };
         let name = format!("group{}", members[0].index());
         if let Some((func_id, proofs, _)) = e.define(&name, &spec)? {
-            group_specs.push((members, func_id, proofs));
+            group_specs.push((members, None, func_id, proofs));
+        }
+    }
+    for (row, col) in row_column_pairs(graph, &analysis, &group_specs) {
+        let spec = Spec {
+            id: row,
+            also: Vec::new(),
+            column: Some(col),
+            ranged_red: None,
+            split_red: false,
+        };
+        let name = format!("pair{}", row.index());
+        if let Some((func_id, proofs, _)) = e.define(&name, &spec)? {
+            let mut members = vec![row, col];
+            members.sort();
+            group_specs.push((members, Some((row, col)), func_id, proofs));
         }
     }
     let Emitter {
@@ -550,10 +579,11 @@ fn compile_code(graph: &Graph, p: Precision) -> Result<Code, String> {
     }
     let mut group_at = vec![None; graph.nodes.len()];
     let mut groups = Vec::new();
-    for (members, func_id, proofs) in group_specs {
+    for (members, pair, func_id, proofs) in group_specs {
         group_at[members[0].index()] = Some(groups.len());
         groups.push(Group {
             members,
+            pair,
             kernel: finalized(&module, func_id, proofs),
         });
     }
@@ -579,6 +609,8 @@ fn compile_code(graph: &Graph, p: Precision) -> Result<Code, String> {
 struct Spec {
     id: NodeId,
     also: Vec<NodeId>,
+    /// A column sum over `id`'s domain (`Group::column`).
+    column: Option<NodeId>,
     ranged_red: Option<usize>,
     split_red: bool,
 }
@@ -659,11 +691,25 @@ impl Emitter<'_> {
                 .collect();
             also.push((m, builder.add(&c.body.subst(&rename))));
         }
+        let column = match spec.column {
+            Some(m) => {
+                let NodeKind::Comp(c) = &graph.node(m).kind else {
+                    return Err(format!(
+                        "internal error: %{} is not a comprehension",
+                        m.index()
+                    ));
+                };
+                let rename = pair_renaming(comp, c);
+                Some((m, builder.add(&c.body.subst(&rename))))
+            }
+            None => None,
+        };
         let dag = builder.dag;
         let safe = |t: Option<usize>| t.is_some_and(|t| dag.terms[t].safe);
         let filter_safe = filter.is_none_or(|f| dag.terms[f].safe);
-        if !also.is_empty()
-            && !(safe(body) && filter_safe && also.iter().all(|(_, t)| safe(Some(*t))))
+        let fused = also.iter().chain(&column);
+        if (!also.is_empty() || column.is_some())
+            && !(safe(body) && filter_safe && fused.clone().all(|(_, t)| safe(Some(*t))))
         {
             return Ok(None);
         }
@@ -696,6 +742,7 @@ impl Emitter<'_> {
                 ranged_red: spec.ranged_red,
                 split_red: spec.split_red,
                 also,
+                column,
             },
             fb,
             &mut self.dims,
@@ -762,6 +809,91 @@ fn fusion_groups(graph: &Graph, analysis: &stream::Analysis) -> Vec<Vec<NodeId>>
     }
     if run.len() > 1 {
         out.push(run);
+    }
+    out
+}
+
+/// The renaming that turns a column sum `c[j'] = sum(i') ..` into the row
+/// sum `r[i] = sum(j) ..`'s variables: `j' -> j`, `i' -> i`.
+fn pair_renaming(
+    row: &crate::ir::Comp,
+    col: &crate::ir::Comp,
+) -> std::collections::BTreeMap<IdxVar, crate::ir::Expr> {
+    let mut m = std::collections::BTreeMap::new();
+    if let (Some(rr), Some(rc)) = (&row.reduce, &col.reduce) {
+        if let (Some(j), Some(j2), Some(i), Some(i2)) = (
+            rr.over.first(),
+            col.indices.first(),
+            row.indices.first(),
+            rc.over.first(),
+        ) {
+            m.insert(*j2, crate::ir::Expr::Index(j.0));
+            m.insert(i2.0, crate::ir::Expr::Index(*i));
+        }
+    }
+    m
+}
+
+/// Consecutive (row sum, column sum) pairs over one domain (`Group`): both
+/// float `sum`s with empty value 0 over one index, `r[i] = sum(j | f)` and
+/// `c[j] = sum(i | f)` with the same extents and filter, neither reading
+/// the other, neither accumulating, in no other group.
+fn row_column_pairs(
+    graph: &Graph,
+    analysis: &stream::Analysis,
+    taken: &[(
+        Vec<NodeId>,
+        Option<(NodeId, NodeId)>,
+        cranelift_module::FuncId,
+        Vec<plan::Proof>,
+    )],
+) -> Vec<(NodeId, NodeId)> {
+    let sum1 = |id: NodeId| match &graph.node(id).kind {
+        NodeKind::Comp(c) => {
+            let node = graph.node(id);
+            let ok = node.dtype == crate::ir::DType::Float
+                && node.shape.len() == 1
+                && analysis.ranged_red[id.index()].is_none()
+                && !taken.iter().any(|g| g.0.contains(&id))
+                && c.reduce
+                    .as_ref()
+                    .is_some_and(|r| r.op == RedOp::Sum && r.empty == 0.0 && r.over.len() == 1);
+            ok.then_some(c)
+        }
+        _ => None,
+    };
+    let is_pair = |row: NodeId, col: NodeId| -> bool {
+        let (Some(r), Some(c)) = (sum1(row), sum1(col)) else {
+            return false;
+        };
+        let (rr, rc) = (
+            r.reduce.as_ref().expect("a sum"),
+            c.reduce.as_ref().expect("a sum"),
+        );
+        let rename = pair_renaming(r, c);
+        graph.node(row).shape[0] == rc.over[0].1
+            && graph.node(col).shape[0] == rr.over[0].1
+            && match (&rr.filter, &rc.filter) {
+                (None, None) => true,
+                (Some(fr), Some(fc)) => *fr == fc.subst(&rename),
+                _ => false,
+            }
+            && !graph.operands(row).contains(&col)
+            && !graph.operands(col).contains(&row)
+    };
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i + 1 < graph.nodes.len() {
+        let (a, b) = (NodeId(i as u32), NodeId(i as u32 + 1));
+        if is_pair(a, b) {
+            out.push((a, b));
+            i += 2;
+        } else if is_pair(b, a) {
+            out.push((b, a));
+            i += 2;
+        } else {
+            i += 1;
+        }
     }
     out
 }

@@ -539,6 +539,9 @@ impl<F: Real> Run<'_, F> {
         for id in &g.members {
             self.allocate_dirty(*id);
         }
+        if let Some((row, col)) = g.pair {
+            return self.call_pair(&g.kernel, row, col);
+        }
         let first = g.members[0];
         let rows = self.shapes[first.index()].first().copied().unwrap_or(1);
         self.call(first, &g.kernel, (0, rows as i64), (0, i64::MAX))
@@ -965,6 +968,71 @@ impl<F: Real> Run<'_, F> {
         };
         // SAFETY: the node's own buffer holds its one element.
         unsafe { *(self.ptrs[i] as *mut F) = value };
+        Ok(())
+    }
+
+    /// A row/column pair's kernel (`Group`): blocks of the row sum's rows on
+    /// the pool, each adding its column sums into a zeroed buffer of its
+    /// own, the buffers then added in block order into the column sum.
+    fn call_pair(
+        &mut self,
+        kernel: &CompiledKernel,
+        row: NodeId,
+        col: NodeId,
+    ) -> Result<(), Diagnostic> {
+        let rows = self.shapes[row.index()].first().copied().unwrap_or(0);
+        let cols = self.elems[col.index()];
+        let threads = self.opts.threads.clamp(1, MAX_THREADS);
+        let chunks = (rows.saturating_mul(cols) / MIN_WORK_PER_THREAD)
+            .clamp(1, threads)
+            .min(rows.max(1));
+        let per = rows.div_ceil(chunks).max(1) as i64;
+        let mut parts: Vec<Vec<F>> = (0..chunks).map(|_| self.pool.take(cols)).collect();
+        let tables: Vec<Vec<usize>> = parts
+            .iter_mut()
+            .map(|p| {
+                let mut t: Vec<usize> = self.ptrs.iter().map(|p| *p as usize).collect();
+                t[col.index()] = p.as_mut_ptr() as usize;
+                t
+            })
+            .collect();
+        let (f, dims) = (kernel.f, self.dim_values.as_ptr() as usize);
+        let run_block = |c: usize| -> (i64, [i64; 2]) {
+            let lo = c as i64 * per;
+            let ctl = [lo, lo + per, 0, i64::MAX, 0, 0, 0];
+            let mut err = [0i64; 2];
+            // SAFETY: as in `call`; the block writes its rows of the row sum
+            // and only its own buffer of column sums.
+            let status = unsafe {
+                f(
+                    tables[c].as_ptr() as *const *mut u8,
+                    dims as *const i64,
+                    err.as_mut_ptr(),
+                    ctl.as_ptr(),
+                )
+            };
+            (status, err)
+        };
+        let results: Vec<(i64, [i64; 2])> = match thread_pool(threads).filter(|_| chunks > 1) {
+            Some(pool) => pool.install(|| (0..chunks).into_par_iter().map(run_block).collect()),
+            None => (0..chunks).map(run_block).collect(),
+        };
+        if let Some((status, err)) = results.into_iter().find(|(s, _)| *s != 0) {
+            return Err(kernel_error(
+                self.graph,
+                self.code,
+                &self.shapes,
+                status,
+                err,
+            ));
+        }
+        // SAFETY: the column sum's buffer holds its `cols` elements.
+        let out = unsafe { std::slice::from_raw_parts_mut(self.ptrs[col.index()] as *mut F, cols) };
+        out.fill(F::zero());
+        for p in parts {
+            out.iter_mut().zip(&p).for_each(|(o, x)| *o = *o + *x);
+            self.pool.give(p);
+        }
         Ok(())
     }
 

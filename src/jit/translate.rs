@@ -60,6 +60,10 @@ pub(super) struct Kernel<'a> {
     /// More outputs of an elementwise kernel (a fusion group): each node
     /// and the term of its body, stored at the same position as `node`'s.
     pub also: Vec<(NodeId, usize)>,
+    /// A row sum's column partner (`mod.rs`, `Group`): a node summing the
+    /// same domain by columns, and the term of its body; each element adds
+    /// it into that node's buffer (a thread's own) at the innermost index.
+    pub column: Option<(NodeId, usize)>,
 }
 
 /// One comprehension being translated into one function.
@@ -105,6 +109,8 @@ pub(super) struct Translator<'a, 'f> {
     split_lse: Option<(Value, Value)>,
     /// The base and body term of each further output (`Kernel::also`).
     also: Vec<(Value, usize)>,
+    /// The base and body term of the column partner (`Kernel::column`).
+    column: Option<(Value, usize)>,
 }
 
 /// Accumulators of one reduction.
@@ -190,6 +196,12 @@ impl<'a, 'f> Translator<'a, 'f> {
                 (base, *body)
             })
             .collect();
+        let column = k.column.map(|(n, body)| {
+            let base = b
+                .ins()
+                .load(types::I64, TRUSTED, bufs, (n.index() * 8) as i32);
+            (base, body)
+        });
         let loop_vars: Vec<Variable> = k.levels.iter().map(|_| b.declare_var(types::I64)).collect();
         let n_out = k.comp.indices.len();
         let zero = b.ins().iconst(types::I64, 0);
@@ -274,6 +286,7 @@ impl<'a, 'f> Translator<'a, 'f> {
             out_pos,
             split_lse,
             also,
+            column,
         }
     }
 
@@ -743,6 +756,16 @@ impl<'a, 'f> Translator<'a, 'f> {
     /// One element that passed the filter: fold it into the accumulator,
     /// then count it.
     fn translate_item(&mut self, a: Acc) {
+        if let Some((base, body)) = self.column {
+            let y = self.translate_expr(body);
+            let y = self.convert(y, self.dag.terms[body].ty, Ty::F);
+            let j = self.b.use_var(self.loop_vars[self.levels.len() - 1]);
+            let addr = self.element_addr(base, j, Ty::F);
+            let fty = self.fty();
+            let cur = self.b.ins().load(fty, TRUSTED, addr, 0);
+            let sum = self.b.ins().fadd(cur, y);
+            self.b.ins().store(TRUSTED, sum, addr, 0);
+        }
         let n = self.b.use_var(a.count);
         if let (Some(body), Some((var, acc_ty))) = (self.body, a.acc) {
             let body_ty = self.dag.terms[body].ty;

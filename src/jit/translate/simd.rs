@@ -173,7 +173,11 @@ fn varying(dag: &Dag, var: crate::ir::IdxVar) -> Vec<bool> {
 fn column(k: &Kernel, body: usize) -> Option<Plan> {
     let r = k.comp.reduce.as_ref()?;
     let n_out = k.comp.indices.len();
-    if n_out == 0 || !matches!(r.op, RedOp::Sum | RedOp::Mean) || !k.also.is_empty() {
+    if n_out == 0
+        || !matches!(r.op, RedOp::Sum | RedOp::Mean)
+        || !k.also.is_empty()
+        || k.column.is_some()
+    {
         return None;
     }
     let level = n_out - 1;
@@ -215,6 +219,7 @@ fn innermost(k: &Kernel, inner: usize, body: usize) -> Option<Plan> {
     let also_ok = k
         .also
         .iter()
+        .chain(&k.column)
         .all(|(_, t)| k.dag.terms[*t].ty == Ty::F && check.lane_wise(*t));
     let lanes_ok = also_ok
         && check.lane_wise(body)
@@ -632,6 +637,16 @@ impl Translator<'_, '_> {
         self.translate_vector_fold(level, acc, &mut |t| {
             let mask = t.translate_vfilter();
             let x = t.translate_vexpr(body);
+            if let Some((base, cbody)) = t.column {
+                // The column partner's lanes added into its row of sums.
+                let y = t.translate_vexpr(cbody);
+                let y = t.masked(mask, y, 0.0, None);
+                let j = t.b.use_var(t.loop_vars[level]);
+                let addr = t.element_addr(base, j, Ty::F);
+                let cur = t.b.ins().load(t.lanes.float, VEC_FLAGS, addr, 0);
+                let sum = t.b.ins().fadd(cur, y);
+                t.b.ins().store(VEC_FLAGS, sum, addr, 0);
+            }
             t.masked(mask, x, 0.0, passed)
         });
         self.finish_count(level, start, count, passed);
