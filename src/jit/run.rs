@@ -892,49 +892,27 @@ impl<F: Real> Run<'_, F> {
             return Err(shape_error("internal error: a split node is no reduction"));
         };
         let per = extent.div_ceil(chunks) as i64;
-        let pool = thread_pool(self.opts.threads.clamp(1, MAX_THREADS));
-        let (f, dims) = (kernel.f, self.dim_values.as_ptr() as usize);
         let blocks = |mode: i64, m: f64| -> Result<Vec<F>, Diagnostic> {
             let mut slots = vec![F::zero(); chunks];
             let base = slots.as_mut_ptr() as usize;
-            // Each block's pointer table: this node's entry is its slot.
-            let tables: Vec<Vec<usize>> = (0..chunks)
+            // Each block's slot is this node's element.
+            let bases: Vec<usize> = (0..chunks)
+                .map(|c| base + c * std::mem::size_of::<F>())
+                .collect();
+            let ctls: Vec<[i64; 7]> = (0..chunks as i64)
                 .map(|c| {
-                    let mut t: Vec<usize> = self.ptrs.iter().map(|p| *p as usize).collect();
-                    t[i] = base + c * std::mem::size_of::<F>();
-                    t
+                    [
+                        0,
+                        i64::MAX,
+                        c * per,
+                        c * per + per,
+                        0,
+                        mode,
+                        m.to_bits() as i64,
+                    ]
                 })
                 .collect();
-            let run_block = |c: usize| -> (i64, [i64; 2]) {
-                let lo = c as i64 * per;
-                let ctl = [0, i64::MAX, lo, lo + per, 0, mode, m.to_bits() as i64];
-                let mut err = [0i64; 2];
-                // SAFETY: as in `call`; the kernel writes one element, its
-                // block's slot, and reads every other buffer in range.
-                let status = unsafe {
-                    f(
-                        tables[c].as_ptr() as *const *mut u8,
-                        dims as *const i64,
-                        err.as_mut_ptr(),
-                        ctl.as_ptr(),
-                    )
-                };
-                (status, err)
-            };
-            let results: Vec<(i64, [i64; 2])> = match &pool {
-                Some(pool) => pool.install(|| (0..chunks).into_par_iter().map(run_block).collect()),
-                None => (0..chunks).map(run_block).collect(),
-            };
-            // The first block's error is the interpreter's first.
-            if let Some((status, err)) = results.into_iter().find(|(s, _)| *s != 0) {
-                return Err(kernel_error(
-                    self.graph,
-                    self.code,
-                    &self.shapes,
-                    status,
-                    err,
-                ));
-            }
+            self.run_blocks(kernel, i, &bases, &ctls)?;
             Ok(slots)
         };
         let better = |x: F, best: F, max: bool| {
@@ -971,6 +949,58 @@ impl<F: Real> Run<'_, F> {
         Ok(())
     }
 
+    /// `kernel` once per block on the pool: block `c` with control `ctls[c]`
+    /// and the pointer table whose entry for node `node` is `bases[c]` (its
+    /// own slot or buffer); the first failing block's error, in block order
+    /// (the interpreter's first).
+    fn run_blocks(
+        &self,
+        kernel: &CompiledKernel,
+        node: usize,
+        bases: &[usize],
+        ctls: &[[i64; 7]],
+    ) -> Result<(), Diagnostic> {
+        let tables: Vec<Vec<usize>> = bases
+            .iter()
+            .map(|b| {
+                let mut t: Vec<usize> = self.ptrs.iter().map(|p| *p as usize).collect();
+                t[node] = *b;
+                t
+            })
+            .collect();
+        let (f, dims) = (kernel.f, self.dim_values.as_ptr() as usize);
+        let run_block = |c: usize| -> (i64, [i64; 2]) {
+            let mut err = [0i64; 2];
+            // SAFETY: as in `call`; each block writes only its own slot or
+            // buffer and rows of the kernel's node no other block writes.
+            let status = unsafe {
+                f(
+                    tables[c].as_ptr() as *const *mut u8,
+                    dims as *const i64,
+                    err.as_mut_ptr(),
+                    ctls[c].as_ptr(),
+                )
+            };
+            (status, err)
+        };
+        let n = bases.len();
+        let threads = self.opts.threads.clamp(1, MAX_THREADS);
+        let results: Vec<(i64, [i64; 2])> = match thread_pool(threads).filter(|_| n > 1) {
+            Some(pool) => pool.install(|| (0..n).into_par_iter().map(run_block).collect()),
+            None => (0..n).map(run_block).collect(),
+        };
+        match results.into_iter().find(|(s, _)| *s != 0) {
+            None => Ok(()),
+            Some((status, err)) => Err(kernel_error(
+                self.graph,
+                self.code,
+                &self.shapes,
+                status,
+                err,
+            )),
+        }
+    }
+
     /// A row/column pair's kernel (`Group`): blocks of the row sum's rows on
     /// the pool, each adding its column sums into a zeroed buffer of its
     /// own, the buffers then added in block order into the column sum.
@@ -988,44 +1018,11 @@ impl<F: Real> Run<'_, F> {
             .min(rows.max(1));
         let per = rows.div_ceil(chunks).max(1) as i64;
         let mut parts: Vec<Vec<F>> = (0..chunks).map(|_| self.pool.take(cols)).collect();
-        let tables: Vec<Vec<usize>> = parts
-            .iter_mut()
-            .map(|p| {
-                let mut t: Vec<usize> = self.ptrs.iter().map(|p| *p as usize).collect();
-                t[col.index()] = p.as_mut_ptr() as usize;
-                t
-            })
+        let bases: Vec<usize> = parts.iter_mut().map(|p| p.as_mut_ptr() as usize).collect();
+        let ctls: Vec<[i64; 7]> = (0..chunks as i64)
+            .map(|c| [c * per, c * per + per, 0, i64::MAX, 0, 0, 0])
             .collect();
-        let (f, dims) = (kernel.f, self.dim_values.as_ptr() as usize);
-        let run_block = |c: usize| -> (i64, [i64; 2]) {
-            let lo = c as i64 * per;
-            let ctl = [lo, lo + per, 0, i64::MAX, 0, 0, 0];
-            let mut err = [0i64; 2];
-            // SAFETY: as in `call`; the block writes its rows of the row sum
-            // and only its own buffer of column sums.
-            let status = unsafe {
-                f(
-                    tables[c].as_ptr() as *const *mut u8,
-                    dims as *const i64,
-                    err.as_mut_ptr(),
-                    ctl.as_ptr(),
-                )
-            };
-            (status, err)
-        };
-        let results: Vec<(i64, [i64; 2])> = match thread_pool(threads).filter(|_| chunks > 1) {
-            Some(pool) => pool.install(|| (0..chunks).into_par_iter().map(run_block).collect()),
-            None => (0..chunks).map(run_block).collect(),
-        };
-        if let Some((status, err)) = results.into_iter().find(|(s, _)| *s != 0) {
-            return Err(kernel_error(
-                self.graph,
-                self.code,
-                &self.shapes,
-                status,
-                err,
-            ));
-        }
+        self.run_blocks(kernel, col.index(), &bases, &ctls)?;
         // SAFETY: the column sum's buffer holds its `cols` elements.
         let out = unsafe { std::slice::from_raw_parts_mut(self.ptrs[col.index()] as *mut F, cols) };
         out.fill(F::zero());
