@@ -824,52 +824,19 @@ impl<F: Real> Run<'_, F> {
                 .clamp(1, self.opts.threads.clamp(1, MAX_THREADS))
                 .min(n_rows.max(1))
         };
-        let ptrs = Ptrs(self.ptrs.as_ptr());
-        let dims = self.dim_values.as_ptr() as usize;
-        let f = kernel.f;
-        let run_chunk = move |lo: i64, hi: i64| -> (i64, [i64; 2]) {
-            let ctl = [lo, hi, red.0, red.1, counts, 0, 0];
-            let mut err = [0i64; 2];
-            let p = ptrs;
-            // SAFETY: `ptrs` holds the base of every node the kernel reads
-            // (each exactly its shape's elements at these sizes, or a tile
-            // covering the rows it is given) and of its own output; `dims`
-            // has every slot of the dim table; the kernel writes only rows
-            // `lo .. hi` of its output (and their counts).
-            let status = unsafe { f(p.0, dims as *const i64, err.as_mut_ptr(), ctl.as_ptr()) };
-            (status, err)
-        };
-        let pool = if chunks > 1 {
-            thread_pool(self.opts.threads.clamp(1, MAX_THREADS))
-        } else {
-            None
-        };
-        let results: Vec<(i64, [i64; 2])> = match pool {
-            None => vec![run_chunk(rows.0, rows.1)],
-            Some(pool) => {
-                let per = n_rows.div_ceil(chunks) as i64;
-                pool.install(|| {
-                    (0..chunks as i64)
-                        .into_par_iter()
-                        .map(|c| {
-                            let lo = rows.0 + c * per;
-                            let hi = (lo + per).min(rows.1);
-                            run_chunk(lo, hi)
-                        })
-                        .collect()
-                })
-            }
-        };
-        match results.into_iter().find(|(status, _)| *status != 0) {
-            None => Ok(()),
-            Some((status, err)) => Err(kernel_error(
-                self.graph,
-                self.code,
-                &self.shapes,
-                status,
-                err,
-            )),
-        }
+        let per = n_rows.div_ceil(chunks).max(1) as i64;
+        let ctls: Vec<[i64; 7]> = (0..chunks as i64)
+            .map(|c| {
+                let lo = rows.0 + c * per;
+                let hi = if chunks == 1 {
+                    rows.1
+                } else {
+                    (lo + per).min(rows.1)
+                };
+                [lo, hi, red.0, red.1, counts, 0, 0]
+            })
+            .collect();
+        self.run_blocks(kernel, None, &ctls)
     }
 
     /// A reduction to a scalar split by its outermost reduced index into
@@ -912,7 +879,7 @@ impl<F: Real> Run<'_, F> {
                     ]
                 })
                 .collect();
-            self.run_blocks(kernel, i, &bases, &ctls)?;
+            self.run_blocks(kernel, Some((i, &bases)), &ctls)?;
             Ok(slots)
         };
         let better = |x: F, best: F, max: bool| {
@@ -950,32 +917,46 @@ impl<F: Real> Run<'_, F> {
     }
 
     /// `kernel` once per block on the pool: block `c` with control `ctls[c]`
-    /// and the pointer table whose entry for node `node` is `bases[c]` (its
-    /// own slot or buffer); the first failing block's error, in block order
-    /// (the interpreter's first).
+    /// and the run's pointer table, or with `own = (node, bases)` a copy
+    /// whose entry for `node` is `bases[c]` (the block's own slot or
+    /// buffer); the first failing block's error, in block order (the
+    /// interpreter's first).
     fn run_blocks(
         &self,
         kernel: &CompiledKernel,
-        node: usize,
-        bases: &[usize],
+        own: Option<(usize, &[usize])>,
         ctls: &[[i64; 7]],
     ) -> Result<(), Diagnostic> {
-        let tables: Vec<Vec<usize>> = bases
-            .iter()
-            .map(|b| {
-                let mut t: Vec<usize> = self.ptrs.iter().map(|p| *p as usize).collect();
-                t[node] = *b;
-                t
+        let tables: Vec<Vec<usize>> = own
+            .map(|(node, bases)| {
+                bases
+                    .iter()
+                    .map(|b| {
+                        let mut t: Vec<usize> = self.ptrs.iter().map(|p| *p as usize).collect();
+                        t[node] = *b;
+                        t
+                    })
+                    .collect()
             })
-            .collect();
+            .unwrap_or_default();
+        let shared = Ptrs(self.ptrs.as_ptr());
         let (f, dims) = (kernel.f, self.dim_values.as_ptr() as usize);
         let run_block = |c: usize| -> (i64, [i64; 2]) {
+            let whole = shared;
+            let table = match tables.get(c) {
+                Some(t) => t.as_ptr() as *const *mut u8,
+                None => whole.0,
+            };
             let mut err = [0i64; 2];
-            // SAFETY: as in `call`; each block writes only its own slot or
-            // buffer and rows of the kernel's node no other block writes.
+            // SAFETY: the table holds the base of every node the kernel reads
+            // (each exactly its shape's elements at these sizes, or a tile
+            // covering the rows it is given) and of its own output; `dims`
+            // has every slot of the dim table; block `c` writes only the rows
+            // `ctls[c]` gives it (and their counts), or its own slot or
+            // buffer, which no other block writes.
             let status = unsafe {
                 f(
-                    tables[c].as_ptr() as *const *mut u8,
+                    table,
                     dims as *const i64,
                     err.as_mut_ptr(),
                     ctls[c].as_ptr(),
@@ -983,7 +964,7 @@ impl<F: Real> Run<'_, F> {
             };
             (status, err)
         };
-        let n = bases.len();
+        let n = ctls.len();
         let threads = self.opts.threads.clamp(1, MAX_THREADS);
         let results: Vec<(i64, [i64; 2])> = match thread_pool(threads).filter(|_| n > 1) {
             Some(pool) => pool.install(|| (0..n).into_par_iter().map(run_block).collect()),
@@ -1022,7 +1003,7 @@ impl<F: Real> Run<'_, F> {
         let ctls: Vec<[i64; 7]> = (0..chunks as i64)
             .map(|c| [c * per, c * per + per, 0, i64::MAX, 0, 0, 0])
             .collect();
-        self.run_blocks(kernel, col.index(), &bases, &ctls)?;
+        self.run_blocks(kernel, Some((col.index(), &bases)), &ctls)?;
         // SAFETY: the column sum's buffer holds its `cols` elements.
         let out = unsafe { std::slice::from_raw_parts_mut(self.ptrs[col.index()] as *mut F, cols) };
         out.fill(F::zero());
