@@ -245,6 +245,15 @@ fn compare_contracted<F: Real>(
     Ok((got, worst))
 }
 
+/// A program's loss `name` (the only one: `None`) with its gradient, and
+/// its JIT code in f64.
+fn jit_of(src: &str, name: Option<&str>) -> (Graph, JitProgram) {
+    let graph = compile_src(src, name, &lossc::Params::new()).unwrap_or_else(|e| panic!("{e}"));
+    let full = lossc::differentiate(&graph).0;
+    let code = jit::compile(&full, Precision::F64).unwrap();
+    (full, code)
+}
+
 /// Runs both backends in precision `F` and compares them.
 fn both<F: Real>(
     graph: &Graph,
@@ -591,9 +600,7 @@ fn out_of_range_label_is_lc0506_not_a_crash() {
 
 #[test]
 fn a_read_guarded_by_if_runs_only_when_taken() {
-    let graph = compile_src(GATHER, Some("Guarded"), &lossc::Params::new()).unwrap();
-    let full = lossc::differentiate(&graph).0;
-    let code = jit::compile(&full, Precision::F64).unwrap();
+    let (full, code) = jit_of(GATHER, Some("Guarded"));
     let tensors = gather_tensors("[0, 7, -2]");
     let bound = bind_or(&full, &tensors).unwrap();
     let (eval, _) = both::<f64>(&full, &bound, &code, RTOL_F64).unwrap();
@@ -615,9 +622,7 @@ loss Truncated() {
 
 #[test]
 fn an_assumed_bound_that_fails_hands_the_node_to_the_interpreter() {
-    let graph = compile_src(TRUNCATED, None, &lossc::Params::new()).unwrap();
-    let full = lossc::differentiate(&graph).0;
-    let code = jit::compile(&full, Precision::F64).unwrap();
+    let (full, code) = jit_of(TRUNCATED, None);
     let run = |x: &str, flag: &str| {
         let tensors = tensors_of(&format!(r#"{{"x": {x}, "flag": {flag}}}"#));
         let bound = bind_or(&full, &tensors).unwrap();
@@ -811,9 +816,7 @@ loss Edges() {
 
 #[test]
 fn edge_semantics_agree_nan_ties_empty_sets_and_int_division() {
-    let graph = compile_src(EDGES, None, &lossc::Params::new()).unwrap_or_else(|e| panic!("{e}"));
-    let full = lossc::differentiate(&graph).0;
-    let code = jit::compile(&full, Precision::F64).unwrap();
+    let (full, code) = jit_of(EDGES, None);
     let tensors = tensors_of(
         r#"{"x": [-2.0, 0.0, 0.5, 1.5, 3.0, 0.5], "n": [7, -7, 4, 0, -9, 9], "m": [3, 3, -3, 5, -4, -1]}"#,
     );
@@ -917,9 +920,7 @@ loss Lanes() {
 /// along `j`); and the scalar remainder of every row length from 1 to 11.
 #[test]
 fn simd_lanes_agree_bit_for_bit_with_the_interpreter() {
-    let graph = compile_src(LANES, None, &lossc::Params::new()).unwrap_or_else(|e| panic!("{e}"));
-    let full = lossc::differentiate(&graph).0;
-    let code = jit::compile(&full, Precision::F64).unwrap();
+    let (full, code) = jit_of(LANES, None);
     assert!(
         code.vectorised_kernels() >= 5,
         "only {} kernels run in SIMD lanes",
@@ -1045,9 +1046,7 @@ fn a_vector_step_that_cannot_run_every_lane_hands_the_row_to_the_scalar_loop() {
     }
     assert!(compared > 400, "{compared} elements compared");
 
-    let graph = compile_src(GUARDED_LANES, Some("Rows"), &lossc::Params::new()).unwrap();
-    let full = lossc::differentiate(&graph).0;
-    let code = jit::compile(&full, Precision::F64).unwrap();
+    let (full, code) = jit_of(GUARDED_LANES, Some("Rows"));
     let x: Vec<f64> = (0..4 * 9).map(|k| k as f64 * 0.25).collect();
     for (lab, ok) in [(vec![3, 0, 2, 1], true), (vec![0, 1, 4, 2], false)] {
         let tensors = TensorMap::from([
@@ -1099,9 +1098,7 @@ loss Scalars() {
 /// where nothing passes give the interpreter's results exactly.
 #[test]
 fn reductions_to_a_scalar_split_across_threads_agree() {
-    let graph = compile_src(SCALARS, None, &lossc::Params::new()).unwrap_or_else(|e| panic!("{e}"));
-    let full = lossc::differentiate(&graph).0;
-    let code = jit::compile(&full, Precision::F64).unwrap();
+    let (full, code) = jit_of(SCALARS, None);
     let opts = jit::RunOptions {
         threads: 3,
         ..jit::RunOptions::full()
@@ -1335,9 +1332,7 @@ loss Firsts() {
 /// nothing passes (the empty value).
 #[test]
 fn the_first_passing_index_is_found_in_lanes() {
-    let graph = compile_src(FIRSTS, None, &lossc::Params::new()).unwrap_or_else(|e| panic!("{e}"));
-    let full = lossc::differentiate(&graph).0;
-    let code = jit::compile(&full, Precision::F64).unwrap();
+    let (full, code) = jit_of(FIRSTS, None);
     let firsts: Vec<lossc::ir::NodeId> = (0..full.nodes.len())
         .map(|i| lossc::ir::NodeId(i as u32))
         .filter(|id| {
@@ -1418,9 +1413,7 @@ loss Pairs() {
 /// odd sizes agree with the interpreter, in lanes and the scalar tail.
 #[test]
 fn a_row_sum_and_a_column_sum_of_one_domain_run_as_one_pass() {
-    let graph = compile_src(PAIRS, None, &lossc::Params::new()).unwrap_or_else(|e| panic!("{e}"));
-    let full = lossc::differentiate(&graph).0;
-    let code = jit::compile(&full, Precision::F64).unwrap();
+    let (full, code) = jit_of(PAIRS, None);
     let sums: Vec<lossc::ir::NodeId> = (0..full.nodes.len())
         .map(|i| lossc::ir::NodeId(i as u32))
         .filter(|id| {
