@@ -254,6 +254,28 @@ fn jit_of(src: &str, name: Option<&str>) -> (Graph, JitProgram) {
     (full, code)
 }
 
+/// The ids of `graph`'s nodes that `keep` accepts, in order.
+fn nodes_where(graph: &Graph, keep: impl Fn(&lossc::ir::NodeId) -> bool) -> Vec<lossc::ir::NodeId> {
+    (0..graph.nodes.len())
+        .map(|i| lossc::ir::NodeId(i as u32))
+        .filter(|id| keep(id))
+        .collect()
+}
+
+/// `both_with` in f64 and f32, every node kept, on one thread and on three.
+fn both_on_one_and_three_threads(graph: &Graph, bound: &Bound, code: &JitProgram, case: &str) {
+    for threads in [1, 3] {
+        let opts = jit::RunOptions {
+            threads,
+            ..jit::RunOptions::full()
+        };
+        both_with::<f64>(graph, bound, code, RTOL_F64, opts)
+            .unwrap_or_else(|e| panic!("{case} threads={threads}: {e}"));
+        both_with::<f32>(graph, bound, code, RTOL_F32, opts)
+            .unwrap_or_else(|e| panic!("{case} threads={threads} f32: {e}"));
+    }
+}
+
 /// Runs both backends in precision `F` and compares them.
 fn both<F: Real>(
     graph: &Graph,
@@ -1201,13 +1223,10 @@ fn siblings_run_fused_bit_for_bit() {
         groups.iter().any(|g| grads.iter().all(|x| g.contains(x))),
         "the gradients {grads:?} are not one group: {groups:?}"
     );
-    let distances: Vec<lossc::ir::NodeId> = (0..full.nodes.len())
-        .map(|i| lossc::ir::NodeId(i as u32))
-        .filter(|id| {
-            matches!(&full.node(*id).kind, lossc::ir::NodeKind::Comp(c) if c.reduce.is_some())
-                && full.node(*id).shape.len() == 1
-        })
-        .collect();
+    let distances = nodes_where(&full, |id| {
+        matches!(&full.node(*id).kind, lossc::ir::NodeKind::Comp(c) if c.reduce.is_some())
+            && full.node(*id).shape.len() == 1
+    });
     assert_eq!(distances.len(), 2, "{distances:?}");
     assert!(
         groups.iter().any(|g| *g == distances),
@@ -1269,10 +1288,7 @@ loss Diag() {
 /// and in a lean run; its gradient too.
 #[test]
 fn reductions_on_a_diagonal_agree() {
-    let graph =
-        compile_src(DIAGONALS, None, &lossc::Params::new()).unwrap_or_else(|e| panic!("{e}"));
-    let full = lossc::differentiate(&graph).0;
-    let code = jit::compile(&full, Precision::F64).unwrap();
+    let (full, code) = jit_of(DIAGONALS, None);
     for n in [1usize, 6, 37] {
         let x: Vec<f64> = (0..n * n)
             .map(|k| ((k * 13 % 29) as f64 * 0.41).sin())
@@ -1282,16 +1298,7 @@ fn reductions_on_a_diagonal_agree() {
             lossc::tensor_io::HostTensor::f64(vec![n, n], x),
         )]);
         let bound = bind_or(&full, &tensors).unwrap();
-        for threads in [1, 3] {
-            let opts = jit::RunOptions {
-                threads,
-                ..jit::RunOptions::full()
-            };
-            both_with::<f64>(&full, &bound, &code, RTOL_F64, opts)
-                .unwrap_or_else(|e| panic!("N={n}: {e}"));
-            both_with::<f32>(&full, &bound, &code, RTOL_F32, opts)
-                .unwrap_or_else(|e| panic!("N={n} f32: {e}"));
-        }
+        both_on_one_and_three_threads(&full, &bound, &code, &format!("N={n}"));
         let want = interp::evaluate::<f64>(&full, &bound).unwrap();
         let lean = code
             .run_with::<f64>(&bound, jit::RunOptions::lean())
@@ -1333,13 +1340,11 @@ loss Firsts() {
 #[test]
 fn the_first_passing_index_is_found_in_lanes() {
     let (full, code) = jit_of(FIRSTS, None);
-    let firsts: Vec<lossc::ir::NodeId> = (0..full.nodes.len())
-        .map(|i| lossc::ir::NodeId(i as u32))
-        .filter(|id| {
-            full.node(*id).dtype == lossc::ir::DType::Int && !full.node(*id).shape.is_empty()
-        })
-        .filter(|id| matches!(full.node(*id).kind, lossc::ir::NodeKind::Comp(_)))
-        .collect();
+    let firsts = nodes_where(&full, |id| {
+        full.node(*id).dtype == lossc::ir::DType::Int
+            && !full.node(*id).shape.is_empty()
+            && matches!(full.node(*id).kind, lossc::ir::NodeKind::Comp(_))
+    });
     assert_eq!(firsts.len(), 3, "{firsts:?}");
     for id in &firsts {
         assert!(code.is_vectorised(*id), "%{} runs in lanes", id.index());
@@ -1414,15 +1419,12 @@ loss Pairs() {
 #[test]
 fn a_row_sum_and_a_column_sum_of_one_domain_run_as_one_pass() {
     let (full, code) = jit_of(PAIRS, None);
-    let sums: Vec<lossc::ir::NodeId> = (0..full.nodes.len())
-        .map(|i| lossc::ir::NodeId(i as u32))
-        .filter(|id| {
-            full.node(*id)
-                .name
-                .as_deref()
-                .is_some_and(|n| n == "r" || n == "c")
-        })
-        .collect();
+    let sums = nodes_where(&full, |id| {
+        full.node(*id)
+            .name
+            .as_deref()
+            .is_some_and(|n| n == "r" || n == "c")
+    });
     assert_eq!(sums.len(), 2, "{sums:?}");
     assert!(
         code.fused_groups().contains(&sums),
@@ -1445,16 +1447,7 @@ fn a_row_sum_and_a_column_sum_of_one_domain_run_as_one_pass() {
             ),
         ]);
         let bound = bind_or(&full, &tensors).unwrap();
-        for threads in [1, 3] {
-            let opts = jit::RunOptions {
-                threads,
-                ..jit::RunOptions::full()
-            };
-            both_with::<f64>(&full, &bound, &code, RTOL_F64, opts)
-                .unwrap_or_else(|e| panic!("B={b} threads={threads}: {e}"));
-            both_with::<f32>(&full, &bound, &code, RTOL_F32, opts)
-                .unwrap_or_else(|e| panic!("B={b} threads={threads} f32: {e}"));
-        }
+        both_on_one_and_three_threads(&full, &bound, &code, &format!("B={b}"));
     }
 }
 
