@@ -26,6 +26,7 @@ pub mod jit;
 pub mod math;
 pub mod opt;
 pub mod stdlib;
+pub mod stream;
 pub mod syntax;
 pub mod tensor_io;
 

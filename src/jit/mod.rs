@@ -78,11 +78,11 @@ mod helpers;
 mod lower;
 mod plan;
 mod run;
-mod stream;
 mod translate;
 
+use crate::stream;
+pub use crate::stream::Streaming;
 pub use run::RunOptions;
-pub use stream::Streaming;
 
 use crate::bind::Bound;
 use crate::interp::{Evaluation, Real};

@@ -17,11 +17,11 @@
 //!   pass, errors come block by block (the same diagnostic, possibly for a
 //!   later element than the interpreter's first).
 
-use super::stream::{self, Mode, Pass, Step, Streaming};
 use super::{gemm, kernel_error, Code, CompiledKernel, Group, Precision};
 use crate::bind::Bound;
 use crate::interp::{Evaluation, Real, Tensor};
 use crate::ir::{Comp, DType, Graph, NodeId, NodeKind, RedOp};
+use crate::stream::{self, Mode, Pass, Step, Streaming};
 use crate::syntax::{codes, Diagnostic};
 use crate::tensor_io::TensorData;
 use ndarray::{ArrayD, IxDyn};
@@ -279,18 +279,6 @@ struct Run<'a, F> {
     pool: Pool,
 }
 
-/// Rows per streamed block: the option, else the Cached losses'
-/// `mini_batch_size` (a hint in the graph), else chosen by `stream::plan`.
-fn tile_rows(graph: &Graph, opts: RunOptions) -> Option<usize> {
-    opts.tile_rows.or_else(|| {
-        graph
-            .hints
-            .get("mini_batch_size")
-            .and_then(|n| usize::try_from(*n).ok())
-            .filter(|n| *n > 0)
-    })
-}
-
 /// Each node's shape and element count at the bound sizes.
 fn node_sizes(graph: &Graph, bound: &Bound) -> Result<(Vec<Vec<usize>>, Vec<usize>), Diagnostic> {
     let mut shapes = Vec::with_capacity(graph.nodes.len());
@@ -329,7 +317,8 @@ pub(super) fn steps(
         graph,
         &code.stream,
         opts.streaming,
-        tile_rows(graph, opts),
+        stream::tile_rows(graph, opts.tile_rows),
+        stream::CPU_BUDGET,
         &elems,
         code.precision.bytes() as usize,
         &|d| d.eval(&bound.sizes).map_or(0, |v| v.max(0) as usize),
@@ -369,7 +358,8 @@ pub(super) fn execute<F: Real>(
         graph,
         &code.stream,
         opts.streaming,
-        tile_rows(graph, opts),
+        stream::tile_rows(graph, opts.tile_rows),
+        stream::CPU_BUDGET,
         &run.elems,
         code.precision.bytes() as usize,
         &|d| d.eval(&bound.sizes).map_or(0, |v| v.max(0) as usize),

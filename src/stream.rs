@@ -1,6 +1,7 @@
 //! The streaming schedule: which comprehensions may be computed a block of
 //! rows at a time and never materialised, and how the nodes that read them
-//! run block by block.
+//! run block by block. Shared by the backends that stream (the JIT and
+//! CUDA); each runs the steps `plan` returns with its own kernels.
 //!
 //! In-batch losses build a `[B, N]` matrix (scores, their softmax, their
 //! adjoint) only to reduce it: along its rows (`logsumexp(c) s[i, c]`), along
@@ -40,7 +41,7 @@ use std::collections::BTreeMap;
 
 /// How a member of a region runs in a pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Mode {
+pub enum Mode {
     /// Output rows `lo .. hi` per block.
     RowLocal,
     /// Reduced variable at loop level `level` over `lo .. hi` per block,
@@ -50,7 +51,7 @@ pub(super) enum Mode {
 
 /// The streamable nodes of one row dim and the modes of their readers.
 #[derive(Clone, Debug)]
-pub(super) struct Region {
+pub struct Region {
     pub row: Dim,
     pub streamable: Vec<NodeId>,
     /// Every reader of a streamable node (and every streamable node, which
@@ -61,7 +62,7 @@ pub(super) struct Region {
 /// The regions of a graph, and the reduced level each accumulating kernel
 /// ranges over.
 #[derive(Clone, Debug, Default)]
-pub(super) struct Analysis {
+pub struct Analysis {
     pub regions: Vec<Region>,
     pub ranged_red: Vec<Option<usize>>,
 }
@@ -117,7 +118,7 @@ fn mode_of(graph: &Graph, reader: NodeId, of: NodeId, row: &Dim) -> Option<Mode>
 }
 
 /// The regions of `graph` (module doc).
-pub(super) fn analyse(graph: &Graph) -> Analysis {
+pub fn analyse(graph: &Graph) -> Analysis {
     let n = graph.nodes.len();
     let mut readers: Vec<Vec<NodeId>> = vec![Vec::new(); n];
     for i in 0..n {
@@ -215,13 +216,13 @@ pub(super) fn analyse(graph: &Graph) -> Analysis {
 
 /// One step of a run: a node computed whole, or a pass over blocks of rows.
 #[derive(Clone, Debug, PartialEq)]
-pub(super) enum Step {
+pub enum Step {
     Whole(NodeId),
     Pass(Pass),
 }
 
 #[derive(Clone, Debug, PartialEq)]
-pub(super) struct Pass {
+pub struct Pass {
     /// The region's row dim at these sizes.
     pub rows: usize,
     pub tile_rows: usize,
@@ -234,31 +235,59 @@ pub(super) struct Pass {
 /// How much a run may stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Streaming {
-    /// Stream the nodes that would take much memory (at least
-    /// `AUTO_MIN_BYTES` and more than the inputs' largest tensor).
+    /// Stream the nodes that would take much memory (at least the
+    /// backend's `Budget::auto_min_bytes` and more than the inputs' largest
+    /// tensor).
     Auto,
     /// Stream everything streamable.
     Always,
     Never,
 }
 
-/// A streamed node's size from which `Auto` streams it.
-pub const AUTO_MIN_BYTES: usize = 32 << 20;
-/// The bytes of tiles a pass aims for, and the fewest rows a block has: a
-/// block's contractions run as GEMMs of that many rows, and every GEMM call
-/// packs its other operand again, so short blocks cost more than memory.
-const TILE_BYTES: usize = 32 << 20;
-const MIN_TILE_ROWS: usize = 256;
+/// How much memory a backend trades for recomputation: the size from which
+/// `Auto` streams a node, and the tiles a pass aims for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Budget {
+    /// A streamed node's size from which `Auto` streams it.
+    pub auto_min_bytes: usize,
+    /// The bytes of tiles a pass aims for.
+    pub tile_bytes: usize,
+    /// The fewest rows a block has (unless the row dim is shorter).
+    pub min_tile_rows: usize,
+}
+
+/// The JIT's budget: a block's contractions run as GEMMs of its rows, and
+/// every GEMM call packs its other operand again, so short blocks cost more
+/// than memory.
+pub const CPU_BUDGET: Budget = Budget {
+    auto_min_bytes: 32 << 20,
+    tile_bytes: 32 << 20,
+    min_tile_rows: 256,
+};
+
+/// Rows per streamed block: the caller's choice, else the Cached losses'
+/// `mini_batch_size` (a hint in the graph), else `None` (`plan` chooses).
+pub fn tile_rows(graph: &Graph, chosen: Option<usize>) -> Option<usize> {
+    chosen.or_else(|| {
+        graph
+            .hints
+            .get("mini_batch_size")
+            .and_then(|n| usize::try_from(*n).ok())
+            .filter(|n| *n > 0)
+    })
+}
 
 /// The steps of one run at these sizes (module doc). `elems[n]` is node
 /// `n`'s element count and `rows_of(dim)` a dim's value; blocks have
-/// `tile_rows` rows, or as many as make tiles of about `TILE_BYTES` (at least
-/// `MIN_TILE_ROWS`).
-pub(super) fn plan(
+/// `tile_rows` rows, or as many as make tiles of about `budget.tile_bytes`
+/// (at least `budget.min_tile_rows`).
+#[allow(clippy::too_many_arguments)]
+pub fn plan(
     graph: &Graph,
     analysis: &Analysis,
     streaming: Streaming,
     tile_rows: Option<usize>,
+    budget: Budget,
     elems: &[usize],
     elem_bytes: usize,
     rows_of: &dyn Fn(&Dim) -> usize,
@@ -280,7 +309,7 @@ pub(super) fn plan(
                 Streaming::Never => false,
                 Streaming::Auto => {
                     let e = elems[id.index()];
-                    e * elem_bytes >= AUTO_MIN_BYTES && e > largest_input
+                    e * elem_bytes >= budget.auto_min_bytes && e > largest_input
                 }
             })
             .collect()
@@ -394,7 +423,7 @@ pub(super) fn plan(
             .map(|id| elems[id.index()] / rows * elem_bytes)
             .sum();
         let tile_rows = tile_rows
-            .unwrap_or((TILE_BYTES / row_bytes.max(1)).max(MIN_TILE_ROWS))
+            .unwrap_or((budget.tile_bytes / row_bytes.max(1)).max(budget.min_tile_rows))
             .clamp(1, rows);
         steps.push(Step::Pass(Pass {
             rows,
