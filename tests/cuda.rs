@@ -12,7 +12,7 @@
 mod common;
 use common::*;
 use lossc::bind;
-use lossc::cuda::{self, Precision};
+use lossc::cuda::{self, Precision, RunOptions};
 use std::process::Command;
 
 /// The first fixture case of every class the library defines.
@@ -466,8 +466,19 @@ mod emu {
             buf.0.as_ptr() as u64
         }
 
-        fn set_address(&self, table: &mut Buf, i: usize, address: u64) -> Result<(), Diagnostic> {
-            table.0[i] = address;
+        fn write(&self, buf: &mut Buf, offset: usize, bytes: &[u8]) -> Result<(), Diagnostic> {
+            assert!(
+                offset + bytes.len() <= buf.1,
+                "a write past the end of a buffer"
+            );
+            // SAFETY: in bounds, checked above.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    bytes.as_ptr(),
+                    (buf.0.as_mut_ptr() as *mut u8).add(offset),
+                    bytes.len(),
+                )
+            };
             Ok(())
         }
 
@@ -616,7 +627,7 @@ fn emulate_case<F: lossc::interp::Real>(
 ) -> Result<(), String> {
     let source = cuda::source(full, p)?;
     let want = lossc::interp::evaluate::<F>(full, bound);
-    let got = cuda::execute_on::<F, _>(full, &source, p, machine, bound, true);
+    let got = cuda::execute_on::<F, _>(full, &source, p, machine, bound, RunOptions::full());
     let (want, (got, peak_all)) = match (want, got) {
         (Ok(w), Ok(g)) => (w, g),
         (Err(w), Err(g)) if w.code == g.code => return Ok(()),
@@ -632,7 +643,8 @@ fn emulate_case<F: lossc::interp::Real>(
     check_outputs(full, bound, &want, &got, rtol)?;
     // The lean run (outputs and gradients only, dead buffers freed) agrees.
     let (lean, peak) =
-        cuda::execute_on::<F, _>(full, &source, p, machine, bound, false).map_err(|d| d.message)?;
+        cuda::execute_on::<F, _>(full, &source, p, machine, bound, RunOptions::lean())
+            .map_err(|d| d.message)?;
     if lean.outputs != got.outputs {
         return Err("outputs of the lean run differ".into());
     }
@@ -654,6 +666,64 @@ fn emulate_case<F: lossc::interp::Real>(
     Ok(())
 }
 
+/// One run of the emulated kernels: a graph with bound inputs (and its
+/// batch size, where the test picks options by it).
+struct EmuCase {
+    id: String,
+    full: lossc::ir::Graph,
+    bound: bind::Bound,
+    b: i64,
+}
+
+/// Cases grouped by generated program: each group compiles once.
+type EmuGroups = std::collections::BTreeMap<String, Vec<EmuCase>>;
+
+fn add_case(groups: &mut EmuGroups, case: EmuCase) {
+    let source = cuda::source(&case.full, Precision::F64).unwrap();
+    let key = cuda::nvrtc::cache_key(&source.text, &[], (0, 0));
+    groups.entry(key).or_default().push(case);
+}
+
+/// Runs `each` (machine, program, case → failures) on every case, on two
+/// workers that never share a library (the shim's barrier is global);
+/// returns every failure.
+fn emulate_groups(
+    groups: &EmuGroups,
+    tag: &str,
+    each: impl Fn(&emu::Emu, &cuda::codegen::Source, &EmuCase) -> Vec<String> + Sync,
+) -> Vec<String> {
+    let groups: Vec<_> = groups.iter().collect();
+    let failures = std::sync::Mutex::new(Vec::new());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let Some((key, cases)) = groups.get(i) else {
+                    break;
+                };
+                let source = cuda::source(&cases[0].full, Precision::F64).unwrap();
+                let machine = match emu::Emu::compile(&source, &format!("{tag}{key}")) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        let id = &cases[0].id;
+                        failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("{id}: host compile: {e}"));
+                        continue;
+                    }
+                };
+                for case in cases.iter() {
+                    let found = each(&machine, &source, case);
+                    failures.lock().unwrap().extend(found);
+                }
+            });
+        }
+    });
+    failures.into_inner().unwrap()
+}
+
 #[test]
 fn emulated_kernels_agree_with_the_interpreter_on_fixture_cases() {
     if let Err(e) = emu::available() {
@@ -662,12 +732,7 @@ fn emulated_kernels_agree_with_the_interpreter_on_fixture_cases() {
     }
     let start = std::time::Instant::now();
     let program = lossc::elab::Program::new();
-    // Cases grouped by generated program: each group compiles once, and the
-    // two workers never share a library (the shim's barrier is global).
-    let mut groups: std::collections::BTreeMap<
-        String,
-        Vec<(String, lossc::ir::Graph, bind::Bound)>,
-    > = Default::default();
+    let mut groups = EmuGroups::new();
     // CI time is tight: by default the first two cases of each class (every
     // class, every kind of kernel); LOSSC_EMU_ALL=1 runs all 129 (about a
     // minute on two cores; all pass).
@@ -690,48 +755,27 @@ fn emulated_kernels_agree_with_the_interpreter_on_fixture_cases() {
         let Ok(bound) = bind::bind(&full, &tensors) else {
             continue;
         };
-        let source = cuda::source(&full, Precision::F64).unwrap();
-        let key = cuda::nvrtc::cache_key(&source.text, &[], (0, 0));
-        groups
-            .entry(key)
-            .or_default()
-            .push((case.id.clone(), full, bound));
+        let id = case.id.clone();
+        add_case(
+            &mut groups,
+            EmuCase {
+                id,
+                full,
+                bound,
+                b: 0,
+            },
+        );
     }
-    let groups: Vec<_> = groups.into_iter().collect();
     let setup_s = start.elapsed().as_secs_f64();
-    let ran: usize = groups.iter().map(|g| g.1.len()).sum();
-    let failures = std::sync::Mutex::new(Vec::new());
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    std::thread::scope(|s| {
-        for _ in 0..2 {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let Some((key, cases)) = groups.get(i) else {
-                    break;
-                };
-                let source = cuda::source(&cases[0].1, Precision::F64).unwrap();
-                let machine = match emu::Emu::compile(&source, key) {
-                    Ok(m) => m,
-                    Err(e) => {
-                        failures
-                            .lock()
-                            .unwrap()
-                            .push(format!("{}: host compile: {e}", cases[0].0));
-                        continue;
-                    }
-                };
-                for (id, full, bound) in cases {
-                    // f64, where a semantic slip cannot hide in rounding:
-                    // only the summation order differs from the interpreter.
-                    if let Err(e) = emulate_case::<f64>(full, bound, Precision::F64, &machine, 1e-9)
-                    {
-                        failures.lock().unwrap().push(format!("{id} f64: {e}"));
-                    }
-                }
-            });
+    let ran: usize = groups.values().map(|g| g.len()).sum();
+    let failures = emulate_groups(&groups, "", |machine, _, case| {
+        // f64, where a semantic slip cannot hide in rounding: only the
+        // summation order differs from the interpreter.
+        match emulate_case::<f64>(&case.full, &case.bound, Precision::F64, machine, 1e-9) {
+            Ok(()) => vec![],
+            Err(e) => vec![format!("{} f64: {e}", case.id)],
         }
     });
-    let failures = failures.into_inner().unwrap();
     eprintln!(
         "emulated: {ran} fixture cases, {} programs, {:.1} s ({setup_s:.1} s compiling the losses)",
         groups.len(),
@@ -761,8 +805,14 @@ fn emulated_out_of_range_index_is_the_interpreters_diagnostic() {
     let run = |json: &str| {
         let bound = bind::bind(&full, &tensors_of(json)).unwrap();
         let want = lossc::interp::evaluate::<f64>(&full, &bound);
-        let got =
-            cuda::execute_on::<f64, _>(&full, &source, Precision::F64, &machine, &bound, true);
+        let got = cuda::execute_on::<f64, _>(
+            &full,
+            &source,
+            Precision::F64,
+            &machine,
+            &bound,
+            RunOptions::full(),
+        );
         (want, got.map(|x| x.0))
     };
     let (want, got) = run(r#"{"x": [1.0, 2.0, 4.0], "idx": [0, 2, 2]}"#);
@@ -845,9 +895,15 @@ fn emulated_reductions_keep_the_interpreters_special_values() {
         let tensors = tensors_of(&format!(r#"{{"x": {x}, "y": {y}}}"#));
         let bound = bind::bind(&graph, &tensors).unwrap();
         let want = lossc::interp::evaluate::<f64>(&graph, &bound).unwrap();
-        let (got, _) =
-            cuda::execute_on::<f64, _>(&graph, &source, Precision::F64, &machine, &bound, true)
-                .unwrap();
+        let (got, _) = cuda::execute_on::<f64, _>(
+            &graph,
+            &source,
+            Precision::F64,
+            &machine,
+            &bound,
+            RunOptions::full(),
+        )
+        .unwrap();
         compare_all(&graph, &want, &got, 1e-12).unwrap_or_else(|e| panic!("x = {x}: {e}"));
         for ((name, w), (_, g)) in want.outputs.iter().zip(&got.outputs) {
             assert!(
@@ -856,4 +912,192 @@ fn emulated_reductions_keep_the_interpreters_special_values() {
             );
         }
     }
+}
+
+/// Options for a lean run that streams as `streaming` says.
+fn lean(streaming: cuda::Streaming, tile_rows: Option<usize>) -> RunOptions {
+    RunOptions {
+        threads: 1,
+        streaming,
+        tile_rows,
+        lean: true,
+    }
+}
+
+/// Whether a run takes a streamed pass, and the nodes it keeps as tiles.
+fn streamed_nodes(
+    full: &lossc::ir::Graph,
+    source: &cuda::codegen::Source,
+    bound: &bind::Bound,
+    opts: RunOptions,
+) -> Vec<lossc::ir::NodeId> {
+    cuda::steps(full, source, Precision::F64, bound, opts)
+        .unwrap()
+        .into_iter()
+        .flat_map(|s| match s {
+            lossc::stream::Step::Pass(p) => p.streamed,
+            lossc::stream::Step::Whole(_) => vec![],
+        })
+        .collect()
+}
+
+#[test]
+fn emulated_streaming_agrees_with_the_interpreter_on_every_library_loss() {
+    // Lean runs that stream every in-batch matrix in blocks of rows (B = 3
+    // in 1-row blocks; B = 17 in 4-row blocks, the last one short, and
+    // `auto`, which streams nothing this small): values and gradients as
+    // the interpreter's, in f64, on the kernels compiled for the CPU.
+    if let Err(e) = emu::available() {
+        eprintln!("SKIP emulated kernels: {e}");
+        return;
+    }
+    let configs = |b: i64| match b {
+        3 => vec![("1-row blocks", lean(cuda::Streaming::Always, Some(1)))],
+        _ => vec![
+            ("4-row blocks", lean(cuda::Streaming::Always, Some(4))),
+            ("auto", RunOptions::lean()),
+        ],
+    };
+    let mut groups = EmuGroups::new();
+    for class in library_classes() {
+        let mut params = first_case_params(&class);
+        if params.contains_key("matryoshka_dims") {
+            params.insert("matryoshka_dims".into(), serde_json::json!([5, 4, 2]));
+        }
+        let Ok(base) = compile_std(&class, &params) else {
+            continue;
+        };
+        let k = if base.inputs().any(|(_, _, _, variadic)| variadic) {
+            2
+        } else {
+            1
+        };
+        for (seed, b) in [(3u64, 3i64), (4, 17)] {
+            let Some((full, bound)) = random_library_case(&class, &params, &base, (b, k), seed)
+            else {
+                continue;
+            };
+            let id = format!("{class} B={b}");
+            add_case(&mut groups, EmuCase { id, full, bound, b });
+        }
+    }
+    let streamed_classes = std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let runs = std::sync::atomic::AtomicUsize::new(0);
+    let failures = emulate_groups(&groups, "stream_", |machine, source, case| {
+        let (full, bound) = (&case.full, &case.bound);
+        let Ok(want) = lossc::interp::evaluate::<f64>(full, bound) else {
+            return vec![]; // a runtime error: covered above
+        };
+        let mut failures = vec![];
+        for (label, opts) in configs(case.b) {
+            runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if !streamed_nodes(full, source, bound, opts).is_empty() {
+                let class = case.id.split(' ').next().unwrap_or_default();
+                streamed_classes.lock().unwrap().insert(class.to_string());
+            }
+            let got =
+                cuda::execute_on::<f64, _>(full, source, Precision::F64, machine, bound, opts);
+            let result = got
+                .map_err(|d| d.message)
+                .and_then(|(got, _)| check_outputs(full, bound, &want, &got, 1e-9));
+            if let Err(e) = result {
+                failures.push(format!("{} {label}: {e}", case.id));
+            }
+        }
+        failures
+    });
+    let streamed_classes = streamed_classes.into_inner().unwrap();
+    let runs = runs.into_inner();
+    eprintln!("emulated streaming: {runs} runs; losses with a streamed pass: {streamed_classes:?}");
+    assert!(runs > 60, "only {runs} runs");
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    for class in IN_BATCH_LOSSES.iter().chain(&["MatryoshkaLoss"]) {
+        assert!(
+            streamed_classes.contains(*class),
+            "{class} never streamed; streamed: {streamed_classes:?}"
+        );
+    }
+}
+
+#[test]
+fn emulated_streamed_accumulations_keep_running_means_counts_and_empty_values() {
+    // Reductions over the rows of a streamed matrix merge block by block:
+    // a filtered mean and a sum with an `else` value keep a running fold
+    // and count (per column, and to a scalar), a count adds up. Blocks of 3
+    // rows over 10, so some blocks pass no element of a column.
+    if let Err(e) = emu::available() {
+        eprintln!("SKIP emulated kernels: {e}");
+        return;
+    }
+    let src = "loss L() {\n input x: [B, D]\n input y: [N, D]\n \
+        let s[i, c] = sum(k) x[i, k] * y[c, k]\n \
+        let m[c] = mean(i | s[i, c] > 0.5, else 3.0) s[i, c]\n \
+        let n[c] = count(i | s[i, c] > 0.5)\n \
+        output far = sum(i, c | s[i, c] > 1.5, else 7.0) s[i, c]\n \
+        output none = mean(i, c | s[i, c] > 100.0, else -2.0) s[i, c]\n \
+        sum(c) (m[c] + float(n[c]))\n}\n";
+    let graph = compile_src(src, None, &lossc::Params::new()).unwrap();
+    let source = cuda::source(&graph, Precision::F64).unwrap();
+    let machine = emu::Emu::compile(&source, "accumulations").unwrap();
+    let dims: std::collections::BTreeMap<String, i64> = [("B", 10), ("D", 3), ("N", 6)]
+        .map(|(k, v)| (k.to_string(), v))
+        .into();
+    let tensors = bind::random_inputs(&graph, 5, &dims).unwrap();
+    let bound = bind::bind(&graph, &tensors).unwrap();
+    let opts = lean(cuda::Streaming::Always, Some(3));
+    assert_eq!(streamed_nodes(&graph, &source, &bound, opts).len(), 1);
+    let want = lossc::interp::evaluate::<f64>(&graph, &bound).unwrap();
+    let (got, _) =
+        cuda::execute_on::<f64, _>(&graph, &source, Precision::F64, &machine, &bound, opts)
+            .unwrap();
+    assert_eq!(got.outputs.len(), 3);
+    for ((name, w), (_, g)) in want.outputs.iter().zip(&got.outputs) {
+        assert!(
+            (w - g).abs() <= 1e-12 * w.abs().max(1.0),
+            "{name}: streamed {g}, interp {w}"
+        );
+    }
+    let none = want.outputs.iter().find(|(n, _)| n == "none").unwrap().1;
+    assert_eq!(none, -2.0, "the filter passes nothing: the else value");
+}
+
+#[test]
+fn emulated_streamed_mnrl_holds_tiles_not_matrices() {
+    // MNRL at B = 64, N = 128: a run streamed in 8-row blocks holds no
+    // [B, N] matrix; its peak of node buffers is at least one whole matrix
+    // below the unstreamed lean run's, with the same loss and gradients.
+    if let Err(e) = emu::available() {
+        eprintln!("SKIP emulated kernels: {e}");
+        return;
+    }
+    let graph = compile_std("MultipleNegativesRankingLoss", &lossc::Params::new()).unwrap();
+    let full = lossc::differentiate(&graph).0;
+    let dims: std::collections::BTreeMap<String, i64> = [("B", 64), ("D", 8), ("K", 1)]
+        .map(|(k, v)| (k.to_string(), v))
+        .into();
+    let tensors = bind::random_inputs(&full, 9, &dims).unwrap();
+    let bound = bind::bind(&full, &tensors).unwrap();
+    let source = cuda::source(&full, Precision::F64).unwrap();
+    let machine = emu::Emu::compile(&source, "mnrl_tiles").unwrap();
+    let never = lean(cuda::Streaming::Never, None);
+    let always = lean(cuda::Streaming::Always, Some(8));
+    let streamed = streamed_nodes(&full, &source, &bound, always);
+    assert!(streamed.len() >= 3, "streamed {streamed:?}");
+    let run = |opts| {
+        cuda::execute_on::<f64, _>(&full, &source, Precision::F64, &machine, &bound, opts).unwrap()
+    };
+    let ((whole, peak_whole), (tiled, peak_tiled)) = (run(never), run(always));
+    let want = lossc::interp::evaluate::<f64>(&full, &bound).unwrap();
+    check_outputs(&full, &bound, &want, &whole, 1e-9).unwrap();
+    check_outputs(&full, &bound, &want, &tiled, 1e-9).unwrap();
+    let matrix = 64 * 128 * 8;
+    assert!(
+        peak_tiled + matrix <= peak_whole,
+        "peak {peak_tiled} B streamed vs {peak_whole} B whole"
+    );
 }

@@ -112,19 +112,9 @@ fn lean_streamed_and_threaded_runs_agree_with_the_interpreter_on_every_library_l
         let ks: &[i64] = if columns { &[0, 2] } else { &[1] };
         for &k in ks {
             for (n, b) in [1i64, 3, 17].into_iter().enumerate() {
-                let dims: BTreeMap<String, i64> = [("B", b), ("D", 5), ("K", k)]
-                    .into_iter()
-                    .map(|(d, v)| (d.to_string(), v))
-                    .filter(|(d, _)| base.dim_names().contains(d))
-                    .collect();
-                let Ok(tensors) = bind::random_inputs(&base, 11 + n as u64, &dims) else {
-                    continue;
-                };
-                let Ok(graph) = compile_std_for(&class, &params, &tensors) else {
-                    continue;
-                };
-                let full = lossc::differentiate(&graph).0;
-                let Ok(bound) = bind::bind(&full, &tensors) else {
+                let Some((full, bound)) =
+                    random_library_case(&class, &params, &base, (b, k), 11 + n as u64)
+                else {
                     continue;
                 };
                 let Ok(want) = interp::evaluate::<f64>(&full, &bound) else {
@@ -176,16 +166,9 @@ fn lean_streamed_and_threaded_runs_agree_with_the_interpreter_on_every_library_l
         failures.join("\n")
     );
     // The in-batch losses stream (their score matrices are never whole).
-    for class in [
-        "MultipleNegativesRankingLoss",
-        "MultipleNegativesSymmetricRankingLoss",
-        "CachedMultipleNegativesRankingLoss",
-        "GISTEmbedLoss",
-        "CachedGISTEmbedLoss",
-        "MegaBatchMarginLoss",
-    ] {
+    for class in IN_BATCH_LOSSES {
         assert!(
-            streamed_classes.contains(class),
+            streamed_classes.contains(*class),
             "{class} never streamed; streamed: {streamed_classes:?}"
         );
     }

@@ -248,18 +248,18 @@ struct RunArgs {
 /// More threads than any machine lossc runs on has cores, by far.
 const MAX_THREADS: usize = 1024;
 
-/// How the JIT runs (the interpreter ignores these).
+/// How the JIT and CUDA run (the interpreter ignores these).
 #[derive(Args)]
 struct ExecArgs {
     /// Threads for the JIT's loop nests and its GEMM [default: every core].
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
     /// Compute in-batch matrices (scores [B, N] and their gradients) in blocks of rows
-    /// instead of materialising them: `auto` streams a matrix of 32 MiB or more,
-    /// `always` every matrix that can stream, `never` none.
+    /// instead of materialising them: `auto` streams a matrix of 32 MiB or more
+    /// (256 MiB on CUDA), `always` every matrix that can stream, `never` none.
     #[arg(long, value_enum, default_value_t = StreamArg::Auto)]
     stream: StreamArg,
-    /// Rows per streamed block [default: about 32 MiB of tiles, at least 256 rows; a Cached loss's mini_batch_size].
+    /// Rows per streamed block [default: about 32 MiB of tiles (256 MiB on CUDA), at least 256 rows; a Cached loss's mini_batch_size].
     #[arg(long, value_name = "ROWS")]
     tile_rows: Option<usize>,
 }
@@ -1011,25 +1011,35 @@ fn bench(args: &BenchArgs) -> Result<(), Failure> {
             }
         }
     };
-    // What the JIT streams at these sizes: one entry per pass over blocks of rows.
+    // What the backend streams at these sizes: one entry per pass over
+    // blocks of rows.
+    let ids =
+        |v: &[ir::NodeId]| -> Vec<String> { v.iter().map(|id| format!("%{}", id.0)).collect() };
+    let pass = |rows, tile_rows, streamed: &[ir::NodeId], members: &[ir::NodeId]| {
+        serde_json::json!({
+            "rows": rows,
+            "tile_rows": tile_rows,
+            "streamed": ids(streamed),
+            "members": ids(members),
+        })
+    };
     let passes: Vec<serde_json::Value> = match &jit {
         Engine::Jit(program) => program
             .schedule(&bound, opts)
             .map_err(fail)?
             .iter()
+            .map(|p| pass(p.rows, p.tile_rows, &p.streamed, &p.members))
+            .collect(),
+        Engine::Cuda(program) => program
+            .schedule(&bound, opts)
+            .map_err(fail)?
+            .iter()
             .map(|p| {
-                let ids = |v: &[ir::NodeId]| -> Vec<String> {
-                    v.iter().map(|id| format!("%{}", id.0)).collect()
-                };
-                serde_json::json!({
-                    "rows": p.rows,
-                    "tile_rows": p.tile_rows,
-                    "streamed": ids(&p.streamed),
-                    "members": ids(&p.members),
-                })
+                let members: Vec<ir::NodeId> = p.nodes.iter().map(|(id, _)| *id).collect();
+                pass(p.rows, p.tile_rows, &p.streamed, &members)
             })
             .collect(),
-        _ => Vec::new(),
+        Engine::Interp => Vec::new(),
     };
     let (mut loss, mut grads) = call(&jit)?;
     let first_call_ms = start.elapsed().as_secs_f64() * 1e3;
@@ -1138,7 +1148,7 @@ fn evaluate<F: interp::Real>(
     match engine {
         Engine::Jit(program) => program.run_with::<F>(bound, opts),
         // Only the loss, its components and the gradients are read here.
-        Engine::Cuda(program) => program.run_outputs::<F>(bound),
+        Engine::Cuda(program) => program.run_with::<F>(bound, opts),
         Engine::Interp => interp::evaluate::<F>(full, bound),
     }
 }

@@ -26,6 +26,18 @@
 //!   (a NaN beats a number), NaN-propagating maximum/minimum/clamp,
 //!   logsumexp in two passes with -inf for an empty or all -inf set,
 //!   Euclidean `%` and `//`, an empty filtered set takes the `empty` value.
+//! * Streaming (`crate::stream`, the JIT's schedule): a kernel of a member
+//!   of a streaming region computes a block of rows, `lo .. lo + len`, read
+//!   from two dim-table slots the host sets per block (`block_symbols`).
+//!   A *row-local* member computes the output rows of the block; an
+//!   *accumulating* member (a `sum`, `mean` or `count` over the row
+//!   variable) folds the block's rows and merges the fold into its output
+//!   (the first block, `lo == 0`, starts it; a mean or a non-zero empty
+//!   value keeps a running fold and count after the output). A whole run is
+//!   one block of every row. Streamed nodes exist only as tiles: the host
+//!   points their table entry at the tile minus the block's first row, and
+//!   every read of them is at the ranged row variable, so indices stay
+//!   absolute and land in the tile.
 //! * Never out of bounds: a read index is either proven in range
 //!   symbolically (a loop variable whose extent fits the read dim; the proof
 //!   is re-checked numerically on the host before launching) or checked in
@@ -36,6 +48,7 @@
 
 use crate::ir::{BinOp, Comp, DType, Dim, Expr, Graph, IdxVar, NodeId, NodeKind, RedOp, UnOp};
 use crate::jit::Precision;
+use crate::stream::{self, Analysis, Mode};
 use std::collections::HashMap;
 use std::fmt::Write;
 
@@ -49,8 +62,12 @@ pub const SCALAR_BLOCK: u32 = 1024;
 /// The most blocks a reduction to a scalar uses.
 pub const SCALAR_GRID: u32 = 256;
 /// Bytes a reduction to a scalar needs after its output element: a ticket
-/// counter and four arrays of `SCALAR_GRID` partial-state words.
-pub const SCALAR_SCRATCH: usize = 8 + 8 + 4 * 8 * SCALAR_GRID as usize;
+/// counter, four arrays of `SCALAR_GRID` partial-state words, and the
+/// running fold and count of an accumulating one.
+pub const SCALAR_SCRATCH: usize = 8 + 8 + 4 * 8 * SCALAR_GRID as usize + 16;
+/// Offset of the running fold and count in the scratch of a reduction to
+/// a scalar.
+const SCALAR_TOTALS: usize = 8 + 8 + 4 * 8 * SCALAR_GRID as usize;
 /// Side of a contraction kernel's thread block (TILE × TILE threads).
 pub const TILE: u32 = 16;
 /// Each contraction thread computes MICRO × MICRO outputs: an output tile
@@ -68,6 +85,9 @@ pub struct Source {
     pub proofs: Vec<(Dim, Dim)>,
     /// What a kernel's error code (site + 1) means.
     pub sites: Vec<Site>,
+    /// What may stream (`stream::analyse`; a region sharing a member with
+    /// an earlier one is dropped, so each kernel has one row range).
+    pub stream: Analysis,
 }
 
 #[derive(Clone, Debug)]
@@ -75,6 +95,18 @@ pub struct Kernel {
     pub node: NodeId,
     pub name: String,
     pub launch: Launch,
+    /// The streaming region whose row range the kernel runs over, and how.
+    pub ranged: Option<(usize, Mode)>,
+    /// An accumulating kernel that keeps a running fold and count per
+    /// output element: its buffer holds `8 * total` bytes for the output,
+    /// then `16 * total` of state.
+    pub state: bool,
+}
+
+/// The dim-table symbols of region `k`'s block: its first row and its row
+/// count. The host binds them per block (a whole run: 0 and every row).
+pub fn block_symbols(region: usize) -> (String, String) {
+    (format!("lossc.lo{region}"), format!("lossc.len{region}"))
 }
 
 /// How the host launches a kernel; sizes are dim-table slots.
@@ -233,12 +265,15 @@ __device__ void lossc_fail(long long* err, long long site, long long a, long lon
 
 /// Generates the CUDA C program of `graph` (every node but inputs).
 pub fn generate(graph: &Graph, p: Precision) -> Result<Source, String> {
+    let (analysis, ranged) = schedule(graph);
     let mut g = Gen {
         graph,
         dims: Vec::new(),
         dim_index: HashMap::new(),
         proofs: Vec::new(),
         sites: Vec::new(),
+        range: None,
+        state: false,
     };
     let mut text = String::new();
     let _ = writeln!(
@@ -265,6 +300,21 @@ pub fn generate(graph: &Graph, p: Precision) -> Result<Source, String> {
     for (i, node) in graph.nodes.iter().enumerate() {
         let id = NodeId(i as u32);
         let name = format!("lossc_n{i}");
+        g.state = false;
+        g.range = match (&node.kind, ranged[i]) {
+            (NodeKind::Comp(c), Some((k, mode))) => {
+                let (lo, len) = block_symbols(k);
+                Some(Range {
+                    lo: Dim::sym(&lo),
+                    len: Dim::sym(&len),
+                    over: match mode {
+                        Mode::RowLocal => None,
+                        Mode::Accumulate { level } => Some(level - c.indices.len()),
+                    },
+                })
+            }
+            _ => None,
+        };
         let (body, launch) = match &node.kind {
             NodeKind::Input { .. } => continue,
             NodeKind::Comp(c) => g.comp(id, c)?,
@@ -289,6 +339,8 @@ pub fn generate(graph: &Graph, p: Precision) -> Result<Source, String> {
             node: id,
             name,
             launch,
+            ranged: ranged[i],
+            state: g.state,
         });
     }
     Ok(Source {
@@ -297,16 +349,62 @@ pub fn generate(graph: &Graph, p: Precision) -> Result<Source, String> {
         dims: g.dims,
         proofs: g.proofs,
         sites: g.sites,
+        stream: analysis,
     })
 }
 
-/// State shared by every kernel of a graph: the dim table, proofs, sites.
+/// The streaming regions kernels are generated for, and each node's region
+/// and mode. A node belongs to at most one region: a region with a member
+/// (streamable node or reader) already in an earlier one is dropped.
+fn schedule(graph: &Graph) -> (Analysis, Vec<Option<(usize, Mode)>>) {
+    let full = stream::analyse(graph);
+    let mut ranged: Vec<Option<(usize, Mode)>> = vec![None; graph.nodes.len()];
+    let mut regions = Vec::new();
+    for region in full.regions {
+        if region.modes.keys().any(|id| ranged[id.index()].is_some()) {
+            continue;
+        }
+        for (id, mode) in &region.modes {
+            ranged[id.index()] = Some((regions.len(), *mode));
+        }
+        regions.push(region);
+    }
+    let ranged_red = ranged
+        .iter()
+        .map(|r| match r {
+            Some((_, Mode::Accumulate { level })) => Some(*level),
+            _ => None,
+        })
+        .collect();
+    (
+        Analysis {
+            regions,
+            ranged_red,
+        },
+        ranged,
+    )
+}
+
+/// State shared by every kernel of a graph: the dim table, proofs, sites;
+/// and the row range of the kernel being generated.
 struct Gen<'a> {
     graph: &'a Graph,
     dims: Vec<Dim>,
     dim_index: HashMap<Dim, usize>,
     proofs: Vec<(Dim, Dim)>,
     sites: Vec<Site>,
+    range: Option<Range>,
+    /// The kernel being generated keeps a per-element fold and count.
+    state: bool,
+}
+
+/// The rows of a block (module doc): its first row and row count, and
+/// which reduced variable runs over them (`None`: the first output index).
+#[derive(Clone)]
+struct Range {
+    lo: Dim,
+    len: Dim,
+    over: Option<usize>,
 }
 
 impl Gen<'_> {
@@ -350,16 +448,57 @@ impl Gen<'_> {
         dims.iter().fold(Dim::lit(1), |a, d| a.mul(d))
     }
 
-    /// Declarations of the output buffer (and `total`) every kernel starts with.
+    /// C source of a ranged kernel's first row, end row and row count.
+    fn range_c(&mut self) -> Option<(String, String, String)> {
+        let r = self.range.clone()?;
+        Some((
+            self.dim(&r.lo),
+            self.dim(&r.lo.add(&r.len)),
+            self.dim(&r.len),
+        ))
+    }
+
+    /// The kernel computes a block of its output rows.
+    fn row_local(&self) -> bool {
+        matches!(&self.range, Some(r) if r.over.is_none())
+    }
+
+    /// The position in `over` of the reduced variable an accumulating
+    /// kernel runs over a block of.
+    fn range_over(&self) -> Option<usize> {
+        self.range.as_ref().and_then(|r| r.over)
+    }
+
+    /// The dim-table slot of the output elements a launch computes, and for
+    /// a row-local kernel the C source of the first one's position.
+    fn out_total(&mut self, id: NodeId) -> (usize, Option<String>) {
+        let shape = self.graph.node(id).shape.clone();
+        match self.range.clone() {
+            Some(Range {
+                lo,
+                len,
+                over: None,
+            }) => {
+                let inner = Self::product(&shape[1..]);
+                let base = self.dim(&lo.mul(&inner));
+                (self.slot(&len.mul(&inner)), Some(base))
+            }
+            _ => (self.slot(&Self::product(&shape)), None),
+        }
+    }
+
+    /// Declarations of the output buffer (and `total`, and a row-local
+    /// kernel's `base`) every kernel starts with.
     fn out_decl(&mut self, id: NodeId) -> (String, usize) {
-        let node = self.graph.node(id);
-        let total = Self::product(&node.shape);
-        let slot = self.slot(&total);
-        let ty = storage_type(node.dtype);
-        let s = format!(
+        let ty = storage_type(self.graph.node(id).dtype);
+        let (slot, base) = self.out_total(id);
+        let mut s = format!(
             "    {ty}* __restrict__ out = ({ty}*)bufs[{}];\n    const long long total = dims[{slot}];\n",
             id.0
         );
+        if let Some(base) = base {
+            let _ = writeln!(s, "    const long long base = {base};");
+        }
         (s, slot)
     }
 
@@ -382,19 +521,45 @@ impl Gen<'_> {
             .collect();
         if let Some(r) = &c.reduce {
             if c.indices.is_empty() {
-                let len = r.over.iter().fold(Dim::lit(1), |a, (_, d)| a.mul(d));
+                let len = self
+                    .reduced_extents(r)
+                    .iter()
+                    .fold(Dim::lit(1), |a, d| a.mul(d));
                 let len = self.slot(&len);
                 return Ok((self.grid_reduce(id, c, r), Launch::Scalar { len }));
             }
-            if self.rows_pay(c, r) {
-                let total = self.slot(&Self::product(&node.shape));
+            if self.range_over().is_none() && self.rows_pay(c, r) {
+                let (total, _) = self.out_total(id);
                 let len = r.over.iter().fold(Dim::lit(1), |a, (_, d)| a.mul(d));
                 let len = self.slot(&len);
                 let text = self.block_reduce(id, c, r)?;
                 return Ok((text, Launch::Rows { total, len }));
             }
         }
-        let (decl, total) = self.out_decl(id);
+        let (mut decl, total) = self.out_decl(id);
+        let at = if self.row_local() {
+            "flat + base"
+        } else {
+            "flat"
+        };
+        if let Some(r) = c.reduce.as_ref().filter(|_| self.range_over().is_some()) {
+            if needs_state(r) {
+                // The running fold and count of each element (module doc).
+                self.state = true;
+                let acc = Acc {
+                    op: r.op,
+                    dtype: node.dtype,
+                    body: self.body_ty(&c.body),
+                };
+                let t = c_type(acc.item_ty());
+                let _ = writeln!(decl, "    char* state = (char*)bufs[{}] + 8 * total;", id.0);
+                let _ = writeln!(decl, "    {t}* st_v = ({t}*)state;");
+                let _ = writeln!(
+                    decl,
+                    "    long long* st_n = (long long*)(state + 8 * total);"
+                );
+            }
+        }
         let mut e = Emitter::new(self, 2);
         e.levels = levels.clone();
         for (k, (v, _)) in levels.iter().enumerate().rev() {
@@ -413,11 +578,11 @@ impl Gen<'_> {
             }
             Some(r) => e.reduce_loops(r, &c.body, node.dtype)?,
         };
-        e.line(&format!("out[flat] = {};", store(&value, node.dtype)));
+        e.line(&format!("out[{at}] = {};", store(&value, node.dtype)));
         let mut s = decl;
         s.push_str(Self::grid_loop_open());
         if !levels.is_empty() {
-            s.push_str("        long long rest = flat;\n");
+            let _ = writeln!(s, "        long long rest = {at};");
         }
         s.push_str(&e.out);
         s.push_str("    }\n");
@@ -449,8 +614,8 @@ impl Gen<'_> {
         let mut s = format!("    {ty}* __restrict__ out = ({ty}*)bufs[{}];\n", id.0);
         s.push_str("    const int tid = threadIdx.x;\n");
         let mut ext = Vec::new();
-        for (_, d) in &r.over {
-            let d = self.dim(d);
+        for d in self.reduced_extents(r) {
+            let d = self.dim(&d);
             ext.push(format!("({d} > 0 ? {d} : 0LL)"));
         }
         let rtotal = if ext.is_empty() {
@@ -460,12 +625,20 @@ impl Gen<'_> {
         };
         let _ = writeln!(s, "    const long long rtotal = {rtotal};");
         let ind = if rows {
-            let total = self.slot(&Self::product(&node.shape));
+            let (total, base) = self.out_total(id);
             let _ = writeln!(s, "    const long long total = dims[{total}];");
+            if let Some(base) = &base {
+                let _ = writeln!(s, "    const long long base = {base};");
+            }
             s.push_str(
                 "    for (long long o_flat = blockIdx.x; o_flat < total; o_flat += gridDim.x) {\n",
             );
-            s.push_str("    long long o_rest = o_flat;\n");
+            let at = if base.is_some() {
+                "o_flat + base"
+            } else {
+                "o_flat"
+            };
+            let _ = writeln!(s, "    long long o_rest = {at};");
             for (k, (v, d)) in out_levels.iter().enumerate().rev() {
                 if k == 0 {
                     let _ = writeln!(s, "    const long long v{} = o_rest;", v.0);
@@ -475,7 +648,7 @@ impl Gen<'_> {
                     let _ = writeln!(s, "    o_rest /= {d};");
                 }
             }
-            "o_flat"
+            at
         } else {
             "0"
         };
@@ -566,8 +739,8 @@ impl Gen<'_> {
             8 + 24 * g
         );
         let mut ext = Vec::new();
-        for (_, d) in &r.over {
-            let d = self.dim(d);
+        for d in self.reduced_extents(r) {
+            let d = self.dim(&d);
             ext.push(format!("({d} > 0 ? {d} : 0LL)"));
         }
         let rtotal = if ext.is_empty() {
@@ -664,11 +837,39 @@ impl Gen<'_> {
         );
         s.push_str("    __syncthreads();\n");
         s.push_str(&tree);
-        let empty = match dtype {
-            DType::Float => float_lit(r.empty),
-            DType::Int => format!("{}LL", r.empty as i64),
-            DType::Bool => (r.empty != 0.0).to_string(),
-        };
+        if let Some((lo, ..)) = self.range_c().filter(|_| self.range_over().is_some()) {
+            // Merge the launch's fold into the running one (module doc);
+            // the next block's launch starts a fresh ticket.
+            let _ = writeln!(s, "    {vt}* tot_v = ({vt}*)(scratch + {SCALAR_TOTALS});");
+            let _ = writeln!(
+                s,
+                "    long long* tot_n = (long long*)(scratch + {});",
+                SCALAR_TOTALS + 8
+            );
+            let v = if r.op == RedOp::Count {
+                "s_n[0]"
+            } else {
+                "s_v[0]"
+            };
+            let (stmts, value) = merge_block(
+                &acc,
+                r,
+                dtype,
+                &lo,
+                v,
+                "s_n[0]",
+                "out[0]",
+                Some(("tot_v[0]", "tot_n[0]")),
+            );
+            s.push_str("    if (tid == 0) {\n");
+            for st in stmts {
+                let _ = writeln!(s, "        {st}");
+            }
+            let _ = writeln!(s, "        out[0] = {};", store(&value, dtype));
+            s.push_str("        *ticket = 0ULL;\n    }\n");
+            return s;
+        }
+        let empty = empty_lit(r, dtype);
         let target = ty_of(dtype);
         let value = match r.op {
             RedOp::Count => convert_c("s_n[0]", Ty::I, target),
@@ -754,6 +955,21 @@ impl Gen<'_> {
         contiguous && !short
     }
 
+    /// The extents of a reduction's variables in one launch: an
+    /// accumulating kernel's ranged variable runs over the block's rows.
+    fn reduced_extents(&self, r: &crate::ir::Reduce) -> Vec<Dim> {
+        r.over
+            .iter()
+            .enumerate()
+            .map(|(k, (_, d))| match &self.range {
+                Some(Range {
+                    len, over: Some(o), ..
+                }) if *o == k => len.clone(),
+                _ => d.clone(),
+            })
+            .collect()
+    }
+
     fn body_ty(&self, e: &Expr) -> Ty {
         match e {
             Expr::Float(_) => Ty::F,
@@ -817,6 +1033,36 @@ impl Gen<'_> {
         let (t, mt, side) = (TILE, MICRO, TILE * MICRO);
         let loads = side * t / (t * t);
         let empty = float_lit(con.empty);
+        // A ranged kernel runs over the block's rows `lo .. hi` of one
+        // role: the output rows or batches (row-local), or k (accumulating).
+        let range = self.range_c();
+        let ranged_role = match (&range, self.range_over(), con.batched) {
+            (None, ..) => None,
+            (Some(_), Some(_), _) => Some(crate::ir::contraction::Role::K),
+            (Some(_), None, true) => Some(crate::ir::contraction::Role::Batch),
+            (Some(_), None, false) => Some(crate::ir::contraction::Role::Outer),
+        };
+        let bounds = |role| {
+            if ranged_role == Some(role) {
+                ("lo", "hi")
+            } else {
+                match role {
+                    crate::ir::contraction::Role::Batch => ("0", "NB"),
+                    crate::ir::contraction::Role::Outer => ("0", "M"),
+                    crate::ir::contraction::Role::K => ("0", "K"),
+                }
+            }
+        };
+        let (b_lo, b_hi) = bounds(crate::ir::contraction::Role::Batch);
+        let (m_lo, m_hi) = bounds(crate::ir::contraction::Role::Outer);
+        let (k_lo, k_hi) = bounds(crate::ir::contraction::Role::K);
+        let from = |lo: &str| {
+            if lo == "0" {
+                String::new()
+            } else {
+                format!("{lo} + ")
+            }
+        };
         let mut s = String::new();
         let _ = writeln!(s, "    real* __restrict__ out = (real*)bufs[{}];", id.0);
         let _ = writeln!(
@@ -833,6 +1079,9 @@ impl Gen<'_> {
             s,
             "    const long long M = {m}, N = {n}, K = {k}, NB = {nb};"
         );
+        if let Some((lo, hi, _)) = &range {
+            let _ = writeln!(s, "    const long long lo = {lo}, hi = {hi};");
+        }
         let _ = writeln!(s, "    __shared__ real As[{t}][{}];", side + 1);
         let _ = writeln!(s, "    __shared__ real Bs[{t}][{}];", side + 1);
         let _ = writeln!(
@@ -841,11 +1090,13 @@ impl Gen<'_> {
         );
         let _ = writeln!(
             s,
-            "    for (long long b = blockIdx.z; b < NB; b += gridDim.z) {{"
+            "    for (long long b = {}blockIdx.z; b < {b_hi}; b += gridDim.z) {{",
+            from(b_lo)
         );
         let _ = writeln!(
             s,
-            "    for (long long r0 = (long long)blockIdx.y * {side}; r0 < M; r0 += (long long)gridDim.y * {side}) {{"
+            "    for (long long r0 = {}(long long)blockIdx.y * {side}; r0 < {m_hi}; r0 += (long long)gridDim.y * {side}) {{",
+            from(m_lo)
         );
         let _ = writeln!(
             s,
@@ -857,7 +1108,10 @@ impl Gen<'_> {
             s,
             "        for (int i = 0; i < {mt}; ++i) for (int j = 0; j < {mt}; ++j) acc[i][j] = (real)0;"
         );
-        let _ = writeln!(s, "        for (long long k0 = 0; k0 < K; k0 += {t}) {{");
+        let _ = writeln!(
+            s,
+            "        for (long long k0 = {k_lo}; k0 < {k_hi}; k0 += {t}) {{"
+        );
         let _ = writeln!(s, "            #pragma unroll");
         let _ = writeln!(s, "            for (int q = 0; q < {loads}; ++q) {{");
         // Consecutive threads load consecutive addresses: along k when k is
@@ -878,7 +1132,7 @@ impl Gen<'_> {
         );
         let _ = writeln!(
             s,
-            "                    As[kk][r] = (gr < M && gk < K) ? A[b * {sab} + gr * {sai} + gk * {sak}] : (real)0;"
+            "                    As[kk][r] = (gr < {m_hi} && gk < {k_hi}) ? A[b * {sab} + gr * {sai} + gk * {sak}] : (real)0;"
         );
         let _ = writeln!(s, "                }}");
         let _ = writeln!(s, "                {{");
@@ -889,7 +1143,7 @@ impl Gen<'_> {
         );
         let _ = writeln!(
             s,
-            "                    Bs[kk][r] = (gc < N && gk < K) ? B[b * {sbb} + gc * {sbj} + gk * {sbk}] : (real)0;"
+            "                    Bs[kk][r] = (gc < N && gk < {k_hi}) ? B[b * {sbb} + gc * {sbj} + gk * {sbk}] : (real)0;"
         );
         let _ = writeln!(s, "                }}");
         let _ = writeln!(s, "            }}");
@@ -919,16 +1173,29 @@ impl Gen<'_> {
             s,
             "            const long long row = r0 + ty + {t} * i, col = c0 + tx + {t} * j;"
         );
+        let value = if ranged_role == Some(crate::ir::contraction::Role::K) {
+            // Accumulating: the first block starts the sum (module doc).
+            format!("lo == 0 ? (hi > 0 ? acc[i][j] : {empty}) : out[(b * M + row) * N + col] + acc[i][j]")
+        } else {
+            format!("K > 0 ? acc[i][j] : {empty}")
+        };
         let _ = writeln!(
             s,
-            "            if (row < M && col < N) out[(b * M + row) * N + col] = K > 0 ? acc[i][j] : {empty};"
+            "            if (row < {m_hi} && col < N) out[(b * M + row) * N + col] = {value};"
         );
         let _ = writeln!(s, "        }}");
         s.push_str("    }\n    }\n    }\n");
+        let len = self.range.clone().map(|r| r.len);
+        let rows_of = |g: &mut Self, role, whole: &Dim| match &len {
+            Some(len) if ranged_role == Some(role) => g.slot(len),
+            _ => g.slot(whole),
+        };
         let launch = Launch::Tiled {
-            m: self.slot(&mdim),
+            m: rows_of(self, crate::ir::contraction::Role::Outer, &mdim),
             n: self.slot(&ndim),
-            batch: bdim.as_ref().map(|b| self.slot(b)),
+            batch: bdim
+                .as_ref()
+                .map(|b| rows_of(self, crate::ir::contraction::Role::Batch, b)),
         };
         Some((s, launch))
     }
@@ -1001,6 +1268,71 @@ impl Gen<'_> {
         s.push_str("    }\n");
         (s, Launch::Grid { total })
     }
+}
+
+/// A reduction's empty value as C source of the node's type.
+fn empty_lit(r: &crate::ir::Reduce, dtype: DType) -> String {
+    match dtype {
+        DType::Float => float_lit(r.empty),
+        DType::Int => format!("{}LL", r.empty as i64),
+        DType::Bool => (r.empty != 0.0).to_string(),
+    }
+}
+
+/// An accumulating reduction keeps a running fold and count: a mean, or an
+/// empty value other than the fold of nothing (0).
+fn needs_state(r: &crate::ir::Reduce) -> bool {
+    r.op == RedOp::Mean || r.empty != 0.0
+}
+
+/// The statements that merge a block's fold `v` (of the item type; the
+/// count for `count`) and count `n` into an accumulating node whose value
+/// is at `out_at`, and the merged value as C source of the node's type. The
+/// first block (`lo == 0`) starts afresh. With `state` (`needs_state`) the
+/// running fold and count live there; without, the value is the fold.
+#[allow(clippy::too_many_arguments)]
+fn merge_block(
+    acc: &Acc,
+    r: &crate::ir::Reduce,
+    dtype: DType,
+    lo: &str,
+    v: &str,
+    n: &str,
+    out_at: &str,
+    state: Option<(&str, &str)>,
+) -> (Vec<String>, String) {
+    let target = ty_of(dtype);
+    let item = if r.op == RedOp::Count {
+        Ty::I
+    } else {
+        acc.item_ty()
+    };
+    let add = |a: &str, b: &str, t: Ty| {
+        if t == Ty::I {
+            format!("lossc_iadd({a}, {b})")
+        } else {
+            format!("({a} + {b})")
+        }
+    };
+    let Some((sv, sn)) = state else {
+        let x = convert_c(v, item, target);
+        return (
+            vec![],
+            format!("({lo} == 0 ? {x} : {})", add(out_at, &x, target)),
+        );
+    };
+    let stmts = vec![
+        format!("if ({lo} == 0) {{ {sv} = {v}; {sn} = {n}; }}"),
+        format!("else {{ {sv} = {}; {sn} += {n}; }}", add(sv, v, item)),
+    ];
+    let value = match r.op {
+        RedOp::Mean => convert_c(&format!("({sv} / (real){sn})"), Ty::F, target),
+        _ => convert_c(sv, item, target),
+    };
+    (
+        stmts,
+        format!("({sn} == 0 ? {} : {value})", empty_lit(r, dtype)),
+    )
 }
 
 /// `value` (already of the node's type) as the buffer's storage type.
@@ -1171,11 +1503,7 @@ impl Acc {
     /// The C expression of the reduction's value (block reduction, thread 0),
     /// of the node's type.
     fn result(&self, r: &crate::ir::Reduce, dtype: DType) -> String {
-        let empty = match dtype {
-            DType::Float => float_lit(r.empty),
-            DType::Int => format!("{}LL", r.empty as i64),
-            DType::Bool => (r.empty != 0.0).to_string(),
-        };
+        let empty = empty_lit(r, dtype);
         let target = ty_of(dtype);
         let value = match self.op {
             RedOp::Count => convert_c("s_n[0]", Ty::I, target),
@@ -1230,12 +1558,23 @@ impl<'g, 'a> Emitter<'g, 'a> {
     /// (the last varies fastest), then skips the element when the filter
     /// rejects it. Whether `rest` was used.
     fn reduced_item(&mut self, r: &crate::ir::Reduce) -> bool {
-        for (k, (v, d)) in r.over.iter().enumerate().rev() {
-            if k == 0 {
-                self.line(&format!("const long long v{} = rest;", v.0));
+        let extents = self.g.reduced_extents(r);
+        let ranged = self.g.range_over();
+        let lo = match self.g.range_c() {
+            Some((lo, ..)) if ranged.is_some() => lo,
+            _ => String::new(),
+        };
+        for (k, (v, _)) in r.over.iter().enumerate().rev() {
+            let first = if ranged == Some(k) {
+                format!("{lo} + ")
             } else {
-                let d = self.g.dim(d);
-                self.line(&format!("const long long v{} = rest % {d};", v.0));
+                String::new()
+            };
+            if k == 0 {
+                self.line(&format!("const long long v{} = {first}rest;", v.0));
+            } else {
+                let d = self.g.dim(&extents[k]);
+                self.line(&format!("const long long v{} = {first}rest % {d};", v.0));
                 self.line(&format!("rest /= {d};"));
             }
         }
@@ -1517,10 +1856,14 @@ impl<'g, 'a> Emitter<'g, 'a> {
                 self.open("if (n > 0 && !isinf(mx)) {");
             }
             let outer_levels = self.levels.len();
-            for (v, extent) in &r.over {
-                let d = self.g.dim(extent);
+            let ranged = self.g.range_over();
+            for (k, (v, extent)) in r.over.iter().enumerate() {
+                let (from, to) = match self.g.range_c() {
+                    Some((lo, hi, _)) if ranged == Some(k) => (lo, hi),
+                    _ => ("0".to_string(), self.g.dim(extent)),
+                };
                 self.open(&format!(
-                    "for (long long v{0} = 0; v{0} < {d}; ++v{0}) {{",
+                    "for (long long v{0} = {from}; v{0} < {to}; ++v{0}) {{",
                     v.0
                 ));
                 self.levels.push((*v, extent.clone()));
@@ -1544,11 +1887,17 @@ impl<'g, 'a> Emitter<'g, 'a> {
                 self.close("}");
             }
         }
-        let empty = match dtype {
-            DType::Float => float_lit(r.empty),
-            DType::Int => format!("{}LL", r.empty as i64),
-            DType::Bool => (r.empty != 0.0).to_string(),
-        };
+        if let Some((lo, ..)) = self.g.range_c().filter(|_| self.g.range_over().is_some()) {
+            // An accumulating kernel's element (module doc).
+            let v = if r.op == RedOp::Count { "n" } else { "acc" };
+            let state = needs_state(r).then_some(("st_v[flat]", "st_n[flat]"));
+            let (stmts, value) = merge_block(&acc, r, dtype, &lo, v, "n", "out[flat]", state);
+            for st in stmts {
+                self.line(&st);
+            }
+            return Ok(self.bind(ty_of(dtype), &value).0);
+        }
+        let empty = empty_lit(r, dtype);
         let target = ty_of(dtype);
         let value = match r.op {
             RedOp::Count => convert_c("n", Ty::I, target),

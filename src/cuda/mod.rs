@@ -46,6 +46,7 @@ pub mod nvrtc;
 use crate::bind::Bound;
 use crate::interp::{Evaluation, Real, Tensor};
 use crate::ir::{DType, Graph, NodeId, NodeKind};
+use crate::stream::{self, Budget, Step};
 use crate::syntax::{codes, Diagnostic};
 use crate::tensor_io::TensorData;
 use cudarc::driver::{
@@ -55,7 +56,16 @@ use ndarray::{ArrayD, IxDyn};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-pub use crate::jit::Precision;
+pub use crate::jit::{Precision, RunOptions, Streaming};
+
+/// What the GPU trades for recomputation: it has memory to spare and many
+/// cores to fill, so it streams only matrices of 256 MiB or more, in tiles
+/// of about 256 MiB.
+pub const GPU_BUDGET: Budget = Budget {
+    auto_min_bytes: 256 << 20,
+    tile_bytes: 256 << 20,
+    min_tile_rows: 256,
+};
 
 /// The CUDA C of a graph (every kernel, in node order), for `lossc cuda` and
 /// the snapshot tests.
@@ -201,21 +211,48 @@ impl CudaProgram {
         *self.peak.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Every node's value, as `interp::evaluate` returns it.
+    /// The passes over blocks of rows a run at these sizes takes (empty
+    /// when nothing streams).
+    pub fn schedule(
+        &self,
+        bound: &Bound,
+        opts: RunOptions,
+    ) -> Result<Vec<stream::Pass>, Diagnostic> {
+        let steps = steps(
+            &self.graph,
+            &self.compiled.source,
+            self.compiled.precision,
+            bound,
+            opts,
+        )?;
+        Ok(steps
+            .into_iter()
+            .filter_map(|s| match s {
+                Step::Pass(p) => Some(p),
+                Step::Whole(_) => None,
+            })
+            .collect())
+    }
+
+    /// Every node's value, as `interp::evaluate` returns it (nothing
+    /// streamed).
     pub fn run<F: Real>(&self, bound: &Bound) -> Result<Evaluation<F>, Diagnostic> {
-        self.run_with(bound, true)
+        self.run_with(bound, RunOptions::full())
     }
 
     /// The outputs and gradient nodes only (other values are empty): frees
-    /// every other buffer as soon as it is dead and copies back little.
+    /// every other buffer as soon as it is dead, streams the in-batch
+    /// matrices that would take much device memory, and copies back little.
     pub fn run_outputs<F: Real>(&self, bound: &Bound) -> Result<Evaluation<F>, Diagnostic> {
-        self.run_with(bound, false)
+        self.run_with(bound, RunOptions::lean())
     }
 
-    fn run_with<F: Real>(
+    /// `run` with options: streaming, tile rows, and whether every node's
+    /// value is kept (`threads` is the JIT's and is ignored).
+    pub fn run_with<F: Real>(
         &self,
         bound: &Bound,
-        keep_all: bool,
+        opts: RunOptions,
     ) -> Result<Evaluation<F>, Diagnostic> {
         let p = Precision::of::<F>()
             .ok_or_else(|| failed("the CUDA backend runs in f32 or f64 only"))?;
@@ -236,7 +273,7 @@ impl CudaProgram {
         // cudarc panics on a driver symbol it cannot find; that is a
         // diagnostic here, not a crash.
         let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            execute::<F>(&self.graph, &compiled, dev, bound, keep_all)
+            execute::<F>(&self.graph, &compiled, dev, bound, opts)
         }));
         let (eval, peak) = run.map_err(|_| {
             failed("the CUDA driver library lacks a function lossc needs (driver too old?)")
@@ -483,8 +520,9 @@ pub trait Machine {
     fn size(&self, buf: &Self::Buf) -> usize;
     /// The address kernels see for `buf`.
     fn address(&self, buf: &Self::Buf) -> u64;
-    /// Stores `address` as the `i`-th u64 of `table`.
-    fn set_address(&self, table: &mut Self::Buf, i: usize, address: u64) -> Result<(), Diagnostic>;
+    /// Copies `bytes` into `buf` at byte `offset`, after every launch so
+    /// far (the pointer table and the dim table change between launches).
+    fn write(&self, buf: &mut Self::Buf, offset: usize, bytes: &[u8]) -> Result<(), Diagnostic>;
     /// Launches kernel `k` of the program with `(table, dims, err)`;
     /// `sizes` is the dim table's values (for the launch shape).
     fn launch(
@@ -528,17 +566,14 @@ impl Machine for Gpu<'_> {
         buf.device_ptr(self.stream).0
     }
 
-    fn set_address(
+    fn write(
         &self,
-        table: &mut CudaSlice<u8>,
-        i: usize,
-        address: u64,
+        buf: &mut CudaSlice<u8>,
+        offset: usize,
+        bytes: &[u8],
     ) -> Result<(), Diagnostic> {
         self.stream
-            .memcpy_htod(
-                &address.to_ne_bytes(),
-                &mut table.slice_mut(i * 8..i * 8 + 8),
-            )
+            .memcpy_htod(bytes, &mut buf.slice_mut(offset..offset + bytes.len()))
             .map_err(driver("copy"))
     }
 
@@ -574,17 +609,45 @@ fn execute<F: Real>(
     c: &Compiled,
     dev: &Device,
     bound: &Bound,
-    keep_all: bool,
+    opts: RunOptions,
 ) -> Result<(Evaluation<F>, u64), Diagnostic> {
     let gpu = Gpu {
         stream: &dev.stream,
         functions: &c.functions,
     };
-    execute_on(graph, &c.source, c.precision, &gpu, bound, keep_all)
+    execute_on(graph, &c.source, c.precision, &gpu, bound, opts)
 }
 
-/// Runs every kernel of `source` once on `m` (module doc, step 4); returns
-/// the evaluation and the peak bytes of node buffers held at once.
+/// The steps a run of `source` at these sizes takes (`stream::plan` with
+/// the GPU's budget).
+pub fn steps(
+    graph: &Graph,
+    source: &codegen::Source,
+    p: Precision,
+    bound: &Bound,
+    opts: RunOptions,
+) -> Result<Vec<Step>, Diagnostic> {
+    let elems: Vec<usize> = node_shapes(graph, bound)?
+        .iter()
+        .map(|s| s.iter().product())
+        .collect();
+    Ok(stream::plan(
+        graph,
+        &source.stream,
+        opts.streaming,
+        stream::tile_rows(graph, opts.tile_rows),
+        GPU_BUDGET,
+        &elems,
+        p.bytes() as usize,
+        &|d| d.eval(&bound.sizes).map_or(0, |v| v.max(0) as usize),
+    ))
+}
+
+/// Runs the kernels of `source` on `m` (module doc, step 4) in the steps of
+/// `stream::plan`: a node whole, or a pass over blocks of rows whose
+/// streamed nodes exist only as tiles. Returns the evaluation (streamed
+/// nodes, and in a lean run every node but outputs and gradients, are
+/// empty) and the peak bytes of node buffers held at once.
 #[doc(hidden)]
 pub fn execute_on<F: Real, M: Machine>(
     graph: &Graph,
@@ -592,17 +655,12 @@ pub fn execute_on<F: Real, M: Machine>(
     p: Precision,
     m: &M,
     bound: &Bound,
-    keep_all: bool,
+    opts: RunOptions,
 ) -> Result<(Evaluation<F>, u64), Diagnostic> {
     if Precision::of::<F>() != Some(p) {
         return Err(failed("internal error: a program run in another precision"));
     }
     let sizes = &bound.sizes;
-    let dim_values: Vec<i64> = source
-        .dims
-        .iter()
-        .map(|d| d.eval(sizes).unwrap_or(0))
-        .collect();
     for (b, d) in &source.proofs {
         let need = b.eval(sizes).unwrap_or(0).max(0);
         let have = d.eval(sizes).unwrap_or(-1);
@@ -616,30 +674,75 @@ pub fn execute_on<F: Real, M: Machine>(
     }
     let shapes = node_shapes(graph, bound)?;
     let n = graph.nodes.len();
-    // Which nodes are copied back, and the last node reading each node.
-    let mut keep = vec![keep_all; n];
+    let elems: Vec<usize> = shapes.iter().map(|s| s.iter().product()).collect();
+    let rows_of = |d: &crate::ir::Dim| d.eval(sizes).map_or(0, |v| v.max(0) as usize);
+    let steps = steps(graph, source, p, bound, opts)?;
+    // The dim table, with each region's block bound to all its rows.
+    let mut block_sizes = sizes.clone();
+    let whole_blocks: Vec<(String, String, i64)> = (source.stream.regions.iter().enumerate())
+        .map(|(k, region)| {
+            let (lo, len) = codegen::block_symbols(k);
+            (lo, len, rows_of(&region.row) as i64)
+        })
+        .collect();
+    for (lo, len, rows) in &whole_blocks {
+        block_sizes.insert(lo.clone(), 0);
+        block_sizes.insert(len.clone(), *rows);
+    }
+    let table_of = |sizes: &std::collections::BTreeMap<String, i64>| -> Vec<i64> {
+        source
+            .dims
+            .iter()
+            .map(|d| d.eval(sizes).unwrap_or(0))
+            .collect()
+    };
+    let bytes_of = |v: &[i64]| -> Vec<u8> { v.iter().flat_map(|d| d.to_ne_bytes()).collect() };
+    let mut dim_values = table_of(&block_sizes);
+    let mut dims_buf = m.upload(&bytes_of(&dim_values))?;
+    let err_buf = m.alloc(3 * 8)?;
+    let mut table = m.alloc(n.max(1) * 8)?;
+    let mut kernel_of: Vec<Option<usize>> = vec![None; n];
+    for (k, kernel) in source.kernels.iter().enumerate() {
+        kernel_of[kernel.node.index()] = Some(k);
+    }
+    // What is copied back, what exists only as tiles, and the last step
+    // reading each node.
+    let streamed: Vec<bool> = (0..n)
+        .map(|i| {
+            steps.iter().any(|s| match s {
+                Step::Pass(p) => p.streamed.contains(&NodeId(i as u32)),
+                Step::Whole(_) => false,
+            })
+        })
+        .collect();
+    let mut keep: Vec<bool> = (0..n).map(|i| !opts.lean && !streamed[i]).collect();
     for (_, id) in graph.outputs.iter().chain(&graph.grads) {
         keep[id.index()] = true;
     }
-    let mut last_use = vec![usize::MAX; n];
-    for i in 0..n {
-        for o in graph.operands(NodeId(i as u32)) {
-            last_use[o.index()] = i;
+    let step_nodes = |s: &Step| -> Vec<NodeId> {
+        match s {
+            Step::Whole(id) => vec![*id],
+            Step::Pass(p) => p.nodes.iter().map(|(id, _)| *id).collect(),
+        }
+    };
+    let mut last_use = vec![None; n];
+    for (si, step) in steps.iter().enumerate() {
+        for id in step_nodes(step) {
+            for o in graph.operands(id) {
+                last_use[o.index()] = Some(si);
+            }
         }
     }
-    let dim_bytes: Vec<u8> = dim_values.iter().flat_map(|d| d.to_ne_bytes()).collect();
-    let dims_buf = m.upload(&dim_bytes)?;
-    let err_buf = m.alloc(3 * 8)?;
-    let mut table = m.alloc(n.max(1) * 8)?;
     let mut bufs: Vec<Option<M::Buf>> = (0..n).map(|_| None).collect();
     let (mut live, mut peak) = (0u64, 0u64);
-    let mut kernels = source.kernels.iter().enumerate().peekable();
-    for i in 0..n {
+    let write_address =
+        |table: &mut M::Buf, i: usize, address: u64| m.write(table, i * 8, &address.to_ne_bytes());
+    // A node's buffer: its input's elements, or zeroed room for its value
+    // (and a reduction's scratch, `codegen::Kernel`), or a tile of `rows`.
+    let allocate = |i: usize, rows: Option<usize>| -> Result<M::Buf, Diagnostic> {
         let node = &graph.nodes[i];
-        let count: usize = shapes[i].iter().product();
-        let bytes = count * elem_bytes(node.dtype, p);
-        check_layout(graph, &shapes, i, bound)?;
-        let buf = if let NodeKind::Input { .. } = node.kind {
+        let bytes = elems[i] * elem_bytes(node.dtype, p);
+        if let NodeKind::Input { .. } = node.kind {
             let input = bound.input(NodeId(i as u32)).ok_or_else(|| {
                 Diagnostic::error(codes::MISSING_TENSOR, "an input was not bound")
             })?;
@@ -650,38 +753,97 @@ pub fn execute_on<F: Real, M: Machine>(
                     input.name
                 )));
             }
-            m.upload(&data)?
-        } else {
-            // A reduction to a scalar keeps its blocks' partial states after
-            // the output element (codegen::Launch::Scalar).
-            let scratch = match source.kernels.iter().find(|k| k.node.index() == i) {
-                Some(k) if matches!(k.launch, codegen::Launch::Scalar { .. }) => {
-                    8 + codegen::SCALAR_SCRATCH
-                }
-                _ => 0,
-            };
-            m.alloc(bytes + scratch)?
-        };
-        live += m.size(&buf) as u64;
-        peak = peak.max(live);
-        m.set_address(&mut table, i, m.address(&buf))?;
-        bufs[i] = Some(buf);
-        if let Some((k, kernel)) = kernels.next_if(|(_, k)| k.node.index() == i) {
-            m.launch(
-                k,
-                &kernel.launch,
-                &dim_values,
-                [&table, &dims_buf, &err_buf],
-            )?;
+            return m.upload(&data);
         }
-        if !keep_all {
-            let mut dead = graph.operands(NodeId(i as u32));
-            dead.push(NodeId(i as u32));
+        if let Some(rows) = rows {
+            let per_row = bytes / shapes[i].first().copied().unwrap_or(1).max(1);
+            return m.alloc(rows * per_row);
+        }
+        match kernel_of[i].map(|k| &source.kernels[k]) {
+            Some(k) if matches!(k.launch, codegen::Launch::Scalar { .. }) => {
+                m.alloc(bytes + 8 + codegen::SCALAR_SCRATCH)
+            }
+            Some(k) if k.state => m.alloc(24 * elems[i]),
+            _ => m.alloc(bytes),
+        }
+    };
+    let launch =
+        |i: usize, dim_values: &[i64], table: &M::Buf, dims_buf: &M::Buf| match kernel_of[i] {
+            Some(k) => m.launch(
+                k,
+                &source.kernels[k].launch,
+                dim_values,
+                [table, dims_buf, &err_buf],
+            ),
+            None => Ok(()),
+        };
+    for (si, step) in steps.iter().enumerate() {
+        match step {
+            Step::Whole(id) => {
+                let i = id.index();
+                check_layout(graph, &shapes, i, bound)?;
+                let buf = allocate(i, None)?;
+                live += m.size(&buf) as u64;
+                write_address(&mut table, i, m.address(&buf))?;
+                bufs[i] = Some(buf);
+                peak = peak.max(live);
+                launch(i, &dim_values, &table, &dims_buf)?;
+            }
+            Step::Pass(pass) => {
+                let region = pass
+                    .nodes
+                    .iter()
+                    .find_map(|(id, _)| {
+                        kernel_of[id.index()].and_then(|k| source.kernels[k].ranged)
+                    })
+                    .map(|(region, _)| region)
+                    .ok_or_else(|| failed("internal error: a pass without a ranged kernel"))?;
+                for (id, _) in &pass.nodes {
+                    let i = id.index();
+                    let tile = streamed[i].then_some(pass.tile_rows);
+                    let buf = allocate(i, tile)?;
+                    live += m.size(&buf) as u64;
+                    write_address(&mut table, i, m.address(&buf))?;
+                    bufs[i] = Some(buf);
+                }
+                peak = peak.max(live);
+                let (lo_sym, len_sym, _) = &whole_blocks[region];
+                let mut lo = 0;
+                while lo < pass.rows {
+                    let len = pass.tile_rows.min(pass.rows - lo);
+                    block_sizes.insert(lo_sym.clone(), lo as i64);
+                    block_sizes.insert(len_sym.clone(), len as i64);
+                    dim_values = table_of(&block_sizes);
+                    m.write(&mut dims_buf, 0, &bytes_of(&dim_values))?;
+                    // A tile holds rows lo .. lo + len: its entry points at
+                    // where row 0 would be, so kernels index absolutely.
+                    for id in &pass.streamed {
+                        let i = id.index();
+                        let row_bytes =
+                            (elems[i] / shapes[i][0].max(1)) * elem_bytes(graph.nodes[i].dtype, p);
+                        let tile = bufs[i].as_ref().map_or(0, |b| m.address(b));
+                        write_address(&mut table, i, tile.wrapping_sub((lo * row_bytes) as u64))?;
+                    }
+                    for (id, _) in &pass.nodes {
+                        launch(id.index(), &dim_values, &table, &dims_buf)?;
+                    }
+                    lo += len;
+                }
+                block_sizes.insert(lo_sym.clone(), 0);
+                block_sizes.insert(len_sym.clone(), pass.rows as i64);
+                dim_values = table_of(&block_sizes);
+                m.write(&mut dims_buf, 0, &bytes_of(&dim_values))?;
+            }
+        }
+        // Free what no later step reads (streamed tiles always).
+        for id in step_nodes(step) {
+            let mut dead = graph.operands(id);
+            dead.push(id);
             for o in dead {
-                let unread =
-                    last_use[o.index()] == i || (o.index() == i && last_use[i] == usize::MAX);
-                if unread && !keep[o.index()] {
-                    if let Some(b) = bufs[o.index()].take() {
+                let i = o.index();
+                let unread = last_use[i].is_none_or(|s| s <= si);
+                if (unread || streamed[i]) && !keep[i] && (opts.lean || streamed[i]) {
+                    if let Some(b) = bufs[i].take() {
                         live -= m.size(&b) as u64;
                     }
                 }
@@ -707,9 +869,8 @@ pub fn execute_on<F: Real, M: Machine>(
     for (i, node) in graph.nodes.iter().enumerate() {
         match (&bufs[i], keep[i]) {
             (Some(b), true) => {
-                let count: usize = shapes[i].iter().product();
                 let mut host = m.download(b)?;
-                host.truncate(count * elem_bytes(node.dtype, p));
+                host.truncate(elems[i] * elem_bytes(node.dtype, p));
                 values.push(tensor_of::<F>(&host, node.dtype, &shapes[i])?);
             }
             _ => values.push(empty_tensor(node.dtype)),

@@ -112,7 +112,8 @@ impl Precision {
         }
     }
 
-    fn bytes(self) -> i64 {
+    /// Bytes of one float.
+    pub fn bytes(self) -> i64 {
         match self {
             Precision::F32 => 4,
             Precision::F64 => 8,

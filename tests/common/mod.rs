@@ -235,6 +235,39 @@ pub fn fd_grads(graph: &ir::Graph, tensors: &TensorMap, h: f64) -> Vec<(String, 
 }
 
 /// Every standard-library loss class, sorted.
+/// A library loss with its gradient on seeded random inputs of batch `b`,
+/// `D = 5` and `K = k` (the dims `base`, the loss compiled with `params`,
+/// has): `None` where the inputs cannot be drawn or bound.
+pub fn random_library_case(
+    class: &str,
+    params: &Params,
+    base: &ir::Graph,
+    (b, k): (i64, i64),
+    seed: u64,
+) -> Option<(ir::Graph, lossc::bind::Bound)> {
+    let dims: std::collections::BTreeMap<String, i64> = [("B", b), ("D", 5), ("K", k)]
+        .into_iter()
+        .map(|(d, v)| (d.to_string(), v))
+        .filter(|(d, _)| base.dim_names().contains(d))
+        .collect();
+    let tensors = lossc::bind::random_inputs(base, seed, &dims).ok()?;
+    let graph = compile_std_for(class, params, &tensors).ok()?;
+    let full = lossc::differentiate(&graph).0;
+    let bound = lossc::bind::bind(&full, &tensors).ok()?;
+    Some((full, bound))
+}
+
+/// The library losses whose in-batch matrices every backend that streams
+/// must stream.
+pub const IN_BATCH_LOSSES: &[&str] = &[
+    "MultipleNegativesRankingLoss",
+    "MultipleNegativesSymmetricRankingLoss",
+    "CachedMultipleNegativesRankingLoss",
+    "GISTEmbedLoss",
+    "CachedGISTEmbedLoss",
+    "MegaBatchMarginLoss",
+];
+
 pub fn library_classes() -> Vec<String> {
     let program = Program::new();
     let mut classes: Vec<String> = program
