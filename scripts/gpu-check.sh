@@ -142,12 +142,12 @@ ROWS="$OUT/rows.tsv"
 for b in $SIZES; do
     for loss in $LOSSES; do
         if (( $(left) < 20 )); then
-            printf '%s\t%s\tskipped (time)\t-\t-\t-\t-\n' "$loss" "$b" >> "$ROWS"
+            printf '%s\t%s\tskipped (time)\t-\t-\t-\t-\t-\n' "$loss" "$b" >> "$ROWS"
             continue
         fi
         repeats=5; warmup=2
         if (( b >= 65536 )); then repeats=2; warmup=0; fi
-        lossc_ms="-"; lossc_mb="-"
+        lossc_ms="-"; lossc_mb="-"; lossc_extra="-"
         if [[ -x "$LOSSC_BIN" ]]; then
             bounded 120 "$LOSSC_BIN" bench --loss "$loss" --params "$(params_of "$loss")" \
                 --dims "$(dims_of "$loss" "$b")" --backend "$BACKEND" --dtype f32 \
@@ -158,6 +158,10 @@ for b in $SIZES; do
                 lossc_ms=$(field median_ms < "$OUT/lossc-$loss-$b.json")
                 lossc_mb=$(field peak_device_mb < "$OUT/lossc-$loss-$b.json")
                 lossc_mb=${lossc_mb:-"-"}
+                # Device memory for the loss beyond its inputs and gradients.
+                lossc_extra=$(awk -v p="$lossc_mb" -v i="$(field inputs_mb < "$OUT/lossc-$loss-$b.json")" \
+                    -v g="$(field gradients_mb < "$OUT/lossc-$loss-$b.json")" \
+                    'BEGIN { if (p ~ /^[0-9.e+-]+$/ && p ~ /[0-9]/ && i != "" && g != "") printf "%.0f", p - i - g; else printf "-" }')
             elif (( rc == 124 || rc == 137 )); then
                 lossc_ms="timeout"
             else
@@ -179,7 +183,7 @@ for b in $SIZES; do
                 if [[ $mode == eager ]]; then eager_ms=$ms; eager_mb=$mb; else compiled_ms=$ms; fi
             done
         fi
-        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$loss" "$b" "$lossc_ms" "$eager_ms" "$compiled_ms" "$lossc_mb" "$eager_mb" >> "$ROWS"
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$loss" "$b" "$lossc_ms" "$eager_ms" "$compiled_ms" "$lossc_mb" "$lossc_extra" "$eager_mb" >> "$ROWS"
         say "gpu-check: $loss B=$b: lossc $lossc_ms ms, eager $eager_ms ms, compile $compiled_ms ms"
     done
 done
@@ -193,10 +197,10 @@ echo "## lossc CUDA backend vs PyTorch, forward+gradient, float32, D=768"
 echo
 echo "$(date -u +%Y-%m-%d), $GPU, backend $BACKEND; agreement tests: $AGREEMENT"
 echo
-echo "| loss | B | lossc ms | eager ms | compile ms | eager / lossc | compile / lossc | lossc peak MiB | eager peak MiB |"
-echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
-while IFS=$'\t' read -r loss b l e c lm em; do
-    echo "| $loss | $b | $l | $e | $c | $(ratio "$e" "$l") | $(ratio "$c" "$l") | $lm | $em |"
+echo "| loss | B | lossc ms | eager ms | compile ms | eager / lossc | compile / lossc | lossc peak MiB | lossc beyond inputs+grads MiB | eager peak MiB |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+while IFS=$'\t' read -r loss b l e c lm lx em; do
+    echo "| $loss | $b | $l | $e | $c | $(ratio "$e" "$l") | $(ratio "$c" "$l") | $lm | $lx | $em |"
 done < "$ROWS"
 echo
 echo "(ratios above 1: lossc is faster. lossc times include copying inputs to the device and"

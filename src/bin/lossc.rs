@@ -967,6 +967,8 @@ fn rss_mb() -> (f64, f64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+const MIB: f64 = (1 << 20) as f64;
+
 fn bench(args: &BenchArgs) -> Result<(), Failure> {
     if args.repeats == 0 {
         return Err(Failure::Usage("--repeats must be at least 1".into()));
@@ -1082,11 +1084,13 @@ fn bench(args: &BenchArgs) -> Result<(), Failure> {
         "compile_ms": compile_ms,
         "peak_rss_mb": peak_rss,
         "baseline_rss_mb": baseline_rss,
+        "inputs_mb": bound.inputs.iter().map(|i| i.tensor.bytes()).sum::<usize>() as f64 / MIB,
+        "gradients_mb": grads.iter().map(|(_, t)| t.bytes()).sum::<usize>() as f64 / MIB,
         "passes": passes,
     });
     if let Engine::Cuda(program) = &jit {
         // Node buffers only (inputs included), freed as soon as they are dead.
-        json["peak_device_mb"] = json_number(program.peak_device_bytes() as f64 / (1 << 20) as f64);
+        json["peak_device_mb"] = json_number(program.peak_device_bytes() as f64 / MIB);
         json["ptx_from_cache"] = serde_json::Value::Bool(program.from_cache());
         if let Ok(dev) = lossc::cuda::device() {
             json["device"] = serde_json::Value::String(dev.name.clone());
@@ -1130,7 +1134,7 @@ fn bench(args: &BenchArgs) -> Result<(), Failure> {
             if let Engine::Cuda(program) = &jit {
                 outln!(
                     "  peak device memory of node buffers {:.1} MiB",
-                    program.peak_device_bytes() as f64 / (1 << 20) as f64
+                    program.peak_device_bytes() as f64 / MIB
                 );
             }
             outln!("  loss = {loss}");

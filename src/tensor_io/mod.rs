@@ -108,6 +108,16 @@ impl HostTensor {
         self.data.len()
     }
 
+    /// Bytes of the elements as stored.
+    pub fn bytes(&self) -> usize {
+        self.len()
+            * match self.data {
+                TensorData::F64(_) | TensorData::I64(_) => 8,
+                TensorData::F32(_) => 4,
+                TensorData::Bool(_) => 1,
+            }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
