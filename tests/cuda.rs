@@ -12,7 +12,7 @@
 mod common;
 use common::*;
 use lossc::bind;
-use lossc::cuda::{self, Precision, RunOptions};
+use lossc::cuda::{self, Inputs, Precision, RunOptions};
 use std::process::Command;
 
 /// The first fixture case of every class the library defines.
@@ -109,23 +109,30 @@ fn every_kernel_of_every_standard_loss_compiles_to_ptx_for_sm_90() {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let Some(case) = cases.get(i) else { break };
                 let full = full_graph(case);
-                // f32 for every loss, f64 too for the first.
-                let precisions: &[Precision] = if i < 1 {
-                    &[Precision::F32, Precision::F64]
-                } else {
-                    &[Precision::F32]
-                };
-                for p in precisions {
-                    let source = cuda::source(&full, *p).unwrap();
+                // f32 for every loss, f64 too for the first, bf16 inputs
+                // for every third and MNRL (a concat and contractions of
+                // inputs).
+                let mut variants = vec![(Precision::F32, Inputs::Native)];
+                if i == 0 {
+                    variants.push((Precision::F64, Inputs::Native));
+                }
+                if i % 3 == 0 || case.class == "MultipleNegativesRankingLoss" {
+                    variants.push((Precision::F32, Inputs::Bf16));
+                }
+                for (p, inputs) in &variants {
+                    let source = cuda::source_with(&full, *p, *inputs).unwrap();
+                    let p = if *inputs == Inputs::Bf16 {
+                        "bf16"
+                    } else {
+                        p.name()
+                    };
                     match cuda::nvrtc::compile(&source.text, "compute_90") {
                         Ok(ptx) => {
                             for k in &source.kernels {
                                 if !ptx.contains(&format!(".entry {}(", k.name)) {
                                     failures.lock().unwrap().push(format!(
-                                        "{} {}: no entry {} in the PTX",
-                                        case.class,
-                                        p.name(),
-                                        k.name
+                                        "{} {p}: no entry {} in the PTX",
+                                        case.class, k.name
                                     ));
                                 }
                             }
@@ -134,11 +141,10 @@ fn every_kernel_of_every_standard_loss_compiles_to_ptx_for_sm_90() {
                                 std::sync::atomic::Ordering::SeqCst,
                             );
                         }
-                        Err(e) => failures.lock().unwrap().push(format!(
-                            "{} {}: {e}",
-                            case.class,
-                            p.name()
-                        )),
+                        Err(e) => failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("{} {p}: {e}", case.class)),
                     }
                 }
             });
@@ -349,6 +355,39 @@ fn cli_cuda_prints_the_kernels() {
         .output()
         .unwrap();
     assert_eq!(bad.status.code(), Some(1));
+    // bf16 inputs: the kernels widen them as they read; the other backends
+    // refuse the option with a usage error.
+    let bf16 = lossc()
+        .args([
+            "cuda",
+            "--loss",
+            "MultipleNegativesRankingLoss",
+            "--dtype",
+            "bf16",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&bf16.stdout);
+    assert!(
+        text.contains("lossc_bf16(((const unsigned short*)bufs[0])"),
+        "{text}"
+    );
+    let refused = lossc()
+        .args([
+            "run",
+            "--loss",
+            "MultipleNegativesRankingLoss",
+            "--dtype",
+            "bf16",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("--dtype bf16") && stderr.contains("--backend cuda"),
+        "{stderr}"
+    );
 }
 
 /// The generated kernels compiled for the CPU (`tests/cuda_emu/shim.h`) and
@@ -369,6 +408,8 @@ mod emu {
         end: unsafe extern "C" fn(),
         thread: unsafe extern "C" fn(u32, u32, u32, u32, u32, u32),
         _lib: libloading::Library,
+        /// Bytes uploaded so far (inputs and the dim table).
+        pub uploaded: std::sync::atomic::AtomicUsize,
     }
 
     fn shim() -> PathBuf {
@@ -428,6 +469,7 @@ mod emu {
                     end,
                     thread,
                     _lib: lib,
+                    uploaded: Default::default(),
                 })
             }
         }
@@ -446,6 +488,8 @@ mod emu {
         }
 
         fn upload(&self, bytes: &[u8]) -> Result<Buf, Diagnostic> {
+            self.uploaded
+                .fetch_add(bytes.len(), std::sync::atomic::Ordering::SeqCst);
             let mut b = self.alloc(bytes.len())?;
             // SAFETY: the words hold at least `bytes.len()` bytes.
             unsafe {
@@ -1100,4 +1144,86 @@ fn emulated_streamed_mnrl_holds_tiles_not_matrices() {
         peak_tiled + matrix <= peak_whole,
         "peak {peak_tiled} B streamed vs {peak_whole} B whole"
     );
+}
+
+#[test]
+fn emulated_bf16_inputs_are_stored_in_half_the_bytes_and_widened_exactly() {
+    // With bf16 inputs the device holds each float input in two bytes and
+    // the kernels widen it exactly: the values and gradients are the f32
+    // interpreter's on the inputs rounded to bfloat16 (to f32 summation
+    // order), and the inputs uploaded take half the f32 run's bytes.
+    if let Err(e) = emu::available() {
+        eprintln!("SKIP emulated kernels: {e}");
+        return;
+    }
+    let cases: &[(&str, &str)] = &[
+        ("MultipleNegativesRankingLoss", "{}"),
+        ("CoSENTLoss", "{}"),
+        (
+            "MatryoshkaLoss",
+            r#"{"loss": {"st_class": "MultipleNegativesRankingLoss", "params": {}}, "matryoshka_dims": [40, 16]}"#,
+        ),
+    ];
+    for (class, params) in cases {
+        let graph = compile_std(class, &params_of(params)).unwrap();
+        let full = lossc::differentiate(&graph).0;
+        let known = full.dim_names();
+        let dims = [("B", 70), ("D", 40), ("K", 1)]
+            .into_iter()
+            .filter(|(k, _)| known.contains(&k.to_string()))
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        let mut tensors = bind::random_inputs(&full, 3, &dims).unwrap();
+        // What the device will hold: every float input rounded to bf16.
+        for t in tensors.values_mut() {
+            if let lossc::tensor_io::TensorData::F64(v) = &mut t.data {
+                for x in v.iter_mut() {
+                    *x = half::bf16::from_f64(*x).to_f64();
+                }
+            }
+        }
+        let bound = bind::bind(&full, &tensors).unwrap();
+        let want = lossc::interp::evaluate::<f32>(&full, &bound).unwrap();
+        let f32_source = cuda::source(&full, Precision::F32).unwrap();
+        let bf16_source = cuda::source_with(&full, Precision::F32, Inputs::Bf16).unwrap();
+        assert!(cuda::source_with(&full, Precision::F64, Inputs::Bf16).is_err());
+        let mut uploaded = vec![];
+        for (tag, source) in [("f32", &f32_source), ("bf16", &bf16_source)] {
+            let machine = emu::Emu::compile(source, &format!("bf16_{class}_{tag}")).unwrap();
+            let (got, _) = cuda::execute_on::<f32, _>(
+                &full,
+                source,
+                Precision::F32,
+                &machine,
+                &bound,
+                RunOptions::full(),
+            )
+            .unwrap();
+            check_outputs(&full, &bound, &want, &got, 1e-4)
+                .unwrap_or_else(|e| panic!("{class} {tag}: {e}"));
+            // Inputs come back as the values the kernels read.
+            for (id, ..) in full.inputs() {
+                let (lossc::interp::Tensor::F(g), lossc::interp::Tensor::F(w)) =
+                    (&got.values[id.index()], &want.values[id.index()])
+                else {
+                    continue;
+                };
+                assert_eq!(g, w, "{class} {tag}: input %{}", id.0);
+            }
+            uploaded.push(machine.uploaded.load(std::sync::atomic::Ordering::SeqCst));
+        }
+        let float_inputs: usize = full
+            .inputs()
+            .filter(|(id, ..)| full.node(*id).dtype == lossc::ir::DType::Float)
+            .map(|(id, ..)| bound.input(id).unwrap().tensor.len())
+            .sum();
+        assert!(float_inputs > 0);
+        assert_eq!(
+            uploaded[0] - uploaded[1],
+            2 * float_inputs,
+            "{class}: {} bytes uploaded with bf16 inputs, {} with f32 ones",
+            uploaded[1],
+            uploaded[0]
+        );
+    }
 }

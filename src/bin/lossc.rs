@@ -311,6 +311,9 @@ enum Backend {
 enum DTypeArg {
     F32,
     F64,
+    /// Float inputs stored as bfloat16 on the device, everything computed and returned
+    /// in f32 (--backend cuda only).
+    Bf16,
 }
 
 impl DTypeArg {
@@ -318,6 +321,23 @@ impl DTypeArg {
         match self {
             DTypeArg::F32 => "f32",
             DTypeArg::F64 => "f64",
+            DTypeArg::Bf16 => "bf16",
+        }
+    }
+
+    /// The precision kernels compute in.
+    fn precision(self) -> lossc::jit::Precision {
+        match self {
+            DTypeArg::F64 => lossc::jit::Precision::F64,
+            DTypeArg::F32 | DTypeArg::Bf16 => lossc::jit::Precision::F32,
+        }
+    }
+
+    /// How the CUDA backend stores float inputs.
+    fn cuda_inputs(self) -> lossc::cuda::Inputs {
+        match self {
+            DTypeArg::Bf16 => lossc::cuda::Inputs::Bf16,
+            _ => lossc::cuda::Inputs::Native,
         }
     }
 }
@@ -524,18 +544,14 @@ fn print_ir(args: &IrArgs) -> Result<(), Failure> {
 fn print_cuda(args: &CudaArgs) -> Result<(), Failure> {
     let (program, graph) = compile(&args.loss, &lossc::Specialize::default())?;
     let (full, _) = lossc::differentiate(&graph);
-    let precision = if args.dtype == DTypeArg::F32 {
-        lossc::jit::Precision::F32
-    } else {
-        lossc::jit::Precision::F64
-    };
-    let source = lossc::cuda::source(&full, precision).map_err(|e| {
-        eprintln!(
-            "error: internal error: CUDA code generation failed for `{}`: {e}",
-            graph.name
-        );
-        Failure::Diagnostics
-    })?;
+    let source = lossc::cuda::source_with(&full, args.dtype.precision(), args.dtype.cuda_inputs())
+        .map_err(|e| {
+            eprintln!(
+                "error: internal error: CUDA code generation failed for `{}`: {e}",
+                graph.name
+            );
+            Failure::Diagnostics
+        })?;
     if args.ptx {
         let ptx = lossc::cuda::nvrtc::compile(&source.text, &args.arch).map_err(|e| {
             report(
@@ -675,11 +691,14 @@ fn engine(
     full: &ir::Graph,
     name: &str,
 ) -> Result<Engine, Failure> {
-    let precision = if dtype == DTypeArg::F32 {
-        lossc::jit::Precision::F32
-    } else {
-        lossc::jit::Precision::F64
-    };
+    let precision = dtype.precision();
+    if dtype == DTypeArg::Bf16 && backend != Backend::Cuda {
+        return Err(Failure::Usage(
+            "--dtype bf16 stores inputs as bfloat16 on the GPU: it needs --backend cuda \
+             (the jit and the interpreter run f32 or f64)"
+                .into(),
+        ));
+    }
     match backend {
         Backend::Interp => Ok(Engine::Interp),
         Backend::Jit => match lossc::jit::compile(full, precision) {
@@ -693,7 +712,7 @@ fn engine(
                 Err(Failure::Diagnostics)
             }
         },
-        Backend::Cuda => lossc::cuda::compile(full, precision)
+        Backend::Cuda => lossc::cuda::compile_with(full, precision, dtype.cuda_inputs())
             .map(Engine::Cuda)
             .map_err(|d| {
                 report(program, &[d]);
@@ -852,7 +871,7 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
                     lossc::gradient_tensors(&full, &bound, &e),
                 )
             }
-            DTypeArg::F32 => {
+            DTypeArg::F32 | DTypeArg::Bf16 => {
                 let e = evaluate::<f32>(&full, &bound, &jit, opts).map_err(fail)?;
                 (
                     e.outputs
@@ -988,7 +1007,7 @@ fn bench(args: &BenchArgs) -> Result<(), Failure> {
             &mut input.tensor,
             tensor_io::HostTensor::f64(vec![0], vec![]),
         );
-        input.tensor = t.with_float_precision(args.dtype == DTypeArg::F32);
+        input.tensor = t.with_float_precision(args.dtype != DTypeArg::F64);
     }
     let fail = |d: Diagnostic| {
         report(&program, &[d]);
@@ -1006,7 +1025,7 @@ fn bench(args: &BenchArgs) -> Result<(), Failure> {
                 let loss = e.outputs[0].1;
                 Ok((loss, lossc::into_gradient_tensors(&full, &bound, e)))
             }
-            DTypeArg::F32 => {
+            DTypeArg::F32 | DTypeArg::Bf16 => {
                 let e = evaluate::<f32>(&full, &bound, jit, opts).map_err(fail)?;
                 let loss = e.outputs[0].1 as f64;
                 Ok((loss, lossc::into_gradient_tensors(&full, &bound, e)))

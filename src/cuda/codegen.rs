@@ -74,9 +74,22 @@ pub const TILE: u32 = 16;
 /// is (TILE · MICRO)² elements.
 pub const MICRO: u32 = 4;
 
+/// How float inputs are stored on the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Inputs {
+    /// In the precision the kernels compute in.
+    #[default]
+    Native,
+    /// bfloat16 (half the bytes of f32), widened to f32 as they are read;
+    /// everything else is f32 (accumulation included).
+    Bf16,
+}
+
 /// The generated program of one graph at one precision.
 #[derive(Clone, Debug)]
 pub struct Source {
+    /// How its float inputs are stored.
+    pub inputs: Inputs,
     pub text: String,
     pub kernels: Vec<Kernel>,
     /// The dim table: slot k of `dims` is `dims[k]` evaluated at the sizes.
@@ -264,7 +277,10 @@ __device__ void lossc_fail(long long* err, long long site, long long a, long lon
 "#;
 
 /// Generates the CUDA C program of `graph` (every node but inputs).
-pub fn generate(graph: &Graph, p: Precision) -> Result<Source, String> {
+pub fn generate(graph: &Graph, p: Precision, inputs: Inputs) -> Result<Source, String> {
+    if inputs == Inputs::Bf16 && p != Precision::F32 {
+        return Err("bf16 inputs are computed in f32, not f64".into());
+    }
     let (analysis, ranged) = schedule(graph);
     let mut g = Gen {
         graph,
@@ -274,6 +290,7 @@ pub fn generate(graph: &Graph, p: Precision) -> Result<Source, String> {
         sites: Vec::new(),
         range: None,
         state: false,
+        bf16: inputs == Inputs::Bf16,
     };
     let mut text = String::new();
     let _ = writeln!(
@@ -296,6 +313,13 @@ pub fn generate(graph: &Graph, p: Precision) -> Result<Source, String> {
         }
     }
     text.push_str(PRELUDE);
+    if inputs == Inputs::Bf16 {
+        text.push_str(
+            "// Float inputs are bfloat16: the high half of a float's bits.\n\
+             __device__ __forceinline__ float lossc_bf16(unsigned short h) {\n    \
+             return __int_as_float((int)((unsigned int)h << 16));\n}\n",
+        );
+    }
     let mut kernels = Vec::new();
     for (i, node) in graph.nodes.iter().enumerate() {
         let id = NodeId(i as u32);
@@ -344,6 +368,7 @@ pub fn generate(graph: &Graph, p: Precision) -> Result<Source, String> {
         });
     }
     Ok(Source {
+        inputs,
         text,
         kernels,
         dims: g.dims,
@@ -396,6 +421,8 @@ struct Gen<'a> {
     range: Option<Range>,
     /// The kernel being generated keeps a per-element fold and count.
     state: bool,
+    /// Float inputs are bfloat16.
+    bf16: bool,
 }
 
 /// The rows of a block (module doc): its first row and row count, and
@@ -446,6 +473,31 @@ impl Gen<'_> {
 
     fn product(dims: &[Dim]) -> Dim {
         dims.iter().fold(Dim::lit(1), |a, d| a.mul(d))
+    }
+
+    /// Whether node `n`'s buffer holds bfloat16 (a float input, with bf16
+    /// inputs).
+    fn is_bf16(&self, n: NodeId) -> bool {
+        let node = self.graph.node(n);
+        self.bf16 && matches!(node.kind, NodeKind::Input { .. }) && node.dtype == DType::Float
+    }
+
+    /// The C type of the elements of node `n`'s buffer.
+    fn elem_type(&self, n: NodeId) -> &'static str {
+        if self.is_bf16(n) {
+            "unsigned short"
+        } else {
+            storage_type(self.graph.node(n).dtype)
+        }
+    }
+
+    /// An element `load`ed from node `n`'s buffer as a value of its type.
+    fn widen(&self, n: NodeId, load: String) -> String {
+        if self.is_bf16(n) {
+            format!("lossc_bf16({load})")
+        } else {
+            load
+        }
     }
 
     /// C source of a ranged kernel's first row, end row and row count.
@@ -1065,15 +1117,24 @@ impl Gen<'_> {
         };
         let mut s = String::new();
         let _ = writeln!(s, "    real* __restrict__ out = (real*)bufs[{}];", id.0);
+        let (ta, tb) = (self.elem_type(con.a.node), self.elem_type(con.b.node));
         let _ = writeln!(
             s,
-            "    const real* __restrict__ A = (const real*)bufs[{}];",
+            "    const {ta}* __restrict__ A = (const {ta}*)bufs[{}];",
             con.a.node.0
         );
         let _ = writeln!(
             s,
-            "    const real* __restrict__ B = (const real*)bufs[{}];",
+            "    const {tb}* __restrict__ B = (const {tb}*)bufs[{}];",
             con.b.node.0
+        );
+        let load_a = self.widen(
+            con.a.node,
+            format!("A[b * {sab} + gr * {sai} + gk * {sak}]"),
+        );
+        let load_b = self.widen(
+            con.b.node,
+            format!("B[b * {sbb} + gc * {sbj} + gk * {sbk}]"),
         );
         let _ = writeln!(
             s,
@@ -1132,7 +1193,7 @@ impl Gen<'_> {
         );
         let _ = writeln!(
             s,
-            "                    As[kk][r] = (gr < {m_hi} && gk < {k_hi}) ? A[b * {sab} + gr * {sai} + gk * {sak}] : (real)0;"
+            "                    As[kk][r] = (gr < {m_hi} && gk < {k_hi}) ? {load_a} : (real)0;"
         );
         let _ = writeln!(s, "                }}");
         let _ = writeln!(s, "                {{");
@@ -1143,7 +1204,7 @@ impl Gen<'_> {
         );
         let _ = writeln!(
             s,
-            "                    Bs[kk][r] = (gc < N && gk < {k_hi}) ? B[b * {sbb} + gc * {sbj} + gk * {sbk}] : (real)0;"
+            "                    Bs[kk][r] = (gc < N && gk < {k_hi}) ? {load_b} : (real)0;"
         );
         let _ = writeln!(s, "                }}");
         let _ = writeln!(s, "            }}");
@@ -1202,7 +1263,6 @@ impl Gen<'_> {
 
     fn concat(&mut self, id: NodeId, axis: usize, parts: &[NodeId]) -> (String, Launch) {
         let node = self.graph.node(id);
-        let ty = storage_type(node.dtype);
         let (mut s, total) = self.out_decl(id);
         let inner = self.dim(&Self::product(&node.shape[axis + 1..]));
         let len = self.dim(&node.shape[axis]);
@@ -1224,11 +1284,15 @@ impl Gen<'_> {
             } else {
                 format!("else if (x < {e})")
             };
-            let _ = writeln!(
-                s,
-                "        {cond} out[flat] = (({ty}*)bufs[{}])[(o * {pl} + (x - {b})) * {inner} + in];",
-                p.0
+            let load = self.widen(
+                *p,
+                format!(
+                    "((const {}*)bufs[{}])[(o * {pl} + (x - {b})) * {inner} + in]",
+                    self.elem_type(*p),
+                    p.0
+                ),
             );
+            let _ = writeln!(s, "        {cond} out[flat] = {load};");
             start = end;
         }
         s.push_str("    }\n");
@@ -1237,7 +1301,6 @@ impl Gen<'_> {
 
     fn slice(&mut self, id: NodeId, src: NodeId, axis: usize, start: &Dim) -> (String, Launch) {
         let node = self.graph.node(id);
-        let ty = storage_type(node.dtype);
         let src_len = self.graph.node(src).shape[axis].clone();
         let (mut s, total) = self.out_decl(id);
         let inner = self.dim(&Self::product(&node.shape[axis + 1..]));
@@ -1247,24 +1310,27 @@ impl Gen<'_> {
         let _ = writeln!(s, "        const long long in = flat % {inner};");
         let _ = writeln!(s, "        const long long x = (flat / {inner}) % {len};");
         let _ = writeln!(s, "        const long long o = flat / {inner} / {len};");
-        let _ = writeln!(
-            s,
-            "        out[flat] = ((const {ty}*)bufs[{}])[(o * {sl} + x + {b}) * {inner} + in];",
-            src.0
+        let load = self.widen(
+            src,
+            format!(
+                "((const {}*)bufs[{}])[(o * {sl} + x + {b}) * {inner} + in]",
+                self.elem_type(src),
+                src.0
+            ),
         );
+        let _ = writeln!(s, "        out[flat] = {load};");
         s.push_str("    }\n");
         (s, Launch::Grid { total })
     }
 
     fn reshape(&mut self, id: NodeId, src: NodeId) -> (String, Launch) {
-        let ty = storage_type(self.graph.node(id).dtype);
         let (mut s, total) = self.out_decl(id);
         s.push_str(Self::grid_loop_open());
-        let _ = writeln!(
-            s,
-            "        out[flat] = ((const {ty}*)bufs[{}])[flat];",
-            src.0
+        let load = self.widen(
+            src,
+            format!("((const {}*)bufs[{}])[flat]", self.elem_type(src), src.0),
         );
+        let _ = writeln!(s, "        out[flat] = {load};");
         s.push_str("    }\n");
         (s, Launch::Grid { total })
     }
@@ -1741,10 +1807,10 @@ impl<'g, 'a> Emitter<'g, 'a> {
         if offset.is_empty() {
             offset.push('0');
         }
-        let ptr = format!("((const {}*)bufs[{}])", storage_type(dtype), node.0);
+        let ptr = format!("((const {}*)bufs[{}])", self.g.elem_type(node), node.0);
         let load = match dtype {
             DType::Bool => format!("({ptr}[{offset}] != 0)"),
-            _ => format!("{ptr}[{offset}]"),
+            _ => self.g.widen(node, format!("{ptr}[{offset}]")),
         };
         let ty = ty_of(dtype);
         if checks.is_empty() {

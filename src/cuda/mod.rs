@@ -57,6 +57,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 pub use crate::jit::{Precision, RunOptions, Streaming};
+pub use codegen::Inputs;
 
 /// What the GPU trades for recomputation: it has memory to spare and many
 /// cores to fill, so it streams only matrices of 256 MiB or more, in tiles
@@ -70,8 +71,13 @@ pub const GPU_BUDGET: Budget = Budget {
 /// The CUDA C of a graph (every kernel, in node order), for `lossc cuda` and
 /// the snapshot tests.
 pub fn source(graph: &Graph, p: Precision) -> Result<codegen::Source, String> {
+    source_with(graph, p, Inputs::Native)
+}
+
+/// `source` with float inputs stored as `inputs` says.
+pub fn source_with(graph: &Graph, p: Precision, inputs: Inputs) -> Result<codegen::Source, String> {
     crate::ir::verify::verify(graph)?;
-    codegen::generate(graph, p)
+    codegen::generate(graph, p, inputs)
 }
 
 /// The GPU every program runs on: device 0, its primary context and stream.
@@ -144,10 +150,20 @@ pub struct CudaProgram {
 /// Generates, compiles (through the PTX cache) and loads the kernels of
 /// `graph` for precision `p`.
 pub fn compile(graph: &Graph, p: Precision) -> Result<CudaProgram, Diagnostic> {
+    compile_with(graph, p, Inputs::Native)
+}
+
+/// `compile` with float inputs stored as `inputs` says (bf16: precision f32).
+pub fn compile_with(
+    graph: &Graph,
+    p: Precision,
+    inputs: Inputs,
+) -> Result<CudaProgram, Diagnostic> {
     let dev = device()?;
-    let compiled = std::panic::catch_unwind(|| compile_for(graph, p, dev)).map_err(|_| {
-        failed("the CUDA driver or NVRTC library lacks a function lossc needs (too old?)")
-    })??;
+    let compiled =
+        std::panic::catch_unwind(|| compile_for(graph, p, inputs, dev)).map_err(|_| {
+            failed("the CUDA driver or NVRTC library lacks a function lossc needs (too old?)")
+        })??;
     let compiled = Arc::new(compiled);
     Ok(CudaProgram {
         graph: graph.clone(),
@@ -157,9 +173,14 @@ pub fn compile(graph: &Graph, p: Precision) -> Result<CudaProgram, Diagnostic> {
     })
 }
 
-fn compile_for(graph: &Graph, p: Precision, dev: &Device) -> Result<Compiled, Diagnostic> {
+fn compile_for(
+    graph: &Graph,
+    p: Precision,
+    inputs: Inputs,
+    dev: &Device,
+) -> Result<Compiled, Diagnostic> {
     let start = Instant::now();
-    let source = source(graph, p)
+    let source = source_with(graph, p, inputs)
         .map_err(|e| failed(format!("internal error: CUDA code generation failed: {e}")))?;
     nvrtc::load().map_err(unavailable)?;
     let (ptx, from_cache) = nvrtc::compile_cached(&source.text, &dev.arch).map_err(|e| {
@@ -264,7 +285,12 @@ impl CudaProgram {
             match &*other {
                 Some(c) if c.precision == p => c.clone(),
                 _ => {
-                    let c = Arc::new(compile_for(&self.graph, p, dev)?);
+                    if self.compiled.source.inputs != Inputs::Native {
+                        return Err(failed(
+                            "a program with bf16 inputs runs in f32 only (--dtype bf16)",
+                        ));
+                    }
+                    let c = Arc::new(compile_for(&self.graph, p, Inputs::Native, dev)?);
                     *other = Some(c.clone());
                     c
                 }
@@ -292,6 +318,16 @@ fn shape_error(msg: String) -> Diagnostic {
     Diagnostic::error(codes::TENSOR_SHAPE, msg)
 }
 
+/// Bytes of one element of a node's buffer (`bf16`: a float input stored
+/// as bfloat16).
+fn buffer_elem_bytes(dtype: DType, p: Precision, bf16: bool) -> usize {
+    if bf16 && dtype == DType::Float {
+        2
+    } else {
+        elem_bytes(dtype, p)
+    }
+}
+
 fn elem_bytes(dtype: DType, p: Precision) -> usize {
     match (dtype, p) {
         (DType::Float, Precision::F32) => 4,
@@ -301,9 +337,13 @@ fn elem_bytes(dtype: DType, p: Precision) -> usize {
     }
 }
 
-/// An input's elements as the bytes of its device buffer.
-fn input_bytes<F: Real>(data: &TensorData, dtype: DType) -> Vec<u8> {
+/// An input's elements as the bytes of its device buffer; floats as
+/// bfloat16 (rounded to nearest even) when `bf16`.
+fn input_bytes<F: Real>(data: &TensorData, dtype: DType, bf16: bool) -> Vec<u8> {
     let float = |x: f64| -> Vec<u8> {
+        if bf16 {
+            return half::bf16::from_f64(x).to_bits().to_ne_bytes().to_vec();
+        }
         let v = F::from_f64(x).unwrap_or_else(F::nan);
         match Precision::of::<F>() {
             Some(Precision::F32) => v.to_f32().unwrap_or(f32::NAN).to_ne_bytes().to_vec(),
@@ -323,12 +363,20 @@ fn tensor_of<F: Real>(
     bytes: &[u8],
     dtype: DType,
     shape: &[usize],
+    bf16: bool,
 ) -> Result<Tensor<F>, Diagnostic> {
     let dims = IxDyn(shape);
     let bad = |e: ndarray::ShapeError| shape_error(format!("internal shape error: {e}"));
     Ok(match dtype {
         DType::Float => {
             let v: Vec<F> = match Precision::of::<F>() {
+                _ if bf16 => bytes
+                    .chunks_exact(2)
+                    .map(|c| {
+                        let h = half::bf16::from_bits(u16::from_ne_bytes([c[0], c[1]]));
+                        F::from_f32(h.to_f32()).unwrap_or_else(F::nan)
+                    })
+                    .collect(),
                 Some(Precision::F32) => bytes
                     .chunks_exact(4)
                     .map(|c| {
@@ -743,10 +791,12 @@ pub fn execute_on<F: Real, M: Machine>(
         let node = &graph.nodes[i];
         let bytes = elems[i] * elem_bytes(node.dtype, p);
         if let NodeKind::Input { .. } = node.kind {
+            let bf16 = source.inputs == Inputs::Bf16;
+            let bytes = elems[i] * buffer_elem_bytes(node.dtype, p, bf16);
             let input = bound.input(NodeId(i as u32)).ok_or_else(|| {
                 Diagnostic::error(codes::MISSING_TENSOR, "an input was not bound")
             })?;
-            let data = input_bytes::<F>(&input.tensor.data, node.dtype);
+            let data = input_bytes::<F>(&input.tensor.data, node.dtype, bf16);
             if data.len() != bytes {
                 return Err(shape_error(format!(
                     "input `{}` does not match its shape",
@@ -869,9 +919,11 @@ pub fn execute_on<F: Real, M: Machine>(
     for (i, node) in graph.nodes.iter().enumerate() {
         match (&bufs[i], keep[i]) {
             (Some(b), true) => {
+                let bf16 =
+                    source.inputs == Inputs::Bf16 && matches!(node.kind, NodeKind::Input { .. });
                 let mut host = m.download(b)?;
-                host.truncate(elems[i] * elem_bytes(node.dtype, p));
-                values.push(tensor_of::<F>(&host, node.dtype, &shapes[i])?);
+                host.truncate(elems[i] * buffer_elem_bytes(node.dtype, p, bf16));
+                values.push(tensor_of::<F>(&host, node.dtype, &shapes[i], bf16)?);
             }
             _ => values.push(empty_tensor(node.dtype)),
         }
