@@ -867,6 +867,37 @@ fn emulated_out_of_range_index_is_the_interpreters_diagnostic() {
     assert_eq!(got.message, want.message);
 }
 
+/// Losses whose kernels cover every kind (contractions of inputs, a concat,
+/// pair reductions, mining, truncation), with their parameters.
+const TILE_CROSSING_LOSSES: &[(&str, &str)] = &[
+    ("MultipleNegativesRankingLoss", "{}"),
+    ("CoSENTLoss", "{}"),
+    ("BatchHardTripletLoss", "{}"),
+    (
+        "MatryoshkaLoss",
+        r#"{"loss": {"st_class": "MultipleNegativesRankingLoss", "params": {}}, "matryoshka_dims": [40, 16]}"#,
+    ),
+];
+
+/// A loss with its gradient and seeded random inputs at B = 70, D = 40,
+/// K = 1: larger than one 64×64 contraction tile.
+fn tile_crossing_case(
+    class: &str,
+    params: &str,
+    seed: u64,
+) -> (lossc::ir::Graph, lossc::tensor_io::TensorMap) {
+    let graph = compile_std(class, &params_of(params)).unwrap();
+    let full = lossc::differentiate(&graph).0;
+    let known = full.dim_names();
+    let dims = [("B", 70), ("D", 40), ("K", 1)]
+        .into_iter()
+        .filter(|(k, _)| known.contains(&k.to_string()))
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    let tensors = bind::random_inputs(&full, seed, &dims).unwrap();
+    (full, tensors)
+}
+
 #[test]
 fn emulated_kernels_agree_at_sizes_that_cross_tiles() {
     // The fixtures are smaller than one 64×64 contraction tile; these sizes
@@ -876,29 +907,9 @@ fn emulated_kernels_agree_at_sizes_that_cross_tiles() {
         eprintln!("SKIP emulated kernels: {e}");
         return;
     }
-    let cases: &[(&str, &str)] = &[
-        ("MultipleNegativesRankingLoss", "{}"),
-        ("CoSENTLoss", "{}"),
-        ("BatchHardTripletLoss", "{}"),
-        (
-            "MatryoshkaLoss",
-            r#"{"loss": {"st_class": "MultipleNegativesRankingLoss", "params": {}}, "matryoshka_dims": [40, 16]}"#,
-        ),
-    ];
-    let dims: std::collections::BTreeMap<String, i64> = [("B", 70), ("D", 40), ("K", 1)]
-        .map(|(k, v)| (k.to_string(), v))
-        .into();
     let mut failures = Vec::new();
-    for (class, params) in cases {
-        let graph = compile_std(class, &params_of(params)).unwrap();
-        let full = lossc::differentiate(&graph).0;
-        let known = full.dim_names();
-        let dims = dims
-            .iter()
-            .filter(|(k, _)| known.contains(k))
-            .map(|(k, v)| (k.clone(), *v))
-            .collect();
-        let tensors = bind::random_inputs(&full, 7, &dims).unwrap();
+    for (class, params) in TILE_CROSSING_LOSSES {
+        let (full, tensors) = tile_crossing_case(class, params, 7);
         let bound = bind::bind(&full, &tensors).unwrap();
         let source = cuda::source(&full, Precision::F64).unwrap();
         let machine = emu::Emu::compile(&source, &format!("tiles_{class}")).unwrap();
@@ -1156,24 +1167,8 @@ fn emulated_bf16_inputs_are_stored_in_half_the_bytes_and_widened_exactly() {
         eprintln!("SKIP emulated kernels: {e}");
         return;
     }
-    let cases: &[(&str, &str)] = &[
-        ("MultipleNegativesRankingLoss", "{}"),
-        ("CoSENTLoss", "{}"),
-        (
-            "MatryoshkaLoss",
-            r#"{"loss": {"st_class": "MultipleNegativesRankingLoss", "params": {}}, "matryoshka_dims": [40, 16]}"#,
-        ),
-    ];
-    for (class, params) in cases {
-        let graph = compile_std(class, &params_of(params)).unwrap();
-        let full = lossc::differentiate(&graph).0;
-        let known = full.dim_names();
-        let dims = [("B", 70), ("D", 40), ("K", 1)]
-            .into_iter()
-            .filter(|(k, _)| known.contains(&k.to_string()))
-            .map(|(k, v)| (k.to_string(), v))
-            .collect();
-        let mut tensors = bind::random_inputs(&full, 3, &dims).unwrap();
+    for (class, params) in TILE_CROSSING_LOSSES {
+        let (full, mut tensors) = tile_crossing_case(class, params, 3);
         // What the device will hold: every float input rounded to bf16.
         for t in tensors.values_mut() {
             if let lossc::tensor_io::TensorData::F64(v) = &mut t.data {
