@@ -3,7 +3,10 @@
 //! what `lossc cuda` prints and what the snapshot tests pin.
 //!
 //! * One `extern "C" __global__` kernel per non-input node, named
-//!   `lossc_n<id>`, all with the signature
+//!   `lossc_n<id>`, or per sibling group (`Graph::sibling_groups`, the
+//!   JIT's rule: consecutive float comprehensions with the same loops, none
+//!   reading another; here those that run as grid-stride loops, outside
+//!   streaming regions), named `lossc_g<first>`; all with the signature
 //!   `(void* const* bufs, const long long* dims, long long* err)`: `bufs[n]`
 //!   is node n's device buffer (row-major in its shape; floats as `real`,
 //!   ints as `long long`, bools as `unsigned char`), `dims` the dim table
@@ -105,7 +108,12 @@ pub struct Source {
 
 #[derive(Clone, Debug)]
 pub struct Kernel {
+    /// The node it computes; a group's first member.
     pub node: NodeId,
+    /// Every node it computes, in order: `[node]`, or a group's members
+    /// (consecutive nodes the host runs as consecutive steps; it launches
+    /// the kernel at the last one's).
+    pub members: Vec<NodeId>,
     pub name: String,
     pub launch: Launch,
     /// The streaming region whose row range the kernel runs over, and how.
@@ -320,10 +328,14 @@ pub fn generate(graph: &Graph, p: Precision, inputs: Inputs) -> Result<Source, S
              return __int_as_float((int)((unsigned int)h << 16));\n}\n",
         );
     }
+    let groups = g.groups(&ranged);
     let mut kernels = Vec::new();
     for (i, node) in graph.nodes.iter().enumerate() {
         let id = NodeId(i as u32);
-        let name = format!("lossc_n{i}");
+        let group = groups.iter().find(|m| m.contains(&id));
+        if group.is_some_and(|m| m[0] != id) || matches!(node.kind, NodeKind::Input { .. }) {
+            continue;
+        }
         g.state = false;
         g.range = match (&node.kind, ranged[i]) {
             (NodeKind::Comp(c), Some((k, mode))) => {
@@ -339,7 +351,12 @@ pub fn generate(graph: &Graph, p: Precision, inputs: Inputs) -> Result<Source, S
             }
             _ => None,
         };
+        let (name, members) = match group {
+            Some(members) => (format!("lossc_g{i}"), members.clone()),
+            None => (format!("lossc_n{i}"), vec![id]),
+        };
         let (body, launch) = match &node.kind {
+            _ if members.len() > 1 => g.group(&members)?,
             NodeKind::Input { .. } => continue,
             NodeKind::Comp(c) => g.comp(id, c)?,
             NodeKind::Concat { axis, parts } => g.concat(id, *axis, parts),
@@ -347,11 +364,11 @@ pub fn generate(graph: &Graph, p: Precision, inputs: Inputs) -> Result<Source, S
             NodeKind::Reshape { src } => g.reshape(id, *src),
         };
         text.push('\n');
-        for line in crate::ir::print::print_node(graph, id, node)
-            .trim_end()
-            .lines()
-        {
-            let _ = writeln!(text, "// {line}");
+        for m in &members {
+            let line = crate::ir::print::print_node(graph, *m, graph.node(*m));
+            for line in line.trim_end().lines() {
+                let _ = writeln!(text, "// {line}");
+            }
         }
         let _ = writeln!(
             text,
@@ -361,6 +378,7 @@ pub fn generate(graph: &Graph, p: Precision, inputs: Inputs) -> Result<Source, S
         text.push_str("}\n");
         kernels.push(Kernel {
             node: id,
+            members,
             name,
             launch,
             ranged: ranged[i],
@@ -473,6 +491,35 @@ impl Gen<'_> {
 
     fn product(dims: &[Dim]) -> Dim {
         dims.iter().fold(Dim::lit(1), |a, d| a.mul(d))
+    }
+
+    /// The sibling groups kernels are generated for: float comprehensions
+    /// that run as grid-stride loops (no contraction, no block reduction,
+    /// not to a scalar), none in a streaming region or reading, directly or
+    /// not, a node in one (so a run's steps always take a group's members
+    /// one after the other).
+    fn groups(&self, ranged: &[Option<(usize, Mode)>]) -> Vec<Vec<NodeId>> {
+        const MAX_GROUP: usize = 8;
+        let graph = self.graph;
+        let mut near_region = vec![false; graph.nodes.len()];
+        for i in 0..graph.nodes.len() {
+            near_region[i] = ranged[i].is_some()
+                || graph
+                    .operands(NodeId(i as u32))
+                    .iter()
+                    .any(|o| near_region[o.index()]);
+        }
+        graph.sibling_groups(MAX_GROUP, |id| {
+            let node = graph.node(id);
+            let NodeKind::Comp(c) = &node.kind else {
+                return false;
+            };
+            node.dtype == DType::Float
+                && !node.shape.is_empty()
+                && !near_region[id.index()]
+                && crate::ir::contraction::recognise(graph, c, node.dtype).is_none()
+                && c.reduce.as_ref().is_none_or(|r| !self.rows_pay(c, r))
+        })
     }
 
     /// Whether node `n`'s buffer holds bfloat16 (a float input, with bf16
@@ -613,16 +660,7 @@ impl Gen<'_> {
             }
         }
         let mut e = Emitter::new(self, 2);
-        e.levels = levels.clone();
-        for (k, (v, _)) in levels.iter().enumerate().rev() {
-            if k == 0 {
-                e.line(&format!("const long long v{} = rest;", v.0));
-            } else {
-                let d = e.g.dim(&levels[k].1);
-                e.line(&format!("const long long v{} = rest % {d};", v.0));
-                e.line(&format!("rest /= {d};"));
-            }
-        }
+        e.output_position(&levels);
         let value = match &c.reduce {
             None => {
                 let (v, t) = e.expr(&c.body);
@@ -635,6 +673,73 @@ impl Gen<'_> {
         s.push_str(Self::grid_loop_open());
         if !levels.is_empty() {
             let _ = writeln!(s, "        long long rest = {at};");
+        }
+        s.push_str(&e.out);
+        s.push_str("    }\n");
+        Ok((s, Launch::Grid { total }))
+    }
+
+    /// One kernel for sibling nodes with the same loops (`sibling_groups`):
+    /// one grid-stride loop over their output positions, each member's value
+    /// (a reduction in a loop nest and block of its own) stored in its
+    /// buffer; terms outside the reductions are computed once.
+    fn group(&mut self, members: &[NodeId]) -> Result<(String, Launch), String> {
+        let graph = self.graph;
+        let first = members[0];
+        let node = graph.node(first);
+        let NodeKind::Comp(c0) = &node.kind else {
+            return Err("internal error: a group of non-comprehensions".into());
+        };
+        let levels: Vec<(IdxVar, Dim)> = c0
+            .indices
+            .iter()
+            .copied()
+            .zip(node.shape.iter().cloned())
+            .collect();
+        let total = self.slot(&Self::product(&node.shape));
+        let mut s = String::new();
+        for (m, id) in members.iter().enumerate() {
+            let ty = storage_type(graph.node(*id).dtype);
+            let _ = writeln!(s, "    {ty}* __restrict__ out{m} = ({ty}*)bufs[{}];", id.0);
+        }
+        let _ = writeln!(s, "    const long long total = dims[{total}];");
+        let mut e = Emitter::new(self, 2);
+        e.output_position(&levels);
+        for (m, id) in members.iter().enumerate() {
+            let NodeKind::Comp(c) = &graph.node(*id).kind else {
+                return Err("internal error: a group of non-comprehensions".into());
+            };
+            let dtype = graph.node(*id).dtype;
+            let rename = graph.renaming(first, *id);
+            let body = c.body.subst(&rename);
+            let value = match &c.reduce {
+                None => {
+                    let (v, t) = e.expr(&body);
+                    e.convert(&v, t, ty_of(dtype))
+                }
+                Some(r) => {
+                    let var = |v: &IdxVar| match rename.get(v) {
+                        Some(Expr::Index(w)) => *w,
+                        _ => *v,
+                    };
+                    let r = crate::ir::Reduce {
+                        op: r.op,
+                        over: r.over.iter().map(|(v, d)| (var(v), d.clone())).collect(),
+                        filter: r.filter.as_ref().map(|f| f.subst(&rename)),
+                        empty: r.empty,
+                    };
+                    e.open("{");
+                    let v = e.reduce_loops(&r, &body, dtype)?;
+                    e.line(&format!("out{m}[flat] = {};", store(&v, dtype)));
+                    e.close("}");
+                    continue;
+                }
+            };
+            e.line(&format!("out{m}[flat] = {};", store(&value, dtype)));
+        }
+        s.push_str(Self::grid_loop_open());
+        if !levels.is_empty() {
+            s.push_str("        long long rest = flat;\n");
         }
         s.push_str(&e.out);
         s.push_str("    }\n");
@@ -1620,6 +1725,21 @@ struct Emitter<'g, 'a> {
 }
 
 impl<'g, 'a> Emitter<'g, 'a> {
+    /// Binds the output loop variables `levels` (outermost first) from the
+    /// flat output position `rest` (the last varies fastest).
+    fn output_position(&mut self, levels: &[(IdxVar, Dim)]) {
+        self.levels = levels.to_vec();
+        for (k, (v, d)) in levels.iter().enumerate().rev() {
+            if k == 0 {
+                self.line(&format!("const long long v{} = rest;", v.0));
+            } else {
+                let d = self.g.dim(d);
+                self.line(&format!("const long long v{} = rest % {d};", v.0));
+                self.line(&format!("rest /= {d};"));
+            }
+        }
+    }
+
     /// Decodes the flat reduced position `rest` into the reduced variables
     /// (the last varies fastest), then skips the element when the filter
     /// rejects it. Whether `rest` was used.

@@ -749,9 +749,12 @@ pub fn execute_on<F: Real, M: Machine>(
     let mut dims_buf = m.upload(&bytes_of(&dim_values))?;
     let err_buf = m.alloc(3 * 8)?;
     let mut table = m.alloc(n.max(1) * 8)?;
+    // The kernel launched at each node's step: a group's at its last member's.
     let mut kernel_of: Vec<Option<usize>> = vec![None; n];
     for (k, kernel) in source.kernels.iter().enumerate() {
-        kernel_of[kernel.node.index()] = Some(k);
+        if let Some(last) = kernel.members.last() {
+            kernel_of[last.index()] = Some(k);
+        }
     }
     // What is copied back, what exists only as tiles, and the last step
     // reading each node.
@@ -773,15 +776,31 @@ pub fn execute_on<F: Real, M: Machine>(
             Step::Pass(p) => p.nodes.iter().map(|(id, _)| *id).collect(),
         }
     };
-    let mut last_use = vec![None; n];
+    // A group's members read their operands when the group is launched, at
+    // its last member's step.
+    let mut step_of = vec![0; n];
     for (si, step) in steps.iter().enumerate() {
         for id in step_nodes(step) {
-            for o in graph.operands(id) {
-                last_use[o.index()] = Some(si);
+            step_of[id.index()] = si;
+        }
+    }
+    for kernel in &source.kernels {
+        if let Some(last) = kernel.members.last() {
+            for m in &kernel.members {
+                step_of[m.index()] = step_of[last.index()];
             }
         }
     }
+    let mut last_use: Vec<Option<usize>> = vec![None; n];
+    for i in 0..n {
+        for o in graph.operands(NodeId(i as u32)) {
+            let at = last_use[o.index()].map_or(step_of[i], |s| s.max(step_of[i]));
+            last_use[o.index()] = Some(at);
+        }
+    }
     let mut bufs: Vec<Option<M::Buf>> = (0..n).map(|_| None).collect();
+    // Launched (a group's members only once the group is), so freeable.
+    let mut computed = vec![false; n];
     let (mut live, mut peak) = (0u64, 0u64);
     let write_address =
         |table: &mut M::Buf, i: usize, address: u64| m.write(table, i * 8, &address.to_ne_bytes());
@@ -838,6 +857,14 @@ pub fn execute_on<F: Real, M: Machine>(
                 bufs[i] = Some(buf);
                 peak = peak.max(live);
                 launch(i, &dim_values, &table, &dims_buf)?;
+                match kernel_of[i] {
+                    Some(k) => {
+                        for m in &source.kernels[k].members {
+                            computed[m.index()] = true;
+                        }
+                    }
+                    None => computed[i] = !source.kernels.iter().any(|k| k.members.contains(id)),
+                }
             }
             Step::Pass(pass) => {
                 let region = pass
@@ -879,6 +906,9 @@ pub fn execute_on<F: Real, M: Machine>(
                     }
                     lo += len;
                 }
+                for (id, _) in &pass.nodes {
+                    computed[id.index()] = true;
+                }
                 block_sizes.insert(lo_sym.clone(), 0);
                 block_sizes.insert(len_sym.clone(), pass.rows as i64);
                 dim_values = table_of(&block_sizes);
@@ -892,7 +922,8 @@ pub fn execute_on<F: Real, M: Machine>(
             for o in dead {
                 let i = o.index();
                 let unread = last_use[i].is_none_or(|s| s <= si);
-                if (unread || streamed[i]) && !keep[i] && (opts.lean || streamed[i]) {
+                let freeable = computed[i] && !keep[i] && (opts.lean || streamed[i]);
+                if (unread || streamed[i]) && freeable {
                     if let Some(b) = bufs[i].take() {
                         live -= m.size(&b) as u64;
                     }

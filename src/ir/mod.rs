@@ -471,6 +471,80 @@ pub struct Graph {
 }
 
 impl Graph {
+    /// The renaming of `b`'s loop variables (output indices, then reduced
+    /// ones) to `a`'s, position by position.
+    pub fn renaming(&self, a: NodeId, b: NodeId) -> BTreeMap<IdxVar, Expr> {
+        let (na, nb) = (self.node(a), self.node(b));
+        let (NodeKind::Comp(ca), NodeKind::Comp(cb)) = (&na.kind, &nb.kind) else {
+            return BTreeMap::new();
+        };
+        cb.levels(&nb.shape)
+            .iter()
+            .zip(&ca.levels(&na.shape))
+            .map(|((from, _), (to, _))| (*from, Expr::Index(*to)))
+            .collect()
+    }
+
+    /// Whether comprehensions `a` and `b` run the same loops: one shape, and
+    /// either no reduction or the same reduction (operation, reduced extents,
+    /// empty value, and filter up to the names of the index variables).
+    pub fn same_loops(&self, a: NodeId, b: NodeId) -> bool {
+        let (na, nb) = (self.node(a), self.node(b));
+        let (NodeKind::Comp(ca), NodeKind::Comp(cb)) = (&na.kind, &nb.kind) else {
+            return false;
+        };
+        if na.shape != nb.shape {
+            return false;
+        }
+        match (&ca.reduce, &cb.reduce) {
+            (None, None) => true,
+            (Some(ra), Some(rb)) => {
+                let extents =
+                    |r: &Reduce| r.over.iter().map(|(_, d)| d.clone()).collect::<Vec<_>>();
+                ra.op == rb.op
+                    && ra.empty.to_bits() == rb.empty.to_bits()
+                    && extents(ra) == extents(rb)
+                    && match (&ra.filter, &rb.filter) {
+                        (None, None) => true,
+                        (Some(fa), Some(fb)) => *fa == fb.subst(&self.renaming(a, b)),
+                        _ => false,
+                    }
+            }
+            _ => false,
+        }
+    }
+
+    /// Sibling groups, which a backend may compute in one loop nest: runs of
+    /// consecutive `fusable` nodes with the same loops as the run's first
+    /// (`same_loops`), none reading another, at most `max` long (runs of one
+    /// are left out).
+    pub fn sibling_groups(&self, max: usize, fusable: impl Fn(NodeId) -> bool) -> Vec<Vec<NodeId>> {
+        let mut out = Vec::new();
+        let mut run: Vec<NodeId> = Vec::new();
+        for i in 0..self.nodes.len() {
+            let id = NodeId(i as u32);
+            let joins = fusable(id)
+                && run.first().is_some_and(|f| self.same_loops(*f, id))
+                && run.len() < max
+                && !self.operands(id).iter().any(|o| run.contains(o));
+            if joins {
+                run.push(id);
+                continue;
+            }
+            if run.len() > 1 {
+                out.push(std::mem::take(&mut run));
+            }
+            run.clear();
+            if fusable(id) {
+                run.push(id);
+            }
+        }
+        if run.len() > 1 {
+            out.push(run);
+        }
+        out
+    }
+
     pub fn node(&self, id: NodeId) -> &Node {
         &self.nodes[id.index()]
     }

@@ -770,48 +770,23 @@ impl Emitter<'_> {
     }
 }
 
-/// Runs of consecutive float nodes with the same loops (`same_loops`), none
-/// reading another, none accumulating or run as GEMM: each becomes a `Group`
-/// (at most `MAX_GROUP` members).
+/// Runs of consecutive float nodes with the same loops (`Graph::same_loops`),
+/// none reading another, none accumulating or run as GEMM: each becomes a
+/// `Group` (at most `MAX_GROUP` members).
 fn fusion_groups(graph: &Graph, analysis: &stream::Analysis) -> Vec<Vec<NodeId>> {
     const MAX_GROUP: usize = 8;
-    let fusable = |i: usize| match &graph.nodes[i].kind {
-        NodeKind::Comp(c) => {
-            graph.nodes[i].dtype == crate::ir::DType::Float
-                && !graph.nodes[i].shape.is_empty()
-                && analysis.ranged_red[i].is_none()
-                && contraction::recognise(graph, c, graph.nodes[i].dtype).is_none()
-        }
-        _ => false,
-    };
-    let mut out = Vec::new();
-    let mut run: Vec<NodeId> = Vec::new();
-    for i in 0..graph.nodes.len() {
-        let joins = fusable(i)
-            && run
-                .first()
-                .is_some_and(|f| same_loops(graph, *f, NodeId(i as u32)))
-            && run.len() < MAX_GROUP
-            && !graph
-                .operands(NodeId(i as u32))
-                .iter()
-                .any(|o| run.contains(o));
-        if !joins {
-            if run.len() > 1 {
-                out.push(std::mem::take(&mut run));
+    graph.sibling_groups(MAX_GROUP, |id| {
+        let node = graph.node(id);
+        match &node.kind {
+            NodeKind::Comp(c) => {
+                node.dtype == crate::ir::DType::Float
+                    && !node.shape.is_empty()
+                    && analysis.ranged_red[id.index()].is_none()
+                    && contraction::recognise(graph, c, node.dtype).is_none()
             }
-            run.clear();
-            if fusable(i) {
-                run.push(NodeId(i as u32));
-            }
-            continue;
+            _ => false,
         }
-        run.push(NodeId(i as u32));
-    }
-    if run.len() > 1 {
-        out.push(run);
-    }
-    out
+    })
 }
 
 /// The renaming that turns a column sum `c[j'] = sum(i') ..` into the row
@@ -897,41 +872,6 @@ fn row_column_pairs(
         }
     }
     out
-}
-
-/// Whether nodes `a` and `b` run the same loops: one shape, and either no
-/// reduction or the same reduction (operation, reduced extents, empty value,
-/// and filter up to the names of the index variables).
-fn same_loops(graph: &Graph, a: NodeId, b: NodeId) -> bool {
-    let (na, nb) = (graph.node(a), graph.node(b));
-    let (NodeKind::Comp(ca), NodeKind::Comp(cb)) = (&na.kind, &nb.kind) else {
-        return false;
-    };
-    if na.shape != nb.shape {
-        return false;
-    }
-    match (&ca.reduce, &cb.reduce) {
-        (None, None) => true,
-        (Some(ra), Some(rb)) => {
-            let extents =
-                |r: &crate::ir::Reduce| r.over.iter().map(|(_, d)| d.clone()).collect::<Vec<_>>();
-            let rename: std::collections::BTreeMap<IdxVar, crate::ir::Expr> = cb
-                .levels(&nb.shape)
-                .iter()
-                .zip(&ca.levels(&na.shape))
-                .map(|((from, _), (to, _))| (*from, crate::ir::Expr::Index(*to)))
-                .collect();
-            ra.op == rb.op
-                && ra.empty.to_bits() == rb.empty.to_bits()
-                && extents(ra) == extents(rb)
-                && match (&ra.filter, &rb.filter) {
-                    (None, None) => true,
-                    (Some(fa), Some(fb)) => *fa == fb.subst(&rename),
-                    _ => false,
-                }
-        }
-        _ => false,
-    }
 }
 
 /// Whether threads may split a reduction to a scalar by its outermost
