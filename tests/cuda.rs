@@ -1027,17 +1027,15 @@ fn emulated_streaming_agrees_with_the_interpreter_on_every_library_loss() {
         let Ok(base) = compile_std(&class, &params) else {
             continue;
         };
-        let k = if base.inputs().any(|(_, _, _, variadic)| variadic) {
-            2
-        } else {
-            1
-        };
-        for (seed, b) in [(3u64, 3i64), (4, 17)] {
+        // Variadic inputs: none at B = 3 (an empty column range), two at 17.
+        let variadic = base.inputs().any(|(_, _, _, variadic)| variadic);
+        for (seed, b, k) in [(3u64, 3i64, 0i64), (4, 17, 2)] {
+            let k = if variadic { k } else { 1 };
             let Some((full, bound)) = random_library_case(&class, &params, &base, (b, k), seed)
             else {
                 continue;
             };
-            let id = format!("{class} B={b}");
+            let id = format!("{class} B={b} K={k}");
             add_case(&mut groups, EmuCase { id, full, bound, b });
         }
     }
