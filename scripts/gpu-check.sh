@@ -2,7 +2,8 @@
 # The CUDA backend on a machine with an NVIDIA GPU, in one invocation (about 8
 # minutes at most on one H200):
 #   1. the GPU agreement tests (every fixture case of every standard loss, loss
-#      and gradients vs the interpreter, f32 relative 1e-4), from a prebuilt
+#      and gradients vs the interpreter, f32 relative 1e-4, run whole, lean and
+#      streamed in 2-row blocks; bf16 inputs on four losses), from a prebuilt
 #      test binary;
 #   2. forward+gradient timings of MNRL, CoSENT, BatchHardTriplet and
 #      Matryoshka(MNRL) at B in {1024, 16384, 65536}, D = 768, float32, with the

@@ -252,12 +252,21 @@ fn gpu_every_fixture_case_agrees_with_the_interpreter() {
             failures.push(format!("{}: {e}", case.id));
         }
         // The output-only run gives the same loss and gradients.
-        let lean = gpu.run_outputs::<f32>(&bound).expect("second run");
-        if lean.outputs[0].1 != got.outputs[0].1 {
+        let outputs_only = gpu.run_outputs::<f32>(&bound).expect("second run");
+        if outputs_only.outputs[0].1 != got.outputs[0].1 {
             failures.push(format!("{}: run_outputs differs from run", case.id));
         }
+        // Streamed in 2-row blocks, every in-batch matrix as tiles.
+        match gpu.run_with::<f32>(&bound, lean(cuda::Streaming::Always, Some(2))) {
+            Ok(streamed) => {
+                if let Err(e) = check_outputs(&full, &bound, &want, &streamed, 1e-4) {
+                    failures.push(format!("{} streamed: {e}", case.id));
+                }
+            }
+            Err(d) => failures.push(format!("{} streamed: {}", case.id, d.message)),
+        }
     }
-    eprintln!("cuda: {ran} fixture cases ran on the GPU");
+    eprintln!("cuda: {ran} fixture cases ran on the GPU (whole, lean, streamed)");
     assert!(ran > 0);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
@@ -1353,4 +1362,33 @@ fn mnrl_at_b_65536_plans_under_one_gib_of_device_memory_beyond_inputs_and_gradie
     let scores = 65536u64 * 65536 * 4;
     assert!(peak < scores / 8, "a score-sized buffer was held: {peak} B");
     assert!(beyond < 1 << 30, "{beyond} B beyond inputs and gradients");
+}
+
+#[test]
+fn gpu_bf16_inputs_agree_with_the_interpreter_on_rounded_inputs() {
+    if let Err(d) = cuda::device() {
+        eprintln!("SKIP GPU bf16 test: {} ({})", d.message, d.code);
+        return;
+    }
+    let mut failures = Vec::new();
+    for (class, params) in TILE_CROSSING_LOSSES {
+        let (full, mut tensors) = tile_crossing_case(class, params, 5);
+        for t in tensors.values_mut() {
+            if let lossc::tensor_io::TensorData::F64(v) = &mut t.data {
+                for x in v.iter_mut() {
+                    *x = half::bf16::from_f64(*x).to_f64();
+                }
+            }
+        }
+        let bound = bind::bind(&full, &tensors).unwrap();
+        let want = lossc::interp::evaluate::<f32>(&full, &bound).unwrap();
+        let result = cuda::compile_with(&full, Precision::F32, Inputs::Bf16)
+            .and_then(|gpu| gpu.run_outputs::<f32>(&bound))
+            .map_err(|d| d.message)
+            .and_then(|got| check_outputs(&full, &bound, &want, &got, 1e-4));
+        if let Err(e) = result {
+            failures.push(format!("{class}: {e}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
