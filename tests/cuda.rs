@@ -72,13 +72,18 @@ fn generated_cuda_source_of_every_standard_loss() {
     }
 }
 
-#[test]
-fn generation_is_deterministic_and_precision_specific() {
+/// The forward+gradient graph of `class`'s first fixture case.
+fn first_case_graph(class: &str) -> lossc::ir::Graph {
     let case = first_case_per_class()
         .into_iter()
-        .find(|c| c.class == "MultipleNegativesRankingLoss")
-        .expect("an MNRL case");
-    let full = full_graph(&case);
+        .find(|c| c.class == class)
+        .unwrap_or_else(|| panic!("no {class} case"));
+    full_graph(&case)
+}
+
+#[test]
+fn generation_is_deterministic_and_precision_specific() {
+    let full = first_case_graph("MultipleNegativesRankingLoss");
     let a = cuda::source(&full, Precision::F32).unwrap();
     let b = cuda::source(&full, Precision::F32).unwrap();
     assert_eq!(a.text, b.text);
@@ -371,31 +376,24 @@ fn cli_cuda_prints_the_kernels() {
     assert_eq!(bad.status.code(), Some(1));
     // bf16 inputs: the kernels widen them as they read; the other backends
     // refuse the option with a usage error.
-    let bf16 = lossc()
-        .args([
-            "cuda",
-            "--loss",
-            "MultipleNegativesRankingLoss",
-            "--dtype",
-            "bf16",
-        ])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&bf16.stdout);
+    let mnrl_bf16 = |command: &str| {
+        lossc()
+            .args([
+                command,
+                "--loss",
+                "MultipleNegativesRankingLoss",
+                "--dtype",
+                "bf16",
+            ])
+            .output()
+            .unwrap()
+    };
+    let text = String::from_utf8_lossy(&mnrl_bf16("cuda").stdout).into_owned();
     assert!(
         text.contains("lossc_bf16(((const unsigned short*)bufs[0])"),
         "{text}"
     );
-    let refused = lossc()
-        .args([
-            "run",
-            "--loss",
-            "MultipleNegativesRankingLoss",
-            "--dtype",
-            "bf16",
-        ])
-        .output()
-        .unwrap();
+    let refused = mnrl_bf16("run");
     assert_eq!(refused.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(
@@ -1169,6 +1167,17 @@ fn emulated_streamed_mnrl_holds_tiles_not_matrices() {
     );
 }
 
+/// Every float input rounded to bfloat16: what a device with bf16 inputs holds.
+fn round_to_bf16(tensors: &mut lossc::tensor_io::TensorMap) {
+    for t in tensors.values_mut() {
+        if let lossc::tensor_io::TensorData::F64(v) = &mut t.data {
+            for x in v.iter_mut() {
+                *x = half::bf16::from_f64(*x).to_f64();
+            }
+        }
+    }
+}
+
 #[test]
 fn emulated_bf16_inputs_are_stored_in_half_the_bytes_and_widened_exactly() {
     // With bf16 inputs the device holds each float input in two bytes and
@@ -1181,14 +1190,7 @@ fn emulated_bf16_inputs_are_stored_in_half_the_bytes_and_widened_exactly() {
     }
     for (class, params) in TILE_CROSSING_LOSSES {
         let (full, mut tensors) = tile_crossing_case(class, params, 3);
-        // What the device will hold: every float input rounded to bf16.
-        for t in tensors.values_mut() {
-            if let lossc::tensor_io::TensorData::F64(v) = &mut t.data {
-                for x in v.iter_mut() {
-                    *x = half::bf16::from_f64(*x).to_f64();
-                }
-            }
-        }
+        round_to_bf16(&mut tensors);
         let bound = bind::bind(&full, &tensors).unwrap();
         let want = lossc::interp::evaluate::<f32>(&full, &bound).unwrap();
         let f32_source = cuda::source(&full, Precision::F32).unwrap();
@@ -1239,11 +1241,7 @@ fn emulated_bf16_inputs_are_stored_in_half_the_bytes_and_widened_exactly() {
 fn siblings_with_the_same_loops_share_one_kernel() {
     // TripletLoss's three [B, D] gradients and its two [B] distance
     // adjoints (the JIT's groups): one kernel each, launched once.
-    let case = first_case_per_class()
-        .into_iter()
-        .find(|c| c.class == "TripletLoss")
-        .expect("a TripletLoss case");
-    let full = full_graph(&case);
+    let full = first_case_graph("TripletLoss");
     let source = cuda::source(&full, Precision::F32).unwrap();
     let mut sizes: Vec<usize> = source.kernels.iter().map(|k| k.members.len()).collect();
     sizes.sort();
@@ -1373,13 +1371,7 @@ fn gpu_bf16_inputs_agree_with_the_interpreter_on_rounded_inputs() {
     let mut failures = Vec::new();
     for (class, params) in TILE_CROSSING_LOSSES {
         let (full, mut tensors) = tile_crossing_case(class, params, 5);
-        for t in tensors.values_mut() {
-            if let lossc::tensor_io::TensorData::F64(v) = &mut t.data {
-                for x in v.iter_mut() {
-                    *x = half::bf16::from_f64(*x).to_f64();
-                }
-            }
-        }
+        round_to_bf16(&mut tensors);
         let bound = bind::bind(&full, &tensors).unwrap();
         let want = lossc::interp::evaluate::<f32>(&full, &bound).unwrap();
         let result = cuda::compile_with(&full, Precision::F32, Inputs::Bf16)

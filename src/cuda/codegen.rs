@@ -612,12 +612,7 @@ impl Gen<'_> {
                 return Ok(k);
             }
         }
-        let levels: Vec<(IdxVar, Dim)> = c
-            .indices
-            .iter()
-            .copied()
-            .zip(node.shape.iter().cloned())
-            .collect();
+        let levels = c.levels(&node.shape)[..c.indices.len()].to_vec();
         if let Some(r) = &c.reduce {
             if c.indices.is_empty() {
                 let len = self
@@ -690,12 +685,7 @@ impl Gen<'_> {
         let NodeKind::Comp(c0) = &node.kind else {
             return Err("internal error: a group of non-comprehensions".into());
         };
-        let levels: Vec<(IdxVar, Dim)> = c0
-            .indices
-            .iter()
-            .copied()
-            .zip(node.shape.iter().cloned())
-            .collect();
+        let levels = c0.levels(&node.shape)[..c0.indices.len()].to_vec();
         let total = self.slot(&Self::product(&node.shape));
         let mut s = String::new();
         for (m, id) in members.iter().enumerate() {
@@ -761,12 +751,7 @@ impl Gen<'_> {
         let node = self.graph.node(id);
         let dtype = node.dtype;
         let rows = !c.indices.is_empty();
-        let out_levels: Vec<(IdxVar, Dim)> = c
-            .indices
-            .iter()
-            .copied()
-            .zip(node.shape.iter().cloned())
-            .collect();
+        let out_levels = c.levels(&node.shape)[..c.indices.len()].to_vec();
         let ty = storage_type(dtype);
         let mut s = format!("    {ty}* __restrict__ out = ({ty}*)bufs[{}];\n", id.0);
         s.push_str("    const int tid = threadIdx.x;\n");
