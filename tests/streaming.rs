@@ -255,21 +255,28 @@ fn mnrl_at_a_large_batch_keeps_no_b_by_n_matrix_whole() {
     }
 }
 
+/// A library loss's forward-plus-gradient graph, bound to seeded random
+/// inputs of these dims (those the loss has).
+fn random_case(class: &str, dims: &[(&str, i64)], seed: u64) -> (Graph, Bound) {
+    let params = params_for(class);
+    let base = compile_std(class, &params).expect("compiles");
+    let dims: BTreeMap<String, i64> = dims
+        .iter()
+        .map(|(n, v)| (n.to_string(), *v))
+        .filter(|(n, _)| base.dim_names().contains(n))
+        .collect();
+    let tensors = bind::random_inputs(&base, seed, &dims).expect("inputs");
+    let graph = compile_std_for(class, &params, &tensors).expect("compiles");
+    let full = lossc::differentiate(&graph).0;
+    let bound = bind::bind(&full, &tensors).expect("binds");
+    (full, bound)
+}
+
 #[test]
 fn an_odd_batch_of_1023_streams_in_uneven_blocks_and_agrees() {
     // 1023 rows in blocks of 100: ten full blocks and a short one.
     for (class, k) in [("MultipleNegativesRankingLoss", 1i64), ("CoSENTLoss", 0)] {
-        let params = params_for(class);
-        let base = compile_std(class, &params).expect("compiles");
-        let dims: BTreeMap<String, i64> = [("B", 1023i64), ("D", 3), ("K", k)]
-            .into_iter()
-            .map(|(n, v)| (n.to_string(), v))
-            .filter(|(n, _)| base.dim_names().contains(n))
-            .collect();
-        let tensors = bind::random_inputs(&base, 5, &dims).expect("inputs");
-        let graph = compile_std_for(class, &params, &tensors).expect("compiles");
-        let full = lossc::differentiate(&graph).0;
-        let bound = bind::bind(&full, &tensors).expect("binds");
+        let (full, bound) = random_case(class, &[("B", 1023), ("D", 3), ("K", k)], 5);
         let want = results(
             &full,
             &interp::evaluate::<f64>(&full, &bound).expect("interp"),
@@ -287,4 +294,42 @@ fn an_odd_batch_of_1023_streams_in_uneven_blocks_and_agrees() {
             assert!(w <= 1e-9, "{class} {opts:?}: relative difference {w:e}");
         }
     }
+}
+
+/// The contractions of a streamed pass split across threads: each block of
+/// score rows (`A_tile · Pᵀ`, and the anchor gradient `G_tile · P`) and each
+/// block's terms added into the candidates' gradient (`G_tileᵀ · A_tile`,
+/// accumulated over blocks) run as uneven blocks of output rows on three
+/// threads, in f64 and f32; both agree with the interpreter in their
+/// precision.
+#[test]
+fn streamed_contractions_split_their_rows_across_threads_and_agree() {
+    let (full, bound) = random_case(
+        "MultipleNegativesRankingLoss",
+        &[("B", 300), ("D", 128), ("K", 1)],
+        9,
+    );
+    let want = results(
+        &full,
+        &interp::evaluate::<f64>(&full, &bound).expect("interp"),
+    );
+    // 64-row blocks: every contraction's block holds 64 · 600 · 128 ≈ 4.9 M
+    // multiply-adds, enough to split across the threads.
+    let opts = options(Streaming::Always, Some(64), 3);
+    let program = jit::compile(&full, Precision::F64).expect("jit");
+    let got = results(&full, &program.run_with::<f64>(&bound, opts).expect("run"));
+    let w = worst(&want, &got, 1e-6).expect("same outputs");
+    assert!(w <= 1e-9, "f64: relative difference {w:e}");
+    // f32 against the interpreter in f32: only summation orders differ.
+    let want = results(
+        &full,
+        &interp::evaluate::<f32>(&full, &bound).expect("interp"),
+    );
+    let program = jit::compile(&full, Precision::F32).expect("jit");
+    let got = results(&full, &program.run_with::<f32>(&bound, opts).expect("run"));
+    // Elements below a tenth of their tensor's largest are compared at that
+    // scale: the gradients are sums of 600 terms of both signs, whose f32
+    // rounding is absolute (about 1e-5 of the largest element here).
+    let w = worst(&want, &got, 0.1).expect("same outputs");
+    assert!(w <= 1e-4, "f32: relative difference {w:e}");
 }

@@ -51,6 +51,12 @@ pub(super) enum Part {
     Rows(usize, usize),
     /// The terms `k` in `lo .. hi` (not batched), added to the output.
     K(usize, usize),
+    /// The terms `k` in `terms`, added to output rows `rows` (a block of a
+    /// `K` part, on one thread).
+    RowsOfK {
+        rows: (usize, usize),
+        terms: (usize, usize),
+    },
 }
 
 /// Strides (in elements) of each role of an operand of row-major `shape`,
@@ -121,6 +127,10 @@ pub(super) unsafe fn run(
         Part::Whole => ((0, m), (0, k), 0.0),
         Part::Rows(lo, hi) if lo <= hi && hi <= m => ((lo, hi), (0, k), 0.0),
         Part::K(lo, hi) if lo <= hi && hi <= k => ((0, m), (lo, hi), 1.0),
+        Part::RowsOfK {
+            rows: (lo, hi),
+            terms: (klo, khi),
+        } if lo <= hi && hi <= m && klo <= khi && khi <= k => ((lo, hi), (klo, khi), 1.0),
         _ => return false,
     };
     let (pm, pk) = (rows.1 - rows.0, terms.1 - terms.0);
@@ -129,7 +139,7 @@ pub(super) unsafe fn run(
         return true;
     }
     if pk == 0 {
-        if matches!(part, Part::K(..)) {
+        if beta != 0.0 {
             return true; // nothing to add
         }
         // The interpreter's value of an empty sum.

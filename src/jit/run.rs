@@ -325,6 +325,12 @@ pub(super) fn steps(
     ))
 }
 
+/// Runs the program on the calling thread, or, when some node is large
+/// enough to split across threads, on a worker of the pool: its parallel
+/// nodes then share work with the other workers without waking the caller
+/// after each one (a wake per parallel node cost more than the second core
+/// gained at 256×768; the hop onto the pool costs more than it saves at
+/// 32×384, where nothing splits).
 pub(super) fn execute<F: Real>(
     graph: &Graph,
     code: &Code,
@@ -332,9 +338,24 @@ pub(super) fn execute<F: Real>(
     opts: RunOptions,
     pool: &Mutex<Pool>,
 ) -> Result<Evaluation<F>, Diagnostic> {
+    let sizes = node_sizes(graph, bound)?;
+    let splits = sizes.1.iter().any(|e| *e >= 2 * MIN_WORK_PER_THREAD);
+    match thread_pool(opts.threads.clamp(1, MAX_THREADS)).filter(|_| opts.threads > 1 && splits) {
+        Some(threads) => threads.install(|| execute_here(graph, code, bound, opts, pool, sizes)),
+        None => execute_here(graph, code, bound, opts, pool, sizes),
+    }
+}
+
+fn execute_here<F: Real>(
+    graph: &Graph,
+    code: &Code,
+    bound: &Bound,
+    opts: RunOptions,
+    pool: &Mutex<Pool>,
+    (shapes, elems): (Vec<Vec<usize>>, Vec<usize>),
+) -> Result<Evaluation<F>, Diagnostic> {
     keep_freed_memory();
     let n = graph.nodes.len();
-    let (shapes, elems) = node_sizes(graph, bound)?;
     let mut run = Run {
         graph,
         code,
@@ -696,9 +717,9 @@ impl<F: Real> Run<'_, F> {
     }
 
     /// The contraction through GEMM when the node is one (`false`: run the
-    /// kernel).
-    /// A whole (unbatched) contraction or a block of its rows runs as
-    /// blocks of rows on the thread pool when the work pays for it.
+    /// kernel). A whole (unbatched) contraction, a block of its rows, or a slice of
+    /// its terms (added to every row) runs as blocks of output rows on the
+    /// thread pool when the work pays for it.
     fn gemm(&mut self, id: NodeId, part: gemm::Part) -> bool {
         let Some(con) = &self.code.contractions[id.index()] else {
             return false;
@@ -711,11 +732,14 @@ impl<F: Real> Run<'_, F> {
         };
         let shape = &self.shapes[id.index()];
         let rows = match (part, con.batched, shape.as_slice()) {
-            (gemm::Part::Whole, false, [m, _]) => Some((0, *m)),
+            (gemm::Part::Whole | gemm::Part::K(..), false, [m, _]) => Some((0, *m)),
             (gemm::Part::Rows(lo, hi), false, _) => Some((lo, hi)),
             _ => None,
         };
-        let k = con.k.eval(&self.bound.sizes).unwrap_or(0).max(0) as usize;
+        let k = match part {
+            gemm::Part::K(lo, hi) => hi.saturating_sub(lo),
+            _ => con.k.eval(&self.bound.sizes).unwrap_or(0).max(0) as usize,
+        };
         let n = shape.last().copied().unwrap_or(0);
         let chunks = rows.map_or(1, |(lo, hi)| {
             let m = hi.saturating_sub(lo);
@@ -757,7 +781,14 @@ impl<F: Real> Run<'_, F> {
                         .into_par_iter()
                         .map(|b| {
                             let from = lo + b * per;
-                            run(gemm::Part::Rows(from, (from + per).min(hi)))
+                            let rows = (from, (from + per).min(hi));
+                            run(match part {
+                                gemm::Part::K(klo, khi) => gemm::Part::RowsOfK {
+                                    rows,
+                                    terms: (klo, khi),
+                                },
+                                _ => gemm::Part::Rows(rows.0, rows.1),
+                            })
                         })
                         .collect()
                 });
