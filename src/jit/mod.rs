@@ -231,6 +231,8 @@ pub struct JitProgram {
     other: Mutex<Option<Arc<Code>>>,
     /// Buffers of earlier runs, reused by the next.
     pool: Mutex<run::Pool>,
+    /// The last run's schedule, reused while sizes and options repeat.
+    schedule: run::LastSchedule,
 }
 
 /// Compiles every comprehension of `graph` for `dtype`.
@@ -245,6 +247,7 @@ pub fn compile(graph: &Graph, dtype: Precision) -> Result<JitProgram, String> {
         code,
         other: Mutex::new(None),
         pool: Mutex::new(run::Pool::default()),
+        schedule: Mutex::new(None),
     })
 }
 
@@ -294,7 +297,7 @@ impl JitProgram {
                 }
             }
         };
-        let mut e = run::execute::<F>(&self.graph, &code, bound, opts, &self.pool)?;
+        let mut e = run::execute::<F>(&self.graph, &code, bound, opts, &self.pool, &self.schedule)?;
         // Values by the ids of the graph given to `compile`.
         let values = self
             .map

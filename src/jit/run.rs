@@ -312,18 +312,125 @@ pub(super) fn steps(
     bound: &Bound,
     opts: RunOptions,
 ) -> Result<Vec<Step>, Diagnostic> {
-    let (_, elems) = node_sizes(graph, bound)?;
-    Ok(stream::plan(
-        graph,
-        &code.stream,
-        opts.streaming,
-        stream::tile_rows(graph, opts.tile_rows),
-        stream::CPU_BUDGET,
-        &elems,
-        code.precision.bytes() as usize,
-        &|d| d.eval(&bound.sizes).map_or(0, |v| v.max(0) as usize),
-    ))
+    Ok(Schedule::new(graph, code, bound, opts)?.steps)
 }
+
+/// What a run does at some sizes and options, worked out once and reused
+/// while they repeat (a training loop runs one batch shape over and over):
+/// every node's shape, the steps, which nodes are needed and kept, and after
+/// which step each buffer is freed. At 32×384 working it out again on every
+/// run cost more than some losses' arithmetic.
+pub(super) struct Schedule {
+    sizes: std::collections::BTreeMap<String, i64>,
+    opts: RunOptions,
+    precision: Precision,
+    shapes: Vec<Vec<usize>>,
+    elems: Vec<usize>,
+    dim_values: Vec<i64>,
+    steps: Vec<Step>,
+    /// Nodes a lean run returns (every node in a full run).
+    keep: Vec<bool>,
+    /// Nodes the run computes: those kept, and everything they read.
+    needed: Vec<bool>,
+    /// For each step, the nodes freed after it (lean runs).
+    frees: Vec<Vec<usize>>,
+    /// Whether some node is large enough to split across threads.
+    splits: bool,
+}
+
+impl Schedule {
+    fn new(
+        graph: &Graph,
+        code: &Code,
+        bound: &Bound,
+        opts: RunOptions,
+    ) -> Result<Self, Diagnostic> {
+        let n = graph.nodes.len();
+        let (shapes, elems) = node_sizes(graph, bound)?;
+        let steps = stream::plan(
+            graph,
+            &code.stream,
+            opts.streaming,
+            stream::tile_rows(graph, opts.tile_rows),
+            stream::CPU_BUDGET,
+            &elems,
+            code.precision.bytes() as usize,
+            &|d| d.eval(&bound.sizes).map_or(0, |v| v.max(0) as usize),
+        );
+        let keep: Vec<bool> = (0..n)
+            .map(|i| {
+                let id = NodeId(i as u32);
+                !opts.lean
+                    || graph.outputs.iter().any(|(_, o)| *o == id)
+                    || graph.grads.iter().any(|(_, g)| *g == id)
+            })
+            .collect();
+        let operands: Vec<Vec<NodeId>> = (0..n).map(|i| graph.operands(NodeId(i as u32))).collect();
+        // What a lean run needs: its outputs and gradients and everything they
+        // read (a node nothing needs is skipped: the whole matrix of a lowered
+        // diagonal, `lower.rs`, whose readers read its diagonal instead).
+        let mut needed: Vec<bool> = (0..n)
+            .map(|i| keep[i] || matches!(graph.nodes[i].kind, NodeKind::Input { .. }))
+            .collect();
+        for i in (0..n).rev() {
+            if needed[i] {
+                for op in &operands[i] {
+                    needed[op.index()] = true;
+                }
+            }
+        }
+        // The last step reading each node, to free it after.
+        let mut last_use = vec![0usize; n];
+        for (s, step) in steps.iter().enumerate() {
+            let nodes: Vec<NodeId> = match step {
+                Step::Whole(id) => vec![*id],
+                Step::Pass(p) => p.nodes.iter().map(|(id, _)| *id).collect(),
+            };
+            for id in nodes {
+                for op in &operands[id.index()] {
+                    last_use[op.index()] = s;
+                }
+            }
+        }
+        let mut frees = vec![Vec::new(); steps.len()];
+        if opts.lean {
+            for i in (0..n).filter(|i| !keep[*i]) {
+                if let Some(f) = frees.get_mut(last_use[i]) {
+                    f.push(i);
+                }
+            }
+        }
+        Ok(Schedule {
+            sizes: bound.sizes.clone(),
+            opts,
+            precision: code.precision,
+            dim_values: code
+                .dims
+                .iter()
+                .map(|d| d.eval(&bound.sizes).unwrap_or(0))
+                .collect(),
+            splits: elems.iter().any(|e| *e >= 2 * MIN_WORK_PER_THREAD),
+            shapes,
+            elems,
+            steps,
+            keep,
+            needed,
+            frees,
+        })
+    }
+
+    /// Whether this schedule is the one for this code, sizes and options
+    /// (the thread count does not change it).
+    fn fits(&self, code: &Code, bound: &Bound, opts: RunOptions) -> bool {
+        self.precision == code.precision
+            && self.sizes == bound.sizes
+            && (self.opts.streaming, self.opts.tile_rows, self.opts.lean)
+                == (opts.streaming, opts.tile_rows, opts.lean)
+    }
+}
+
+/// The last schedule a program ran, reused while sizes and options repeat.
+pub(super) type LastSchedule = Mutex<Option<std::sync::Arc<Schedule>>>;
 
 /// Runs the program on the calling thread, or, when some node is large
 /// enough to split across threads, on a worker of the pool: its parallel
@@ -337,12 +444,25 @@ pub(super) fn execute<F: Real>(
     bound: &Bound,
     opts: RunOptions,
     pool: &Mutex<Pool>,
+    last: &LastSchedule,
 ) -> Result<Evaluation<F>, Diagnostic> {
-    let sizes = node_sizes(graph, bound)?;
-    let splits = sizes.1.iter().any(|e| *e >= 2 * MIN_WORK_PER_THREAD);
-    match thread_pool(opts.threads.clamp(1, MAX_THREADS)).filter(|_| opts.threads > 1 && splits) {
-        Some(threads) => threads.install(|| execute_here(graph, code, bound, opts, pool, sizes)),
-        None => execute_here(graph, code, bound, opts, pool, sizes),
+    let schedule = {
+        let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+        match &*last {
+            Some(s) if s.fits(code, bound, opts) => s.clone(),
+            _ => {
+                let s = std::sync::Arc::new(Schedule::new(graph, code, bound, opts)?);
+                *last = Some(s.clone());
+                s
+            }
+        }
+    };
+    let threads = opts.threads.clamp(1, MAX_THREADS);
+    match thread_pool(threads).filter(|_| threads > 1 && schedule.splits) {
+        Some(threads) => {
+            threads.install(|| execute_here(graph, code, bound, opts, pool, &schedule))
+        }
+        None => execute_here(graph, code, bound, opts, pool, &schedule),
     }
 }
 
@@ -352,7 +472,7 @@ fn execute_here<F: Real>(
     bound: &Bound,
     opts: RunOptions,
     pool: &Mutex<Pool>,
-    (shapes, elems): (Vec<Vec<usize>>, Vec<usize>),
+    schedule: &Schedule,
 ) -> Result<Evaluation<F>, Diagnostic> {
     keep_freed_memory();
     let n = graph.nodes.len();
@@ -361,13 +481,9 @@ fn execute_here<F: Real>(
         code,
         bound,
         opts,
-        dim_values: code
-            .dims
-            .iter()
-            .map(|d| d.eval(&bound.sizes).unwrap_or(0))
-            .collect(),
-        shapes,
-        elems,
+        dim_values: schedule.dim_values.clone(),
+        shapes: schedule.shapes.clone(),
+        elems: schedule.elems.clone(),
         bufs: (0..n).map(|_| None).collect(),
         ptrs: vec![std::ptr::null_mut(); n],
         counts: (0..n).map(|_| None).collect(),
@@ -375,50 +491,13 @@ fn execute_here<F: Real>(
         given: vec![None; n],
         pool: std::mem::take(&mut *pool.lock().unwrap_or_else(|e| e.into_inner())),
     };
-    let steps = stream::plan(
-        graph,
-        &code.stream,
-        opts.streaming,
-        stream::tile_rows(graph, opts.tile_rows),
-        stream::CPU_BUDGET,
-        &run.elems,
-        code.precision.bytes() as usize,
-        &|d| d.eval(&bound.sizes).map_or(0, |v| v.max(0) as usize),
-    );
-    let keep: Vec<bool> = (0..n)
-        .map(|i| {
-            let id = NodeId(i as u32);
-            !opts.lean
-                || graph.outputs.iter().any(|(_, o)| *o == id)
-                || graph.grads.iter().any(|(_, g)| *g == id)
-        })
-        .collect();
-    // What a lean run needs: its outputs and gradients and everything they
-    // read (a node nothing needs is skipped: the whole matrix of a lowered
-    // diagonal, `lower.rs`, whose readers read its diagonal instead).
-    let mut needed: Vec<bool> = (0..n)
-        .map(|i| keep[i] || matches!(graph.nodes[i].kind, NodeKind::Input { .. }))
-        .collect();
-    for i in (0..n).rev() {
-        if needed[i] {
-            for op in graph.operands(NodeId(i as u32)) {
-                needed[op.index()] = true;
-            }
-        }
-    }
-    // The last step reading each node, to free it after.
-    let mut last_use = vec![0usize; n];
-    for (s, step) in steps.iter().enumerate() {
-        let nodes: Vec<NodeId> = match step {
-            Step::Whole(id) => vec![*id],
-            Step::Pass(p) => p.nodes.iter().map(|(id, _)| *id).collect(),
-        };
-        for id in nodes {
-            for op in graph.operands(id) {
-                last_use[op.index()] = s;
-            }
-        }
-    }
+    let Schedule {
+        steps,
+        keep,
+        needed,
+        frees,
+        ..
+    } = schedule;
     let profile = std::env::var_os("LOSSC_JIT_PROFILE").is_some();
     let mut s = 0;
     while s < steps.len() {
@@ -466,20 +545,16 @@ fn execute_here<F: Real>(
                 t.elapsed().as_secs_f64() * 1e3
             );
         }
-        if opts.lean {
-            for i in 0..n {
-                if !keep[i] && (s..s + taken).contains(&last_use[i]) {
-                    if let Some(b) = run.bufs[i].take() {
-                        b.recycle(&mut run.pool);
-                        run.ptrs[i] = std::ptr::null_mut();
-                    }
-                }
+        for &i in frees[s..s + taken].iter().flatten() {
+            if let Some(b) = run.bufs[i].take() {
+                b.recycle(&mut run.pool);
+                run.ptrs[i] = std::ptr::null_mut();
             }
         }
         s += taken;
     }
     // A run that fails drops its buffers instead: errors are rare.
-    run.finish(&keep).map(|(e, spare)| {
+    run.finish(keep).map(|(e, spare)| {
         let mut p = pool.lock().unwrap_or_else(|e| e.into_inner());
         if p.bufs.is_empty() {
             *p = spare;
