@@ -262,10 +262,10 @@ struct Run<'a, F> {
     code: &'a Code,
     bound: &'a Bound,
     opts: RunOptions,
-    dim_values: Vec<i64>,
+    dim_values: &'a [i64],
     /// Each node's shape at these sizes (inputs: as given).
-    shapes: Vec<Vec<usize>>,
-    elems: Vec<usize>,
+    shapes: &'a [Vec<usize>],
+    elems: &'a [usize],
     bufs: Vec<Option<Buf<F>>>,
     /// Base of each node's buffer (null while it has none): its own buffer,
     /// an input's data, or a tile's virtual base during a pass.
@@ -277,6 +277,8 @@ struct Run<'a, F> {
     /// The shape each input was given in (the interpreter reports it).
     given: Vec<Option<Vec<usize>>>,
     pool: Pool,
+    /// `Schedule::reduced`.
+    reduced: &'a [(usize, usize)],
 }
 
 /// Each node's shape and element count at the bound sizes.
@@ -336,6 +338,9 @@ pub(super) struct Schedule {
     frees: Vec<Vec<usize>>,
     /// Whether some node is large enough to split across threads.
     splits: bool,
+    /// Per node, the product of its reduction's extents (1 without one),
+    /// and the extent of its outermost reduced index (0 without one).
+    reduced: Vec<(usize, usize)>,
 }
 
 impl Schedule {
@@ -400,7 +405,22 @@ impl Schedule {
                 }
             }
         }
+        let extent = |d: &crate::ir::Dim| d.eval(&bound.sizes).unwrap_or(0).max(0) as usize;
+        let reduced = graph
+            .nodes
+            .iter()
+            .map(|node| match &node.kind {
+                NodeKind::Comp(Comp {
+                    reduce: Some(r), ..
+                }) => (
+                    r.over.iter().map(|(_, d)| extent(d).max(1)).product(),
+                    r.over.first().map_or(0, |(_, d)| extent(d)),
+                ),
+                _ => (1, 0),
+            })
+            .collect();
         Ok(Schedule {
+            reduced,
             sizes: bound.sizes.clone(),
             opts,
             precision: code.precision,
@@ -481,15 +501,16 @@ fn execute_here<F: Real>(
         code,
         bound,
         opts,
-        dim_values: schedule.dim_values.clone(),
-        shapes: schedule.shapes.clone(),
-        elems: schedule.elems.clone(),
+        dim_values: &schedule.dim_values,
+        shapes: &schedule.shapes,
+        elems: &schedule.elems,
         bufs: (0..n).map(|_| None).collect(),
         ptrs: vec![std::ptr::null_mut(); n],
         counts: (0..n).map(|_| None).collect(),
         gemm_k: vec![0; n],
         given: vec![None; n],
         pool: std::mem::take(&mut *pool.lock().unwrap_or_else(|e| e.into_inner())),
+        reduced: &schedule.reduced,
     };
     let Schedule {
         steps,
@@ -892,20 +913,9 @@ impl<F: Real> Run<'_, F> {
         let n_rows = (rows.1 - rows.0).max(0) as usize;
         let shape = &self.graph.node(id).shape;
         let all_rows = self.shapes[i].first().copied().unwrap_or(1).max(1);
-        let mut work = self.elems[i] / all_rows * n_rows;
-        if let NodeKind::Comp(c) = &self.graph.node(id).kind {
-            for (_, d) in c.reduce.iter().flat_map(|r| r.over.iter()) {
-                let e = d.eval(&self.bound.sizes).unwrap_or(0).max(1) as usize;
-                work = work.saturating_mul(e);
-            }
-        }
+        let (reduced, extent) = self.reduced[i];
+        let work = (self.elems[i] / all_rows * n_rows).saturating_mul(reduced);
         if shape.is_empty() && self.code.split[i] && red == (0, i64::MAX) {
-            let extent = match &self.graph.node(id).kind {
-                NodeKind::Comp(Comp {
-                    reduce: Some(r), ..
-                }) => r.over[0].1.eval(&self.bound.sizes).unwrap_or(0).max(0) as usize,
-                _ => 0,
-            };
             let chunks = (work / MIN_WORK_PER_THREAD)
                 .clamp(1, self.opts.threads.clamp(1, MAX_THREADS))
                 .min(extent);
@@ -1062,7 +1072,7 @@ impl<F: Real> Run<'_, F> {
         };
         let n = ctls.len();
         let threads = self.opts.threads.clamp(1, MAX_THREADS);
-        let results: Vec<(i64, [i64; 2])> = match thread_pool(threads).filter(|_| n > 1) {
+        let results: Vec<(i64, [i64; 2])> = match (n > 1).then(|| thread_pool(threads)).flatten() {
             Some(pool) => pool.install(|| (0..n).into_par_iter().map(run_block).collect()),
             None => (0..n).map(run_block).collect(),
         };
