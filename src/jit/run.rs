@@ -85,7 +85,11 @@ unsafe impl Sync for SharedPtrs<'_> {}
 /// default glibc gives such blocks back and maps fresh zero pages for the
 /// next run's, a page fault per 4 KiB: 40 % of TripletLoss's time at
 /// 4096×1024 went to the kernel's page-fault path. Larger blocks are mapped
-/// as before (the mmap threshold cannot exceed 32 MiB).
+/// as before (the mmap threshold cannot exceed 32 MiB). One arena: a run on
+/// a pool worker (`execute`) would otherwise allocate the gradients in that
+/// thread's arena, whose blocks of that size glibc maps and unmaps (they
+/// leave with the caller, freed on its thread): TripletLoss at 4096×1024
+/// took 1.5× as long, in page faults.
 fn keep_freed_memory() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
@@ -99,6 +103,7 @@ fn keep_freed_memory() {
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
             libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+            libc::mallopt(libc::M_ARENA_MAX, 1);
         }
     });
 }
@@ -466,6 +471,8 @@ pub(super) fn execute<F: Real>(
     pool: &Mutex<Pool>,
     last: &LastSchedule,
 ) -> Result<Evaluation<F>, Diagnostic> {
+    // Before the pool's threads exist (they would take arenas of their own).
+    keep_freed_memory();
     let schedule = {
         let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
         match &*last {
@@ -494,7 +501,6 @@ fn execute_here<F: Real>(
     pool: &Mutex<Pool>,
     schedule: &Schedule,
 ) -> Result<Evaluation<F>, Diagnostic> {
-    keep_freed_memory();
     let n = graph.nodes.len();
     let mut run = Run {
         graph,
