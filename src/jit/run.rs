@@ -148,15 +148,19 @@ impl Pool {
     /// A zeroed vector of `n` elements, reusing the smallest pooled one that
     /// fits.
     fn take<T: Copy + Default + Send + 'static>(&mut self, n: usize) -> Vec<T> {
-        let mut v = self.take_dirty(n);
-        v.fill(T::default());
+        let mut v = self.take_empty(n);
+        v.resize(n, T::default());
         v
     }
 
-    /// A vector of `n` elements of which only those a pooled vector did not
-    /// hold are zeroed (the rest are an earlier run's values): for buffers
-    /// their node overwrites entirely.
-    fn take_dirty<T: Copy + Default + Send + 'static>(&mut self, n: usize) -> Vec<T> {
+    /// An empty vector with room for `n` elements, for a buffer its node
+    /// fills entirely through its pointer (`Buf::filled`). Nothing is zeroed:
+    /// a fresh one is allocated without a memset, which for the gradients a
+    /// run hands to its caller (never pooled again) was a third of an
+    /// O(B·D) loss's time. Debug builds fill the room with all-ones bytes
+    /// (NaN, -1, `true`), so an element a kernel fails to write shows in
+    /// the tests' values instead of passing as a zero.
+    fn take_empty<T: Copy + Default + Send + 'static>(&mut self, n: usize) -> Vec<T> {
         let mut best: Option<(usize, usize)> = None;
         for (i, b) in self.bufs.iter().enumerate() {
             if let Some(v) = b.downcast_ref::<Vec<T>>() {
@@ -166,17 +170,23 @@ impl Pool {
                 }
             }
         }
-        match best {
+        let mut v: Vec<T> = match best {
             Some((i, _)) => match self.bufs.swap_remove(i).downcast::<Vec<T>>() {
                 Ok(mut v) => {
-                    v.truncate(n);
-                    v.resize(n, T::default());
+                    v.clear();
                     *v
                 }
-                Err(_) => vec![T::default(); n],
+                Err(_) => Vec::with_capacity(n),
             },
-            None => vec![T::default(); n],
+            None => Vec::with_capacity(n),
+        };
+        if cfg!(debug_assertions) {
+            // SAFETY: the vector has room for `n` elements; raw bytes
+            // written to its spare capacity are not read as `T` until
+            // `set_len` (every bit pattern is a valid f32, f64, i64 or u8).
+            unsafe { std::ptr::write_bytes(v.as_mut_ptr(), 0xff, n) };
         }
+        v
     }
 
     fn give<T: Send + 'static>(&mut self, v: Vec<T>) {
@@ -202,12 +212,26 @@ impl<F: Real> Buf<F> {
         }
     }
 
-    /// A buffer its node overwrites entirely (`Pool::take_dirty`).
-    fn dirty(pool: &mut Pool, dtype: DType, n: usize) -> Buf<F> {
+    /// An empty buffer with room for `n` elements, which its node fills
+    /// through `ptr` and then declares `filled` (`Pool::take_empty`).
+    fn unfilled(pool: &mut Pool, dtype: DType, n: usize) -> Buf<F> {
         match dtype {
-            DType::Float => Buf::F(pool.take_dirty(n)),
-            DType::Int => Buf::I(pool.take_dirty(n)),
-            DType::Bool => Buf::B(pool.take_dirty(n)),
+            DType::Float => Buf::F(pool.take_empty(n)),
+            DType::Int => Buf::I(pool.take_empty(n)),
+            DType::Bool => Buf::B(pool.take_empty(n)),
+        }
+    }
+
+    /// Declares the first `n` elements of an `unfilled` buffer written.
+    ///
+    /// # Safety
+    /// The buffer has room for `n` elements, and every one of them has been
+    /// written through `ptr`.
+    unsafe fn filled(&mut self, n: usize) {
+        match self {
+            Buf::F(v) => v.set_len(n),
+            Buf::I(v) => v.set_len(n),
+            Buf::B(v) => v.set_len(n),
         }
     }
 
@@ -605,16 +629,20 @@ impl<F: Real> Run<'_, F> {
                     self.allocate(id);
                     self.counts[i] = Some(self.pool.take(self.elems[i]));
                 } else {
-                    // The kernel (or GEMM) writes every element.
-                    self.allocate_dirty(id);
+                    self.allocate_unfilled(id);
                 }
                 let done = self.gemm(id, gemm::Part::Whole);
                 if !done {
                     let rows = self.shapes[i].first().copied().unwrap_or(1);
                     self.call(id, kernel, (0, rows as i64), (0, i64::MAX))?;
                 }
-                if self.accumulating(id) && !done {
-                    self.finalize(id);
+                if self.accumulating(id) {
+                    if !done {
+                        self.finalize(id);
+                    }
+                } else {
+                    // SAFETY: the kernel (or GEMM) wrote every element.
+                    unsafe { self.filled(id) };
                 }
                 if let Some(c) = self.counts[i].take() {
                     self.pool.give(c);
@@ -635,9 +663,13 @@ impl<F: Real> Run<'_, F> {
                     )));
                 }
                 let bytes = self.elems[i] * self.bytes(id);
-                self.allocate_dirty(id);
-                // SAFETY: both buffers hold `elems` elements of one dtype.
-                unsafe { std::ptr::copy_nonoverlapping(self.ptrs[s], self.ptrs[i], bytes) };
+                self.allocate_unfilled(id);
+                // SAFETY: both buffers have room for `elems` elements of one
+                // dtype, and the copy writes all of them.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(self.ptrs[s], self.ptrs[i], bytes);
+                    self.filled(id);
+                }
                 Ok(())
             }
         }
@@ -650,14 +682,21 @@ impl<F: Real> Run<'_, F> {
             return g.members.iter().try_for_each(|id| self.whole(*id));
         }
         for id in &g.members {
-            self.allocate_dirty(*id);
+            self.allocate_unfilled(*id);
         }
         if let Some((row, col)) = g.pair {
-            return self.call_pair(&g.kernel, row, col);
+            self.call_pair(&g.kernel, row, col)?;
+        } else {
+            let first = g.members[0];
+            let rows = self.shapes[first.index()].first().copied().unwrap_or(1);
+            self.call(first, &g.kernel, (0, rows as i64), (0, i64::MAX))?;
         }
-        let first = g.members[0];
-        let rows = self.shapes[first.index()].first().copied().unwrap_or(1);
-        self.call(first, &g.kernel, (0, rows as i64), (0, i64::MAX))
+        for id in &g.members {
+            // SAFETY: the group's kernel writes every element of every
+            // member (a pair's column sum: `call_pair`).
+            unsafe { self.filled(*id) };
+        }
+        Ok(())
     }
 
     fn kernel(&self, id: NodeId) -> Result<&'static CompiledKernel, Diagnostic> {
@@ -687,12 +726,24 @@ impl<F: Real> Run<'_, F> {
         self.bufs[i] = Some(buf);
     }
 
-    /// `allocate` for a node that writes every element of its buffer.
-    fn allocate_dirty(&mut self, id: NodeId) {
+    /// `allocate` for a node that writes every element of its buffer
+    /// through its pointer, and then declares it `filled`.
+    fn allocate_unfilled(&mut self, id: NodeId) {
         let i = id.index();
-        let mut buf = Buf::dirty(&mut self.pool, self.graph.node(id).dtype, self.elems[i]);
+        let mut buf = Buf::unfilled(&mut self.pool, self.graph.node(id).dtype, self.elems[i]);
         self.ptrs[i] = buf.ptr();
         self.bufs[i] = Some(buf);
+    }
+
+    /// Declares node `id`'s `allocate_unfilled` buffer written.
+    ///
+    /// # Safety
+    /// Every element of the buffer has been written through `ptrs[id]`.
+    unsafe fn filled(&mut self, id: NodeId) {
+        let n = self.elems[id.index()];
+        if let Some(b) = self.bufs[id.index()].as_mut() {
+            b.filled(n);
+        }
     }
 
     /// An input: its data used in place when it is already in the run's
@@ -802,13 +853,11 @@ impl<F: Real> Run<'_, F> {
             values[i] = v.map_err(|e| shape_error(format!("internal shape error: {e}")))?;
         }
         let value = crate::interp::comprehension(self.graph, self.bound, &values, id)?;
-        self.allocate_dirty(id);
+        self.allocate_unfilled(id);
         match (self.bufs[id.index()].as_mut(), value) {
-            (Some(Buf::F(b)), Tensor::F(v)) => b.iter_mut().zip(v).for_each(|(b, v)| *b = v),
-            (Some(Buf::I(b)), Tensor::I(v)) => b.iter_mut().zip(v).for_each(|(b, v)| *b = v),
-            (Some(Buf::B(b)), Tensor::B(v)) => {
-                b.iter_mut().zip(v).for_each(|(b, v)| *b = u8::from(v))
-            }
+            (Some(Buf::F(b)), Tensor::F(v)) => b.extend(v),
+            (Some(Buf::I(b)), Tensor::I(v)) => b.extend(v),
+            (Some(Buf::B(b)), Tensor::B(v)) => b.extend(v.into_iter().map(u8::from)),
             _ => {
                 return Err(shape_error(
                     "internal error: the interpreter's dtype differs",
@@ -1116,9 +1165,13 @@ impl<F: Real> Run<'_, F> {
             .map(|c| [c * per, c * per + per, 0, i64::MAX, 0, 0, 0])
             .collect();
         self.run_blocks(kernel, Some((col.index(), &bases)), &ctls)?;
-        // SAFETY: the column sum's buffer holds its `cols` elements.
-        let out = unsafe { std::slice::from_raw_parts_mut(self.ptrs[col.index()] as *mut F, cols) };
-        out.fill(F::zero());
+        // SAFETY: the column sum's buffer has room for its `cols` elements,
+        // zeroed (all-zero bits are 0.0) before they are read as floats.
+        let out = unsafe {
+            let out = self.ptrs[col.index()] as *mut F;
+            std::ptr::write_bytes(out, 0, cols);
+            std::slice::from_raw_parts_mut(out, cols)
+        };
         for p in parts {
             out.iter_mut().zip(&p).for_each(|(o, x)| *o = *o + *x);
             self.pool.give(p);
@@ -1183,16 +1236,23 @@ impl<F: Real> Run<'_, F> {
             let buf = Buf::zeroed(&mut self.pool, self.graph.node(id).dtype, p.tile_rows * row);
             tiles.push((id, buf, row));
         }
-        for (id, mode) in &p.nodes {
-            if p.streamed.contains(id) {
+        let unfilled = |run: &Self, id: NodeId, mode: Mode| {
+            mode == Mode::RowLocal && !run.accumulating(id) && !p.streamed.contains(&id)
+        };
+        for &(id, mode) in &p.nodes {
+            if p.streamed.contains(&id) {
                 continue;
             }
-            self.allocate(*id);
-            if self.accumulating(*id) {
+            if unfilled(self, id, mode) {
+                // Its blocks write every row.
+                self.allocate_unfilled(id);
+                continue;
+            }
+            self.allocate(id);
+            if self.accumulating(id) {
                 self.counts[id.index()] = Some(self.pool.take(self.elems[id.index()]));
                 self.gemm_k[id.index()] = 0;
             }
-            let _ = mode;
         }
         let mut lo = 0;
         while lo < p.rows {
@@ -1232,6 +1292,10 @@ impl<F: Real> Run<'_, F> {
             if let Mode::Accumulate { .. } = mode {
                 self.finalize(*id);
             }
+            if unfilled(self, *id, *mode) {
+                // SAFETY: the blocks wrote every row of this row-local member.
+                unsafe { self.filled(*id) };
+            }
             if let Some(c) = self.counts[id.index()].take() {
                 self.pool.give(c);
             }
@@ -1270,7 +1334,7 @@ impl<F: Real> Run<'_, F> {
         let esize = self.bytes(id);
         let outer: usize = shape[..axis].iter().product();
         let inner: usize = shape[axis + 1..].iter().product();
-        self.allocate_dirty(id);
+        self.allocate_unfilled(id);
         let mut at = 0;
         for o in 0..outer {
             for p in parts {
@@ -1287,6 +1351,8 @@ impl<F: Real> Run<'_, F> {
                 at += rows;
             }
         }
+        // SAFETY: the parts filled the output in full (`joined == shape`).
+        unsafe { self.filled(id) };
         Ok(())
     }
 
@@ -1318,7 +1384,7 @@ impl<F: Real> Run<'_, F> {
         let outer: usize = s[..axis].iter().product();
         let inner = s[axis + 1..].iter().product::<usize>() * esize;
         let (row, start, len) = (s[axis] * inner, begin as usize * inner, shape[axis] * inner);
-        self.allocate_dirty(id);
+        self.allocate_unfilled(id);
         for o in 0..outer {
             // SAFETY: the source holds `outer * row` bytes and
             // `start + len <= row`; the output holds `outer * len`.
@@ -1330,6 +1396,8 @@ impl<F: Real> Run<'_, F> {
                 )
             };
         }
+        // SAFETY: `outer` rows of `len` bytes are the output's elements.
+        unsafe { self.filled(id) };
         Ok(())
     }
 
