@@ -310,6 +310,10 @@ struct Run<'a, F> {
     pool: Pool,
     /// `Schedule::reduced`.
     reduced: &'a [(usize, usize)],
+    /// `Schedule::keep`: the nodes the run returns.
+    keep: &'a [bool],
+    /// The nodes whose buffers are freed after the current step.
+    dying: &'a [usize],
 }
 
 /// Each node's shape and element count at the bound sizes.
@@ -543,6 +547,8 @@ fn execute_here<F: Real>(
         given: vec![None; n],
         pool: std::mem::take(&mut *pool.lock().unwrap_or_else(|e| e.into_inner())),
         reduced: &schedule.reduced,
+        keep: &schedule.keep,
+        dying: &[],
     };
     let Schedule {
         steps,
@@ -555,6 +561,7 @@ fn execute_here<F: Real>(
     let mut s = 0;
     while s < steps.len() {
         let started = profile.then(std::time::Instant::now);
+        run.dying = &frees[s];
         // A fusion group whose members are the next steps runs as one.
         let group = match &steps[s] {
             Step::Whole(id) => code.group_at[id.index()]
@@ -629,12 +636,14 @@ impl<F: Real> Run<'_, F> {
                 }
                 if self.accumulating(id) {
                     self.allocate(id);
-                    self.counts[i] = Some(self.pool.take(self.elems[i]));
                 } else {
                     self.allocate_unfilled(id);
                 }
                 let done = self.gemm(id, gemm::Part::Whole);
                 if !done {
+                    if self.accumulating(id) {
+                        self.counts[i] = Some(self.pool.take(self.elems[i]));
+                    }
                     let rows = self.shapes[i].first().copied().unwrap_or(1);
                     self.call(id, kernel, (0, rows as i64), (0, i64::MAX))?;
                 }
@@ -663,6 +672,20 @@ impl<F: Real> Run<'_, F> {
                         "reshape failed: {} elements into shape {:?}",
                         self.elems[s], self.shapes[i]
                     )));
+                }
+                if self.bufs[s].is_none() && !self.ptrs[s].is_null() && !self.keep[i] {
+                    // An input read in place: so is its reshape (kernels
+                    // never write through another node's pointer).
+                    self.ptrs[i] = self.ptrs[s];
+                    return Ok(());
+                }
+                if self.dying.contains(&s) {
+                    if let Some(buf) = self.bufs[s].take() {
+                        // Its last reader: the buffer changes hands.
+                        self.ptrs[i] = self.ptrs[s];
+                        self.bufs[i] = Some(buf);
+                        return Ok(());
+                    }
                 }
                 let bytes = self.elems[i] * self.bytes(id);
                 self.allocate_unfilled(id);
