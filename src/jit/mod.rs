@@ -78,6 +78,7 @@ mod helpers;
 mod lower;
 mod plan;
 mod run;
+mod team;
 mod translate;
 
 use crate::stream;

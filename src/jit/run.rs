@@ -17,6 +17,7 @@
 //!   pass, errors come block by block (the same diagnostic, possibly for a
 //!   later element than the interpreter's first).
 
+use super::team::Team;
 use super::{gemm, kernel_error, Code, CompiledKernel, Group, Precision};
 use crate::bind::Bound;
 use crate::interp::{Evaluation, Real, Tensor};
@@ -25,14 +26,15 @@ use crate::stream::{self, Mode, Pass, Step, Streaming};
 use crate::syntax::{codes, Diagnostic};
 use crate::tensor_io::TensorData;
 use ndarray::{ArrayD, IxDyn};
-use rayon::prelude::*;
 use std::any::Any;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 /// How to run: threads, streaming, and whether to keep every node's value.
 #[derive(Clone, Copy, Debug)]
 pub struct RunOptions {
-    /// Threads for kernels (GEMM threads are `matrixmultiply`'s own).
+    /// Threads for kernels and GEMM (the caller and `threads - 1` kernel
+    /// threads, `team.rs`).
     pub threads: usize,
     pub streaming: Streaming,
     /// Rows per streamed block (default: tiles of about 32 MiB, at least 256 rows).
@@ -66,7 +68,7 @@ impl RunOptions {
 }
 
 /// Kernel work (elements times reduced extent) below which a node runs on
-/// one thread: waking a pool worker costs about as much as this much work
+/// one thread: handing chunks to the kernel threads costs about as much
 /// (1 << 16 left CoSENT's 256×256 pair sums on one thread: 0.58 ms there
 /// against 0.41–0.48 ms split; the MNRL family did not move).
 const MIN_WORK_PER_THREAD: usize = 1 << 15;
@@ -87,11 +89,11 @@ unsafe impl Sync for SharedPtrs<'_> {}
 /// default glibc gives such blocks back and maps fresh zero pages for the
 /// next run's, a page fault per 4 KiB: 40 % of TripletLoss's time at
 /// 4096×1024 went to the kernel's page-fault path. Larger blocks are mapped
-/// as before (the mmap threshold cannot exceed 32 MiB). One arena: a run on
-/// a pool worker (`execute`) would otherwise allocate the gradients in that
-/// thread's arena, whose blocks of that size glibc maps and unmaps (they
-/// leave with the caller, freed on its thread): TripletLoss at 4096×1024
-/// took 1.5× as long, in page faults.
+/// as before (the mmap threshold cannot exceed 32 MiB). One arena: blocks a
+/// kernel thread allocates (GEMM's packed panels) and frees stay in the one
+/// heap the caller's buffers come from; when the run itself was on a pool
+/// worker, per-thread arenas mapped and unmapped the gradients on every run
+/// (TripletLoss at 4096×1024 took 1.5× as long, in page faults).
 fn keep_freed_memory() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
@@ -108,29 +110,6 @@ fn keep_freed_memory() {
             libc::mallopt(libc::M_ARENA_MAX, 1);
         }
     });
-}
-
-/// The process's pool of `n` kernel threads, started on first use and kept
-/// (starting threads for each kernel call cost more than a medium node's
-/// work). `None` when threads cannot be started: the caller runs one chunk.
-fn thread_pool(n: usize) -> Option<std::sync::Arc<rayon::ThreadPool>> {
-    type Pools = Mutex<Vec<(usize, std::sync::Arc<rayon::ThreadPool>)>>;
-    static POOLS: std::sync::OnceLock<Pools> = std::sync::OnceLock::new();
-    let mut pools = POOLS
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    if let Some((_, p)) = pools.iter().find(|(k, _)| *k == n) {
-        return Some(p.clone());
-    }
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .thread_name(|i| format!("lossc-jit-{i}"))
-        .build()
-        .ok()?;
-    let pool = std::sync::Arc::new(pool);
-    pools.push((n, pool.clone()));
-    Some(pool)
 }
 
 /// Buffers of earlier runs of a program, reused: a fresh allocation of a
@@ -371,8 +350,6 @@ pub(super) struct Schedule {
     needed: Vec<bool>,
     /// For each step, the nodes freed after it (lean runs).
     frees: Vec<Vec<usize>>,
-    /// Whether some node is large enough to split across threads.
-    splits: bool,
     /// Per node, the product of its reduction's extents (1 without one),
     /// and the extent of its outermost reduced index (0 without one).
     reduced: Vec<(usize, usize)>,
@@ -464,7 +441,6 @@ impl Schedule {
                 .iter()
                 .map(|d| d.eval(&bound.sizes).unwrap_or(0))
                 .collect(),
-            splits: elems.iter().any(|e| *e >= 2 * MIN_WORK_PER_THREAD),
             shapes,
             elems,
             steps,
@@ -487,12 +463,8 @@ impl Schedule {
 /// The last schedule a program ran, reused while sizes and options repeat.
 pub(super) type LastSchedule = Mutex<Option<std::sync::Arc<Schedule>>>;
 
-/// Runs the program on the calling thread, or, when some node is large
-/// enough to split across threads, on a worker of the pool: its parallel
-/// nodes then share work with the other workers without waking the caller
-/// after each one (a wake per parallel node cost more than the second core
-/// gained at 256×768; the hop onto the pool costs more than it saves at
-/// 32×384, where nothing splits).
+/// Runs the program on the calling thread, which hands chunks of its large
+/// nodes to the kernel threads (`team`).
 pub(super) fn execute<F: Real>(
     graph: &Graph,
     code: &Code,
@@ -501,7 +473,7 @@ pub(super) fn execute<F: Real>(
     pool: &Mutex<Pool>,
     last: &LastSchedule,
 ) -> Result<Evaluation<F>, Diagnostic> {
-    // Before the pool's threads exist (they would take arenas of their own).
+    // Before the kernel threads exist (they would take arenas of their own).
     keep_freed_memory();
     let schedule = {
         let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
@@ -514,16 +486,10 @@ pub(super) fn execute<F: Real>(
             }
         }
     };
-    let threads = opts.threads.clamp(1, MAX_THREADS);
-    match thread_pool(threads).filter(|_| threads > 1 && schedule.splits) {
-        Some(threads) => {
-            threads.install(|| execute_here(graph, code, bound, opts, pool, &schedule))
-        }
-        None => execute_here(graph, code, bound, opts, pool, &schedule),
-    }
+    run_schedule(graph, code, bound, opts, pool, &schedule)
 }
 
-fn execute_here<F: Real>(
+fn run_schedule<F: Real>(
     graph: &Graph,
     code: &Code,
     bound: &Bound,
@@ -923,8 +889,8 @@ impl<F: Real> Run<'_, F> {
                 .clamp(1, self.opts.threads.clamp(1, MAX_THREADS))
                 .min(m.max(1))
         });
-        let pool = if chunks > 1 {
-            thread_pool(self.opts.threads.clamp(1, MAX_THREADS))
+        let team = if chunks > 1 {
+            Team::get(self.opts.threads.clamp(1, MAX_THREADS))
         } else {
             None
         };
@@ -949,28 +915,25 @@ impl<F: Real> Run<'_, F> {
                 part,
             )
         };
-        match (pool, rows) {
-            (Some(pool), Some((lo, hi))) => {
+        match (team, rows) {
+            (Some(team), Some((lo, hi))) => {
                 let per = (hi - lo).div_ceil(chunks);
-                let done: Vec<bool> = pool.install(|| {
-                    (0..chunks)
-                        .into_par_iter()
-                        .map(|b| {
-                            let from = lo + b * per;
-                            let rows = (from, (from + per).min(hi));
-                            run(match part {
-                                gemm::Part::K(klo, khi) => gemm::Part::RowsOfK {
-                                    rows,
-                                    terms: (klo, khi),
-                                },
-                                _ => gemm::Part::Rows(rows.0, rows.1),
-                            })
-                        })
-                        .collect()
+                let done: Vec<AtomicBool> = (0..chunks).map(|_| AtomicBool::new(false)).collect();
+                team.run(chunks, &|b| {
+                    let from = lo + b * per;
+                    let rows = (from, (from + per).min(hi));
+                    let ran = run(match part {
+                        gemm::Part::K(klo, khi) => gemm::Part::RowsOfK {
+                            rows,
+                            terms: (klo, khi),
+                        },
+                        _ => gemm::Part::Rows(rows.0, rows.1),
+                    });
+                    done[b].store(ran, Ordering::Relaxed);
                 });
                 // Every block declines alike (the operands' shapes decide);
                 // if not, the kernel recomputes every row.
-                done.iter().all(|d| *d)
+                done.iter().all(|d| d.load(Ordering::Relaxed))
             }
             _ => run(part),
         }
@@ -1152,8 +1115,15 @@ impl<F: Real> Run<'_, F> {
         };
         let n = ctls.len();
         let threads = self.opts.threads.clamp(1, MAX_THREADS);
-        let results: Vec<(i64, [i64; 2])> = match (n > 1).then(|| thread_pool(threads)).flatten() {
-            Some(pool) => pool.install(|| (0..n).into_par_iter().map(run_block).collect()),
+        let results: Vec<(i64, [i64; 2])> = match (n > 1).then(|| Team::get(threads)).flatten() {
+            Some(team) => {
+                let slots: Vec<OnceLock<(i64, [i64; 2])>> =
+                    (0..n).map(|_| OnceLock::new()).collect();
+                team.run(n, &|c| {
+                    let _ = slots[c].set(run_block(c));
+                });
+                slots.into_iter().filter_map(|s| s.into_inner()).collect()
+            }
             None => (0..n).map(run_block).collect(),
         };
         match results.into_iter().find(|(s, _)| *s != 0) {
