@@ -293,6 +293,9 @@ struct Run<'a, F> {
     keep: &'a [bool],
     /// The nodes whose buffers are freed after the current step.
     dying: &'a [usize],
+    /// `Schedule::proven` and `Schedule::group_proven`.
+    proven: &'a [bool],
+    group_proven: &'a [bool],
 }
 
 /// Each node's shape and element count at the bound sizes.
@@ -350,6 +353,10 @@ pub(super) struct Schedule {
     needed: Vec<bool>,
     /// For each step, the nodes freed after it (lean runs).
     frees: Vec<Vec<usize>>,
+    /// Per node, and per fusion group, whether its kernel's unchecked reads
+    /// stay in range at these sizes (`plan::Proof`; else it is interpreted).
+    proven: Vec<bool>,
+    group_proven: Vec<bool>,
     /// Per node, the product of its reduction's extents (1 without one),
     /// and the extent of its outermost reduced index (0 without one).
     reduced: Vec<(usize, usize)>,
@@ -441,6 +448,16 @@ impl Schedule {
                 .iter()
                 .map(|d| d.eval(&bound.sizes).unwrap_or(0))
                 .collect(),
+            proven: code
+                .kernels
+                .iter()
+                .map(|k| k.as_ref().is_none_or(|k| proofs_hold(k, bound)))
+                .collect(),
+            group_proven: code
+                .groups
+                .iter()
+                .map(|g| proofs_hold(&g.kernel, bound))
+                .collect(),
             shapes,
             elems,
             steps,
@@ -458,6 +475,15 @@ impl Schedule {
             && (self.opts.streaming, self.opts.tile_rows, self.opts.lean)
                 == (opts.streaming, opts.tile_rows, opts.lean)
     }
+}
+
+/// Whether `kernel`'s unchecked reads stay in range at these sizes.
+fn proofs_hold(kernel: &CompiledKernel, bound: &Bound) -> bool {
+    let sizes = &bound.sizes;
+    kernel.proofs.iter().all(|proof| {
+        let dim = proof.dim.eval(sizes).unwrap_or(0);
+        dim >= proof.bound.eval(sizes).unwrap_or(0).max(0)
+    })
 }
 
 /// The last schedule a program ran, reused while sizes and options repeat.
@@ -515,6 +541,8 @@ fn run_schedule<F: Real>(
         reduced: &schedule.reduced,
         keep: &schedule.keep,
         dying: &[],
+        proven: &schedule.proven,
+        group_proven: &schedule.group_proven,
     };
     let Schedule {
         steps,
@@ -597,7 +625,7 @@ impl<F: Real> Run<'_, F> {
             NodeKind::Input { .. } => self.input(id),
             NodeKind::Comp(_) => {
                 let kernel = self.kernel(id)?;
-                if !self.proofs_hold(kernel) {
+                if !self.proven[i] {
                     return self.interpret(id);
                 }
                 if self.accumulating(id) {
@@ -669,7 +697,8 @@ impl<F: Real> Run<'_, F> {
     /// A fusion group's members at once (each whole, when the group's
     /// assumed bounds fail).
     fn group(&mut self, g: &Group) -> Result<(), Diagnostic> {
-        if !self.proofs_hold(&g.kernel) {
+        let proven = self.code.group_at[g.members[0].index()].is_some_and(|k| self.group_proven[k]);
+        if !proven {
             return g.members.iter().try_for_each(|id| self.whole(*id));
         }
         for id in &g.members {
@@ -796,13 +825,6 @@ impl<F: Real> Run<'_, F> {
     }
 
     /// Unchecked reads stay in range when each proof holds at these sizes.
-    fn proofs_hold(&self, kernel: &CompiledKernel) -> bool {
-        let sizes = &self.bound.sizes;
-        kernel.proofs.iter().all(|proof| {
-            let dim = proof.dim.eval(sizes).unwrap_or(0);
-            dim >= proof.bound.eval(sizes).unwrap_or(0).max(0)
-        })
-    }
 
     /// A node whose kernel may not run at these sizes (a proof fails), on
     /// the interpreter: exactly its values, or exactly its error.
@@ -1219,7 +1241,7 @@ impl<F: Real> Run<'_, F> {
     /// A pass: its members block by block (module doc).
     fn pass(&mut self, p: &Pass) -> Result<(), Diagnostic> {
         for (id, _) in &p.nodes {
-            if !self.proofs_hold(self.kernel(*id)?) {
+            if !self.proven[id.index()] {
                 // Unstreamed, each member whole (`whole` interprets this one).
                 return p.nodes.iter().try_for_each(|(id, _)| self.whole(*id));
             }
