@@ -1014,6 +1014,11 @@ loss Rows() {
     input lab: int[B]
     sum(i) (sum(j) x[lab[i], j] * x[i, j])
 }
+loss Mixed() {
+    input x: [B, N]
+    input lab: int[B]
+    sum(i, j) (if j < 3 then x[lab[i], j] else 0.0) * x[i, j]
+}
 "#;
 
 /// A vector step that may not run every lane hands the rest of its row to
@@ -1095,6 +1100,32 @@ fn a_vector_step_that_cannot_run_every_lane_hands_the_row_to_the_scalar_loop() {
                 (false, Ok(())) => panic!("label 4 of 4 rows ran"),
             }
         }
+    }
+
+    // `if j < 3` whose taken side can fail for another reason (the label's
+    // row): a step where lanes go both ways leaves the vector loop, the
+    // untaken lanes are the else side's, whichever order the lanes meet in.
+    let (full, code) = jit_of(GUARDED_LANES, Some("Mixed"));
+    let vectorised = full.nodes.iter().enumerate().any(|(i, n)| {
+        matches!(n.kind, lossc::ir::NodeKind::Comp(_))
+            && code.is_vectorised(lossc::ir::NodeId(i as u32))
+    });
+    assert!(vectorised, "the select runs in lanes");
+    for n in [3usize, 4, 5, 7, 9, 11] {
+        let x: Vec<f64> = (0..4 * n).map(|k| 1.0 + (k as f64 * 0.61).cos()).collect();
+        let tensors = TensorMap::from([
+            (
+                "x".to_string(),
+                lossc::tensor_io::HostTensor::f64(vec![4, n], x),
+            ),
+            (
+                "lab".to_string(),
+                lossc::tensor_io::HostTensor::i64(vec![4], vec![2, 0, 3, 1]),
+            ),
+        ]);
+        let bound = bind_or(&full, &tensors).unwrap();
+        both::<f64>(&full, &bound, &code, RTOL_F64).unwrap_or_else(|e| panic!("N={n}: {e}"));
+        both::<f32>(&full, &bound, &code, RTOL_F32).unwrap_or_else(|e| panic!("N={n}: {e}"));
     }
 }
 

@@ -1341,13 +1341,19 @@ impl Translator<'_, '_> {
             } else {
                 // A side that can fail runs only where the interpreter runs
                 // it: every lane takes one side, or the scalar code goes on.
-                let mask = self.translate_vmask(c);
-                let all = self.b.ins().vall_true(mask);
+                let (all, any) = match self.index_comparison_ends(c) {
+                    Some(ends) => ends,
+                    None => {
+                        let mask = self.translate_vmask(c);
+                        let all = self.b.ins().vall_true(mask);
+                        let any = self.b.ins().vany_true(mask);
+                        (all, any)
+                    }
+                };
                 let mixed = self.b.create_block();
                 self.b.ins().brif(all, then_block, &[], mixed, &[]);
                 self.b.seal_block(mixed);
                 self.b.switch_to_block(mixed);
-                let any = self.b.ins().vany_true(mask);
                 self.bail_if(any);
                 self.b.ins().jump(else_block, &[]);
             }
@@ -1374,6 +1380,43 @@ impl Translator<'_, '_> {
             _ => mask,
         };
         self.b.ins().bitselect(mask, x, y)
+    }
+
+    /// Whether every lane and whether any lane of condition `c` holds, when
+    /// `c` is an ordering `i + l <op> c` of the vector loop's index against
+    /// an invariant (Matryoshka's `if t < 96`): monotone in the lane `l`, so
+    /// lanes `0` and `LANES - 1` decide, in two scalar compares instead of a
+    /// mask.
+    fn index_comparison_ends(&mut self, c: usize) -> Option<(Value, Value)> {
+        let Op::Binary(op, a, b) = self.dag.terms[c].op else {
+            return None;
+        };
+        if !matches!(op, BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge)
+            || self.dag.terms[a].ty != Ty::I
+        {
+            return None;
+        }
+        let var = self.levels[self.vlevel].0;
+        let index_left = index_side(self.dag, &self.varies, var, a, b)?;
+        let other = if index_left { b } else { a };
+        let bound = self.translate_expr(other);
+        let i = self.b.use_var(self.loop_vars[self.vlevel]);
+        // Lane `l` holds when `l <cc> bound - i`.
+        let d = self.b.ins().isub(bound, i);
+        let cc = match (op, index_left) {
+            (BinOp::Lt, true) | (BinOp::Gt, false) => IntCC::SignedLessThan,
+            (BinOp::Le, true) | (BinOp::Ge, false) => IntCC::SignedLessThanOrEqual,
+            (BinOp::Gt, true) | (BinOp::Lt, false) => IntCC::SignedGreaterThan,
+            _ => IntCC::SignedGreaterThanOrEqual,
+        };
+        let first = self.b.ins().iconst(types::I64, 0);
+        let last = self.b.ins().iconst(types::I64, i64::from(self.lanes.n) - 1);
+        let first = self.b.ins().icmp(cc, first, d);
+        let last = self.b.ins().icmp(cc, last, d);
+        Some((
+            self.b.ins().band(first, last),
+            self.b.ins().bor(first, last),
+        ))
     }
 
     /// A condition's lanes as a mask (a float condition is true where
