@@ -25,7 +25,10 @@
 //!   would need two different ranged variables). Accumulating readers are
 //!   compiled as accumulating kernels (`translate.rs`), whatever the sizes.
 //! * **Passes** (run time, `plan`). Given the sizes, the region whose
-//!   streamable nodes are large (or, forced, all of them) is chosen. Its
+//!   streamable nodes are large (or, forced, all of them) is chosen; left to
+//!   itself (`Auto`), a region that would compute a streamed node in more
+//!   than one pass stays whole while its nodes are below the backend's
+//!   `recompute_min_bytes`. Its
 //!   members (streamed nodes and their readers) run in *passes* over blocks
 //!   of rows; everything else runs whole, between passes. A member runs in
 //!   the first pass after everything it needs is complete: a node outside
@@ -237,7 +240,8 @@ pub struct Pass {
 pub enum Streaming {
     /// Stream the nodes that would take much memory (at least the
     /// backend's `Budget::auto_min_bytes` and more than the inputs' largest
-    /// tensor).
+    /// tensor), unless that computes one of them in several passes and
+    /// each is smaller than `Budget::recompute_min_bytes`.
     Auto,
     /// Stream everything streamable.
     Always,
@@ -250,6 +254,10 @@ pub enum Streaming {
 pub struct Budget {
     /// A streamed node's size from which `Auto` streams it.
     pub auto_min_bytes: usize,
+    /// The size below which `Auto` keeps a region whole when streaming it
+    /// would compute some streamed node in more than one pass (the
+    /// recomputation costs more than the memory it saves).
+    pub recompute_min_bytes: usize,
     /// The bytes of tiles a pass aims for.
     pub tile_bytes: usize,
     /// The fewest rows a block has (unless the row dim is shorter).
@@ -261,6 +269,11 @@ pub struct Budget {
 /// than memory.
 pub const CPU_BUDGET: Budget = Budget {
     auto_min_bytes: 32 << 20,
+    // BatchHardTripletLoss at 4096×1024 streams its distances in three
+    // passes: 0.68 s streamed, 0.47–0.53 s whole (and less memory, its
+    // lowered diagonals never being materialised); MNRL's single pass is
+    // faster streamed (0.48 s against 0.68 s whole).
+    recompute_min_bytes: 256 << 20,
     tile_bytes: 32 << 20,
     min_tile_rows: 256,
 };
@@ -431,6 +444,21 @@ pub fn plan(
             nodes,
             streamed: pass_streamed,
         }));
+    }
+    if streaming == Streaming::Auto {
+        let computed = |id: &NodeId| {
+            steps
+                .iter()
+                .filter(|s| matches!(s, Step::Pass(p) if p.streamed.contains(id)))
+                .count()
+        };
+        let recomputes = streamed.iter().any(|id| computed(id) > 1);
+        let small = streamed
+            .iter()
+            .all(|id| elems[id.index()] * elem_bytes < budget.recompute_min_bytes);
+        if recomputes && small {
+            return whole();
+        }
     }
     steps
 }

@@ -333,3 +333,39 @@ fn streamed_contractions_split_their_rows_across_threads_and_agree() {
     let w = worst(&want, &got, 0.1).expect("same outputs");
     assert!(w <= 1e-4, "f32: relative difference {w:e}");
 }
+
+/// `Auto` keeps a region whole when streaming it would recompute a streamed
+/// node in several passes and every streamed node is below the CPU budget's
+/// 256 MiB: BatchHardTripletLoss streams its distances in three passes at
+/// B = 4096 only when forced, and on its own from B = 8192 (256 MiB per
+/// f32 matrix). MNRL's single pass still streams at 4096.
+#[test]
+fn auto_keeps_recomputed_regions_whole_below_the_budget() {
+    let passes = |class: &str, b: i64, streaming: Streaming| {
+        let (full, bound) = random_case(class, &[("B", b), ("D", 2), ("K", 0)], 7);
+        let program = jit::compile(&full, Precision::F32).expect("jit");
+        let opts = RunOptions {
+            streaming,
+            ..RunOptions::lean()
+        };
+        let passes = program.schedule(&bound, opts).expect("schedule");
+        let most = passes
+            .iter()
+            .flat_map(|p| p.streamed.iter())
+            .map(|id| passes.iter().filter(|p| p.streamed.contains(id)).count())
+            .max()
+            .unwrap_or(0);
+        (passes.len(), most)
+    };
+    let (forced, computed) = passes("BatchHardTripletLoss", 4096, Streaming::Always);
+    assert!(
+        forced > 1 && computed > 1,
+        "forced: {forced} passes, a node in {computed}"
+    );
+    assert_eq!(passes("BatchHardTripletLoss", 4096, Streaming::Auto).0, 0);
+    assert!(passes("BatchHardTripletLoss", 8192, Streaming::Auto).0 > 1);
+    assert_eq!(
+        passes("MultipleNegativesRankingLoss", 4096, Streaming::Auto),
+        (1, 1)
+    );
+}

@@ -67,6 +67,7 @@ pub use exec::{execute_on, steps};
 /// of about 256 MiB.
 pub const GPU_BUDGET: Budget = Budget {
     auto_min_bytes: 256 << 20,
+    recompute_min_bytes: 0,
     tile_bytes: 256 << 20,
     min_tile_rows: 256,
 };
