@@ -49,6 +49,12 @@ pub(super) enum Part {
     /// Output rows `lo .. hi` (not batched), written where row `lo` of the
     /// output lies.
     Rows(usize, usize),
+    /// Output columns `cols` of rows `rows` (not batched; a block of a
+    /// `Whole` or `Rows` part, on one thread).
+    Block {
+        rows: (usize, usize),
+        cols: (usize, usize),
+    },
     /// The terms `k` in `lo .. hi` (not batched), added to the output.
     K(usize, usize),
     /// The terms `k` in `terms`, added to output rows `rows` (a block of a
@@ -122,33 +128,44 @@ pub(super) unsafe fn run(
     if con.batched && !matches!(part, Part::Whole) {
         return false;
     }
-    // The rows of A and C, and the terms of A and B, this part covers.
-    let (rows, terms, beta) = match part {
-        Part::Whole => ((0, m), (0, k), 0.0),
-        Part::Rows(lo, hi) if lo <= hi && hi <= m => ((lo, hi), (0, k), 0.0),
-        Part::K(lo, hi) if lo <= hi && hi <= k => ((0, m), (lo, hi), 1.0),
+    // The rows of A and C, the columns of B and C, and the terms of A and
+    // B this part covers.
+    let all = (0, n);
+    let (rows, cols, terms, beta) = match part {
+        Part::Whole => ((0, m), all, (0, k), 0.0),
+        Part::Rows(lo, hi) if lo <= hi && hi <= m => ((lo, hi), all, (0, k), 0.0),
+        Part::Block {
+            rows: (lo, hi),
+            cols: (clo, chi),
+        } if lo <= hi && hi <= m && clo <= chi && chi <= n => ((lo, hi), (clo, chi), (0, k), 0.0),
+        Part::K(lo, hi) if lo <= hi && hi <= k => ((0, m), all, (lo, hi), 1.0),
         Part::RowsOfK {
             rows: (lo, hi),
             terms: (klo, khi),
-        } if lo <= hi && hi <= m && klo <= khi && khi <= k => ((lo, hi), (klo, khi), 1.0),
+        } if lo <= hi && hi <= m && klo <= khi && khi <= k => ((lo, hi), all, (klo, khi), 1.0),
         _ => return false,
     };
-    let (pm, pk) = (rows.1 - rows.0, terms.1 - terms.0);
-    let total = nb * pm * n;
-    if total == 0 {
+    let (pm, pn, pk) = (rows.1 - rows.0, cols.1 - cols.0, terms.1 - terms.0);
+    if nb * pm * pn == 0 {
         return true;
     }
     if pk == 0 {
         if beta != 0.0 {
             return true; // nothing to add
         }
-        // The interpreter's value of an empty sum.
-        let at = rows.0 * n;
-        match p {
-            Precision::F32 => std::slice::from_raw_parts_mut((c as *mut f32).add(at), total)
-                .fill(con.empty as f32),
-            Precision::F64 => {
-                std::slice::from_raw_parts_mut((c as *mut f64).add(at), total).fill(con.empty)
+        // The interpreter's value of an empty sum (unbatched: `pk == 0`
+        // with a batch is the whole part, rows `0 .. m` of every batch).
+        for r in 0..nb * m {
+            let at = r * n + cols.0;
+            if nb == 1 && (r < rows.0 || r >= rows.1) {
+                continue;
+            }
+            match p {
+                Precision::F32 => std::slice::from_raw_parts_mut((c as *mut f32).add(at), pn)
+                    .fill(con.empty as f32),
+                Precision::F64 => {
+                    std::slice::from_raw_parts_mut((c as *mut f64).add(at), pn).fill(con.empty)
+                }
             }
         }
         return true;
@@ -156,17 +173,17 @@ pub(super) unsafe fn run(
     configure_threads();
     let (pa, pb) = (ptrs[con.a.node.index()], ptrs[con.b.node.index()]);
     let (mi, ni) = (m as isize, n as isize);
-    let (r0, k0) = (rows.0 as isize, terms.0 as isize);
+    let (r0, c0, k0) = (rows.0 as isize, cols.0 as isize, terms.0 as isize);
     for bi in 0..nb as isize {
         let oa = bi * sa[0] + r0 * sa[1] + k0 * sa[2];
-        let ob = bi * sb[0] + k0 * sb[2];
-        let oc = bi * mi * ni + r0 * ni;
+        let ob = bi * sb[0] + c0 * sb[1] + k0 * sb[2];
+        let oc = bi * mi * ni + r0 * ni + c0;
         // A is m × k with strides (outer, k); B is k × n with strides (k, outer).
         match p {
             Precision::F32 => matrixmultiply::sgemm(
                 pm,
                 pk,
-                n,
+                pn,
                 1.0,
                 (pa as *const f32).wrapping_offset(oa),
                 sa[1],
@@ -182,7 +199,7 @@ pub(super) unsafe fn run(
             Precision::F64 => matrixmultiply::dgemm(
                 pm,
                 pk,
-                n,
+                pn,
                 1.0,
                 (pa as *const f64).wrapping_offset(oa),
                 sa[1],

@@ -882,8 +882,9 @@ impl<F: Real> Run<'_, F> {
 
     /// The contraction through GEMM when the node is one (`false`: run the
     /// kernel). A whole (unbatched) contraction, a block of its rows, or a slice of
-    /// its terms (added to every row) runs as blocks of output rows on the
-    /// thread pool when the work pays for it.
+    /// its terms (added to every row) runs as blocks of output rows (or of
+    /// columns, when there are more columns than rows) on the kernel threads
+    /// when the work pays for it.
     fn gemm(&mut self, id: NodeId, part: gemm::Part) -> bool {
         let Some(con) = &self.code.contractions[id.index()] else {
             return false;
@@ -905,11 +906,19 @@ impl<F: Real> Run<'_, F> {
             _ => con.k.eval(&self.bound.sizes).unwrap_or(0).max(0) as usize,
         };
         let n = shape.last().copied().unwrap_or(0);
+        // A block of output columns packs all of A's rows and its own
+        // columns of B; a block of rows, all of B: blocks split the longer
+        // side, so each thread packs the smaller operand whole. A part that
+        // adds its terms into every row splits rows.
+        let by_cols = match (part, rows) {
+            (gemm::Part::Whole | gemm::Part::Rows(..), Some((lo, hi))) => n > hi - lo,
+            _ => false,
+        };
         let chunks = rows.map_or(1, |(lo, hi)| {
             let m = hi.saturating_sub(lo);
             (m.saturating_mul(n).saturating_mul(k) / MIN_GEMM_WORK_PER_THREAD)
                 .clamp(1, self.opts.threads.clamp(1, MAX_THREADS))
-                .min(m.max(1))
+                .min(if by_cols { n } else { m }.max(1))
         });
         let team = if chunks > 1 {
             Team::get(self.opts.threads.clamp(1, MAX_THREADS))
@@ -939,17 +948,20 @@ impl<F: Real> Run<'_, F> {
         };
         match (team, rows) {
             (Some(team), Some((lo, hi))) => {
-                let per = (hi - lo).div_ceil(chunks);
+                let per = if by_cols { n } else { hi - lo }.div_ceil(chunks);
                 let done: Vec<AtomicBool> = (0..chunks).map(|_| AtomicBool::new(false)).collect();
                 team.run(chunks, &|b| {
-                    let from = lo + b * per;
-                    let rows = (from, (from + per).min(hi));
+                    let from = (b * per).min(if by_cols { n } else { hi - lo });
                     let ran = run(match part {
+                        _ if by_cols => gemm::Part::Block {
+                            rows: (lo, hi),
+                            cols: (from, (from + per).min(n)),
+                        },
                         gemm::Part::K(klo, khi) => gemm::Part::RowsOfK {
-                            rows,
+                            rows: (lo + from, (lo + from + per).min(hi)),
                             terms: (klo, khi),
                         },
-                        _ => gemm::Part::Rows(rows.0, rows.1),
+                        _ => gemm::Part::Rows(lo + from, (lo + from + per).min(hi)),
                     });
                     done[b].store(ran, Ordering::Relaxed);
                 });
