@@ -100,7 +100,7 @@ impl Shared {
                 continue;
             }
             spins = spins.wrapping_add(1);
-            if spins % 1024 != 0 || idle.elapsed() < SPIN {
+            if !spins.is_multiple_of(1024) || idle.elapsed() < SPIN {
                 std::hint::spin_loop();
                 continue;
             }
