@@ -512,17 +512,7 @@ pub(super) fn execute<F: Real>(
             }
         }
     };
-    run_schedule(graph, code, bound, opts, pool, &schedule)
-}
-
-fn run_schedule<F: Real>(
-    graph: &Graph,
-    code: &Code,
-    bound: &Bound,
-    opts: RunOptions,
-    pool: &Mutex<Pool>,
-    schedule: &Schedule,
-) -> Result<Evaluation<F>, Diagnostic> {
+    let schedule: &Schedule = &schedule;
     let n = graph.nodes.len();
     let mut run = Run {
         graph,
