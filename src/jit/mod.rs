@@ -546,7 +546,7 @@ fn compile_code(graph: &Graph, p: Precision) -> Result<Code, String> {
             group_specs.push((members, None, func_id, proofs));
         }
     }
-    for (row, col) in row_column_pairs(graph, &analysis, &group_specs) {
+    for (row, col) in row_column_pairs(graph, &group_specs) {
         let spec = Spec {
             id: row,
             also: Vec::new(),
@@ -817,10 +817,11 @@ fn pair_renaming(
 /// Consecutive (row sum, column sum) pairs over one domain (`Group`): both
 /// float `sum`s with empty value 0 over one index, `r[i] = sum(j | f)` and
 /// `c[j] = sum(i | f)` with the same extents and filter, neither reading
-/// the other, neither accumulating, in no other group.
+/// the other, in no other group. A column sum that a streamed pass would
+/// accumulate block by block pairs too: the pair runs only where both are
+/// whole steps, and a whole sum with empty value 0 needs no counts.
 fn row_column_pairs(
     graph: &Graph,
-    analysis: &stream::Analysis,
     taken: &[(
         Vec<NodeId>,
         Option<(NodeId, NodeId)>,
@@ -833,7 +834,6 @@ fn row_column_pairs(
             let node = graph.node(id);
             let ok = node.dtype == crate::ir::DType::Float
                 && node.shape.len() == 1
-                && analysis.ranged_red[id.index()].is_none()
                 && !taken.iter().any(|g| g.0.contains(&id))
                 && c.reduce
                     .as_ref()
