@@ -84,6 +84,59 @@ fn strides(op: &Operand, shape: &[usize], extent: impl Fn(Role) -> usize) -> Opt
     Some(out)
 }
 
+/// A contraction's extents at these sizes (batches, rows, columns, terms)
+/// and its operands' strides (`strides`).
+struct Layout {
+    k: usize,
+    nb: usize,
+    m: usize,
+    n: usize,
+    sa: [isize; 3],
+    sb: [isize; 3],
+}
+
+fn layout(
+    con: &Contraction,
+    sizes: &std::collections::BTreeMap<String, i64>,
+    shape: &[usize],
+    shapes: &dyn Fn(NodeId) -> Option<Vec<usize>>,
+) -> Option<Layout> {
+    let k = usize::try_from(con.k.eval(sizes).unwrap_or(-1)).ok()?;
+    let (nb, m, n) = match (con.batched, shape) {
+        (false, [m, n]) => (1, *m, *n),
+        (true, [b, m, n]) => (*b, *m, *n),
+        _ => return None,
+    };
+    let extent = |outer: usize| {
+        move |r: Role| match r {
+            Role::Batch => nb,
+            Role::Outer => outer,
+            Role::K => k,
+        }
+    };
+    let sa = shapes(con.a.node).and_then(|s| strides(&con.a, &s, extent(m)))?;
+    let sb = shapes(con.b.node).and_then(|s| strides(&con.b, &s, extent(n)))?;
+    Some(Layout {
+        k,
+        nb,
+        m,
+        n,
+        sa,
+        sb,
+    })
+}
+
+/// Whether `run` computes the whole contraction at these sizes rather than
+/// declining (module doc).
+pub(super) fn accepts(
+    con: &Contraction,
+    sizes: &std::collections::BTreeMap<String, i64>,
+    shape: &[usize],
+    shapes: &dyn Fn(NodeId) -> Option<Vec<usize>>,
+) -> bool {
+    layout(con, sizes, shape, shapes).is_some()
+}
+
 /// Computes `part` of the contraction into `c` (the node's buffer, `shape`
 /// at these sizes); `false` when it declines (module doc) and the kernel
 /// must run.
@@ -104,25 +157,15 @@ pub(super) unsafe fn run(
     c: *mut u8,
     part: Part,
 ) -> bool {
-    let Ok(k) = usize::try_from(con.k.eval(sizes).unwrap_or(-1)) else {
-        return false;
-    };
-    let (nb, m, n) = match (con.batched, shape) {
-        (false, [m, n]) => (1, *m, *n),
-        (true, [b, m, n]) => (*b, *m, *n),
-        _ => return false,
-    };
-    let extent = |outer: usize| {
-        move |r: Role| match r {
-            Role::Batch => nb,
-            Role::Outer => outer,
-            Role::K => k,
-        }
-    };
-    let (Some(sa), Some(sb)) = (
-        shapes(con.a.node).and_then(|s| strides(&con.a, &s, extent(m))),
-        shapes(con.b.node).and_then(|s| strides(&con.b, &s, extent(n))),
-    ) else {
+    let Some(Layout {
+        k,
+        nb,
+        m,
+        n,
+        sa,
+        sb,
+    }) = layout(con, sizes, shape, shapes)
+    else {
         return false;
     };
     if con.batched && !matches!(part, Part::Whole) {

@@ -371,6 +371,25 @@ impl JitProgram {
     }
 }
 
+impl JitProgram {
+    /// The contraction pairs `sum(j) M[i, j] X[j, k]` and `sum(i) M[i, j]
+    /// X[i, k]`, read only by their sum, that a run with `opts` at the bound
+    /// sizes computes as one GEMM over `M + Mᵀ` (`run::TwoSided`; left,
+    /// right), where `M` is whole when the run reaches them.
+    pub fn two_sided_products(
+        &self,
+        bound: &Bound,
+        opts: RunOptions,
+    ) -> Result<Vec<(NodeId, NodeId)>, Diagnostic> {
+        let pairs = run::two_sided_pairs(&self.graph, &self.code, bound, opts)?;
+        let back = |id: NodeId| lower::original_ids(&self.map, &[id]).first().copied();
+        Ok(pairs
+            .into_iter()
+            .filter_map(|(l, r)| Some((back(l)?, back(r)?)))
+            .collect())
+    }
+}
+
 /// One pass of a streamed run (`JitProgram::schedule`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct PassReport {

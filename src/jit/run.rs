@@ -21,7 +21,7 @@ use super::team::Team;
 use super::{gemm, kernel_error, Code, CompiledKernel, Group, Precision};
 use crate::bind::Bound;
 use crate::interp::{Evaluation, Real, Tensor};
-use crate::ir::{Comp, DType, Graph, NodeId, NodeKind, RedOp};
+use crate::ir::{BinOp, Comp, DType, Expr, Graph, NodeId, NodeKind, RedOp};
 use crate::stream::{self, Mode, Pass, Step, Streaming};
 use crate::syntax::{codes, Diagnostic};
 use crate::tensor_io::TensorData;
@@ -334,6 +334,23 @@ pub(super) fn steps(
     Ok(Schedule::new(graph, code, bound, opts)?.steps)
 }
 
+/// The `TwoSided` products a run with `opts` computes at these sizes, as
+/// (left, right) contraction pairs (those of a whole matrix only: the run
+/// decides that as it goes).
+pub(super) fn two_sided_pairs(
+    graph: &Graph,
+    code: &Code,
+    bound: &Bound,
+    opts: RunOptions,
+) -> Result<Vec<(NodeId, NodeId)>, Diagnostic> {
+    Ok(Schedule::new(graph, code, bound, opts)?
+        .two_sided
+        .iter()
+        .flatten()
+        .map(|t| (t.left, t.right))
+        .collect())
+}
+
 /// What a run does at some sizes and options, worked out once and reused
 /// while they repeat (a training loop runs one batch shape over and over):
 /// every node's shape, the steps, which nodes are needed and kept, and after
@@ -360,6 +377,27 @@ pub(super) struct Schedule {
     /// Per node, the product of its reduction's extents (1 without one),
     /// and the extent of its outermost reduced index (0 without one).
     reduced: Vec<(usize, usize)>,
+    /// Per step, the two-sided product it computes for two steps
+    /// (`two_sided`; `None` for most).
+    two_sided: Vec<Option<TwoSided>>,
+}
+
+/// `L[i, k] = sum(j) M[i, j] * X[j, k]` and `R[j, k] = sum(i) M[i, j] *
+/// X[i, k]`, read only by `S = L + R`: a gradient through a square matrix
+/// read both ways (BatchHard- and BatchAll-style losses, whose distances
+/// come from the Gram matrix of one embedding matrix). Where `M` is whole,
+/// `S` is `(M + Mᵀ) · X`: the run computes `L` as that one GEMM and `R` as
+/// zeros, a third of such a loss's GEMM work saved. Streamed, `M` is only
+/// ever a block of rows, so this is a run-time choice, not a rewrite of the
+/// graph.
+#[derive(Clone, Copy, Debug)]
+struct TwoSided {
+    left: NodeId,
+    right: NodeId,
+    matrix: NodeId,
+    /// `M` has no reader but the two and is not returned: it is summed with
+    /// its transpose in place.
+    in_place: bool,
 }
 
 impl Schedule {
@@ -438,8 +476,10 @@ impl Schedule {
                 _ => (1, 0),
             })
             .collect();
+        let two_sided = two_sided_products(graph, code, &steps, &needed, &keep, &operands);
         Ok(Schedule {
             reduced,
+            two_sided,
             sizes: bound.sizes.clone(),
             opts,
             precision: code.precision,
@@ -484,6 +524,129 @@ fn proofs_hold(kernel: &CompiledKernel, bound: &Bound) -> bool {
         let dim = proof.dim.eval(sizes).unwrap_or(0);
         dim >= proof.bound.eval(sizes).unwrap_or(0).max(0)
     })
+}
+
+/// The `TwoSided` products of a schedule, at the step of the first of their
+/// two contractions: both whole steps of needed nodes that a lean run does
+/// not return, read by nothing but their sum.
+fn two_sided_products(
+    graph: &Graph,
+    code: &Code,
+    steps: &[Step],
+    needed: &[bool],
+    keep: &[bool],
+    operands: &[Vec<NodeId>],
+) -> Vec<Option<TwoSided>> {
+    use crate::ir::contraction::Role::{Outer, K};
+    let mut at = vec![None; steps.len()];
+    let step_of = |id: NodeId| {
+        steps
+            .iter()
+            .position(|s| matches!(s, Step::Whole(w) if *w == id))
+    };
+    let readers = |id: NodeId| operands.iter().filter(|ops| ops.contains(&id)).count();
+    for node in &graph.nodes {
+        let NodeKind::Comp(Comp {
+            indices,
+            reduce: None,
+            body: Expr::Binary(BinOp::Add, l, r),
+        }) = &node.kind
+        else {
+            continue;
+        };
+        let plain = |e: &Expr| match e {
+            Expr::Read { node, at }
+                if at.len() == 2 && at.iter().zip(indices).all(|(a, v)| *a == Expr::Index(*v)) =>
+            {
+                Some(*node)
+            }
+            _ => None,
+        };
+        let (Some(a), Some(b)) = (plain(l), plain(r)) else {
+            continue;
+        };
+        let (Some(ca), Some(cb)) = (&code.contractions[a.index()], &code.contractions[b.index()])
+        else {
+            continue;
+        };
+        // Which of the two reads `M` by rows (`L`) and which by columns (`R`).
+        let (left, right) = if ca.a.roles == [Outer, K] {
+            (a, b)
+        } else {
+            (b, a)
+        };
+        let (cl, cr) = if left == a { (ca, cb) } else { (cb, ca) };
+        let shapes_match = graph.node(cl.a.node).shape.first()
+            == graph.node(cl.a.node).shape.get(1)
+            && graph.node(left).shape == graph.node(right).shape;
+        let fits = !cl.batched
+            && !cr.batched
+            && cl.a.node == cr.a.node
+            && cl.b.node == cr.b.node
+            && cl.a.roles == [Outer, K]
+            && cr.a.roles == [K, Outer]
+            && cl.b.roles == [K, Outer]
+            && cr.b.roles == [K, Outer]
+            && cl.k == cr.k
+            && cl.empty == 0.0
+            && cr.empty == 0.0
+            && shapes_match
+            && [left, right]
+                .iter()
+                .all(|n| needed[n.index()] && !keep[n.index()] && readers(*n) == 1);
+        if let (true, Some(sl), Some(sr)) = (fits, step_of(left), step_of(right)) {
+            let m = cl.a.node;
+            at[sl.min(sr)] = Some(TwoSided {
+                left,
+                right,
+                matrix: m,
+                in_place: !keep[m.index()] && readers(m) == 2,
+            });
+        }
+    }
+    at
+}
+
+/// `dst = src + srcᵀ` for row-major `n × n` matrices, `dst` and `src` the
+/// same buffer or disjoint ones: each unordered pair `{(i, j), (j, i)}` is
+/// read and written once, by tiles `(I, J)` with `I <= J` that keep both
+/// the rows and the columns read in cache, the tiles dealt to the kernel
+/// threads.
+///
+/// # Safety
+/// `src` and `dst` each hold `n * n` elements of `F`, and either are the
+/// same buffer or do not overlap.
+unsafe fn symmetrize<F: Real>(src: *const F, dst: *mut F, n: usize, team: Option<&Team>) {
+    const TILE: usize = 32;
+    let tiles = n.div_ceil(TILE);
+    let pairs: Vec<(usize, usize)> = (0..tiles)
+        .flat_map(|a| (a..tiles).map(move |b| (a, b)))
+        .collect();
+    let chunks = match team {
+        Some(_) if n * n >= 2 * MIN_WORK_PER_THREAD => pairs.len().min(MAX_THREADS),
+        _ => 1,
+    };
+    let (src, dst) = (src as usize, dst as usize);
+    let job = |c: usize| {
+        let (src, dst) = (src as *const F, dst as *mut F);
+        for &(a, b) in pairs.iter().skip(c).step_by(chunks) {
+            for i in a * TILE..((a + 1) * TILE).min(n) {
+                let from = if a == b { i } else { b * TILE };
+                for j in from..((b + 1) * TILE).min(n) {
+                    // SAFETY: i, j < n; this pair is this chunk's alone.
+                    unsafe {
+                        let v = *src.add(i * n + j) + *src.add(j * n + i);
+                        *dst.add(i * n + j) = v;
+                        *dst.add(j * n + i) = v;
+                    }
+                }
+            }
+        }
+    };
+    match team {
+        Some(team) if chunks > 1 => team.run(chunks, &job),
+        _ => (0..chunks).for_each(job),
+    }
 }
 
 /// The last schedule a program ran, reused while sizes and options repeat.
@@ -539,8 +702,11 @@ pub(super) fn execute<F: Real>(
         keep,
         needed,
         frees,
+        two_sided,
         ..
     } = schedule;
+    // Nodes a `TwoSided` product already computed at an earlier step.
+    let mut computed = vec![false; n];
     let profile = std::env::var_os("LOSSC_JIT_PROFILE").is_some();
     let mut s = 0;
     while s < steps.len() {
@@ -564,8 +730,14 @@ pub(super) fn execute<F: Real>(
                 g.members.len()
             }
             (None, Step::Whole(id)) => {
-                if needed[id.index()] {
-                    run.whole(*id)?;
+                if needed[id.index()] && !computed[id.index()] {
+                    match two_sided[s] {
+                        Some(t) if run.two_sided(t)? => {
+                            computed[t.left.index()] = true;
+                            computed[t.right.index()] = true;
+                        }
+                        _ => run.whole(*id)?,
+                    }
                 }
                 1
             }
@@ -618,31 +790,9 @@ impl<F: Real> Run<'_, F> {
                 if !self.proven[i] {
                     return self.interpret(id);
                 }
-                if self.accumulating(id) {
-                    self.allocate(id);
-                } else {
-                    self.allocate_unfilled(id);
-                }
+                self.allocate_for(id);
                 let done = self.gemm(id, gemm::Part::Whole);
-                if !done {
-                    if self.accumulating(id) {
-                        self.counts[i] = Some(self.pool.take(self.elems[i]));
-                    }
-                    let rows = self.shapes[i].first().copied().unwrap_or(1);
-                    self.call(id, kernel, (0, rows as i64), (0, i64::MAX))?;
-                }
-                if self.accumulating(id) {
-                    if !done {
-                        self.finalize(id);
-                    }
-                } else {
-                    // SAFETY: the kernel (or GEMM) wrote every element.
-                    unsafe { self.filled(id) };
-                }
-                if let Some(c) = self.counts[i].take() {
-                    self.pool.give(c);
-                }
-                Ok(())
+                self.complete(id, kernel, done)
             }
             NodeKind::Concat { axis, parts } => self.concat(id, *axis, parts),
             NodeKind::Slice { src, axis, start } => {
@@ -682,6 +832,107 @@ impl<F: Real> Run<'_, F> {
                 Ok(())
             }
         }
+    }
+
+    /// A comprehension's buffer before it runs: zeroed when it accumulates
+    /// (GEMM adds into it, the kernel merges into it), else unfilled.
+    fn allocate_for(&mut self, id: NodeId) {
+        if self.accumulating(id) {
+            self.allocate(id);
+        } else {
+            self.allocate_unfilled(id);
+        }
+    }
+
+    /// A comprehension after its GEMM ran (`done`) or declined: else its
+    /// kernel computes it now.
+    fn complete(
+        &mut self,
+        id: NodeId,
+        kernel: &CompiledKernel,
+        done: bool,
+    ) -> Result<(), Diagnostic> {
+        let i = id.index();
+        if !done {
+            if self.accumulating(id) {
+                self.counts[i] = Some(self.pool.take(self.elems[i]));
+            }
+            let rows = self.shapes[i].first().copied().unwrap_or(1);
+            self.call(id, kernel, (0, rows as i64), (0, i64::MAX))?;
+        }
+        if self.accumulating(id) {
+            if !done {
+                self.finalize(id);
+            }
+        } else {
+            // SAFETY: the kernel (or GEMM) wrote every element.
+            unsafe { self.filled(id) };
+        }
+        if let Some(c) = self.counts[i].take() {
+            self.pool.give(c);
+        }
+        Ok(())
+    }
+
+    /// Both contractions of `t` at once (`TwoSided`): `left` as the one GEMM
+    /// `(M + Mᵀ) · X`, `right` as zeros. `false` (nothing done) where the
+    /// matrix is not whole, a kernel's assumed bounds fail, or the GEMM
+    /// declines: the two then run as they are.
+    fn two_sided(&mut self, t: TwoSided) -> Result<bool, Diagnostic> {
+        let (l, r, m) = (t.left.index(), t.right.index(), t.matrix.index());
+        let n = self.shapes[m].first().copied().unwrap_or(0);
+        let graph = self.graph;
+        let shapes = self.shapes;
+        let operand_shape = |n: NodeId| -> Option<Vec<usize>> {
+            (graph.node(n).shape.len() == shapes[n.index()].len())
+                .then(|| shapes[n.index()].clone())
+        };
+        let accepted = self.code.contractions[l]
+            .as_ref()
+            .is_some_and(|con| gemm::accepts(con, &self.bound.sizes, &shapes[l], &operand_shape));
+        // Decided before `M` may change in place: the GEMM will run.
+        if !accepted
+            || self.ptrs[m].is_null()
+            || self.shapes[m] != [n, n]
+            || self.elems[m] != n * n
+            || !self.proven[l]
+            || !self.proven[r]
+        {
+            return Ok(false);
+        }
+        let team = Team::get(self.opts.threads.clamp(1, MAX_THREADS));
+        let mut sym: Vec<F> = Vec::new();
+        let target = if t.in_place && self.bufs[m].is_some() {
+            // `M` has no other reader: it becomes `M + Mᵀ` itself.
+            self.ptrs[m] as *mut F
+        } else {
+            sym = self.pool.take_empty(n * n);
+            sym.as_mut_ptr()
+        };
+        // SAFETY: `M` is a whole float buffer of `n × n` elements (its node's
+        // shape at these sizes), row-major, in the run's precision `F`;
+        // `sym` has room for as many, and is written whole before `set_len`.
+        unsafe {
+            symmetrize(self.ptrs[m] as *const F, target, n, team);
+            if sym.capacity() >= n * n {
+                sym.set_len(n * n);
+            }
+        }
+        let saved = self.ptrs[m];
+        self.ptrs[m] = target as *mut u8;
+        self.allocate_for(t.left);
+        let done = self.gemm(t.left, gemm::Part::Whole);
+        // `accepts` held, so the GEMM ran; had it declined, the kernel would
+        // compute the same product from the summed matrix.
+        let kernel = self.kernel(t.left)?;
+        let result = self.complete(t.left, kernel, done);
+        self.ptrs[m] = saved;
+        if sym.capacity() > 0 {
+            self.pool.give(sym);
+        }
+        result?;
+        self.allocate(t.right);
+        Ok(true)
     }
 
     /// A fusion group's members at once (each whole, when the group's
@@ -813,8 +1064,6 @@ impl<F: Real> Run<'_, F> {
         self.given[i] = Some(b.tensor.shape.clone());
         Ok(())
     }
-
-    /// Unchecked reads stay in range when each proof holds at these sizes.
 
     /// A node whose kernel may not run at these sizes (a proof fails), on
     /// the interpreter: exactly its values, or exactly its error.
