@@ -1619,3 +1619,50 @@ fn lean_against<F: Real>(
         })
         .collect()
 }
+
+const GRAM_DIAGONAL: &str = r#"
+loss Distances() {
+    input x: [N, D]
+    let g[i, j] = sum(k) x[i, k] * x[j, k]
+    let sq[i, j] = g[j, j] - 2.0 * g[i, j] + g[i, i]
+    sum(i, j) exp(-0.1 * sq[i, j]) * float(i != j)
+}
+"#;
+
+/// Reads of a square node's diagonal `g[j, j]` (distances from a Gram
+/// matrix, the Batch* triplet losses') read a vector of the diagonal
+/// instead: the interpreter's values in full and lean runs, at odd sizes,
+/// on one thread and three, and streamed in blocks of 3 rows.
+#[test]
+fn diagonal_reads_of_a_square_node_agree() {
+    let (full, code) = jit_of(GRAM_DIAGONAL, None);
+    let g = nodes_where(&full, |id| full.node(*id).name.as_deref() == Some("g"));
+    assert_eq!(
+        code.diagonal_vectors(),
+        g,
+        "the Gram matrix's diagonal is not a vector"
+    );
+    for (n, d) in [(1usize, 2usize), (6, 3), (37, 5)] {
+        let x: Vec<f64> = (0..n * d)
+            .map(|k| ((k * 11 % 19) as f64 * 0.37).sin())
+            .collect();
+        let tensors = TensorMap::from([(
+            "x".to_string(),
+            lossc::tensor_io::HostTensor::f64(vec![n, d], x),
+        )]);
+        let bound = bind_or(&full, &tensors).unwrap();
+        both_on_one_and_three_threads(&full, &bound, &code, &format!("N={n}"));
+        let want = interp::evaluate::<f64>(&full, &bound).unwrap();
+        for opts in [
+            jit::RunOptions::lean(),
+            jit::RunOptions {
+                streaming: jit::Streaming::Always,
+                tile_rows: Some(3),
+                ..jit::RunOptions::lean()
+            },
+        ] {
+            let got = code.run_with::<f64>(&bound, opts).unwrap();
+            lean_against(&full, &want, &got, &format!("N={n} {opts:?}"), 1e-12);
+        }
+    }
+}

@@ -28,10 +28,13 @@ pub(super) fn lower(graph: &Graph) -> (Graph, Vec<NodeId>) {
     };
     let mut map: Vec<NodeId> = Vec::with_capacity(graph.nodes.len());
     let mut diagonals: Vec<Diagonal> = Vec::new();
+    // For each node of `out` whose diagonal some node reads, its vector.
+    let mut diagonal_of: std::collections::BTreeMap<NodeId, NodeId> = Default::default();
     for node in &graph.nodes {
         let mut node = node.clone();
         node.remap(&map);
         read_diagonals(&mut node, &diagonals);
+        read_matrix_diagonals(&mut out, &mut node, &mut diagonal_of);
         let vector = NodeId(out.nodes.len() as u32);
         if let Some((d, whole, mut diag)) = diagonal(&node, vector) {
             out.nodes.push(d);
@@ -197,6 +200,92 @@ fn read_diagonals(node: &mut Node, diagonals: &[Diagonal]) {
                 }
                 None => Expr::Read { node, at },
             },
+            other => other,
+        })
+    };
+    c.body = re(&c.body);
+    if let Some(f) = c.reduce.as_mut().and_then(|r| r.filter.as_mut()) {
+        *f = re(f);
+    }
+}
+
+/// Reads `x[v, v]` of a square node's diagonal (`sq[i, j] = g[j, j] -
+/// 2 g[i, j] + g[i, i]`, distances from a Gram matrix), where `v` is a loop
+/// variable whose extent is the dim it reads, become reads `x.diag[v]` of a
+/// vector `x.diag[a] = x[a, a]` pushed to `out` before the first such
+/// reader: a loop over `j` reads the diagonal contiguously, in lanes,
+/// instead of one element `N + 1` apart per step. Values are the same
+/// elements.
+fn read_matrix_diagonals(
+    out: &mut Graph,
+    node: &mut Node,
+    diagonal_of: &mut std::collections::BTreeMap<NodeId, NodeId>,
+) {
+    let NodeKind::Comp(c) = &mut node.kind else {
+        return;
+    };
+    let extents = c.levels(&node.shape);
+    let on_diagonal = |nodes: &[Node], at: &[Expr], x: NodeId| -> Option<IdxVar> {
+        let [dim, cols] = &nodes[x.index()].shape[..] else {
+            return None;
+        };
+        match at {
+            [Expr::Index(a), Expr::Index(b)]
+                if a == b && dim == cols && extents.iter().any(|(w, d)| w == a && d == dim) =>
+            {
+                Some(*a)
+            }
+            _ => None,
+        }
+    };
+    let mut wanted: Vec<NodeId> = Vec::new();
+    let mut find = |e: &Expr| {
+        e.walk(&mut |x| {
+            if let Expr::Read { node, at } = x {
+                if on_diagonal(&out.nodes, at, *node).is_some() && !wanted.contains(node) {
+                    wanted.push(*node);
+                }
+            }
+        })
+    };
+    find(&c.body);
+    if let Some(f) = c.reduce.as_ref().and_then(|r| r.filter.as_ref()) {
+        find(f);
+    }
+    for x in wanted {
+        if diagonal_of.contains_key(&x) {
+            continue;
+        }
+        let a = out.new_index("a");
+        let source = &out.nodes[x.index()];
+        let vector = Node {
+            kind: NodeKind::Comp(Comp {
+                indices: vec![a],
+                reduce: None,
+                body: Expr::read(x, vec![Expr::Index(a), Expr::Index(a)]),
+            }),
+            dtype: source.dtype,
+            shape: vec![source.shape[0].clone()],
+            name: Some(format!(
+                "{}.diag",
+                source
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| format!("%{}", x.index()))
+            )),
+            span: source.span,
+        };
+        out.nodes.push(vector);
+        diagonal_of.insert(x, NodeId(out.nodes.len() as u32 - 1));
+    }
+    let re = |e: &Expr| {
+        e.map(&mut |x| match x {
+            Expr::Read { node, at } => {
+                match (on_diagonal(&out.nodes, &at, node), diagonal_of.get(&node)) {
+                    (Some(v), Some(d)) => Expr::read(*d, vec![Expr::Index(v)]),
+                    _ => Expr::Read { node, at },
+                }
+            }
             other => other,
         })
     };

@@ -362,6 +362,30 @@ impl JitProgram {
             .collect()
     }
 
+    /// The square nodes whose diagonal the code reads as a vector of its own
+    /// (`lower::read_matrix_diagonals`).
+    pub fn diagonal_vectors(&self) -> Vec<NodeId> {
+        let sources: Vec<NodeId> = self
+            .graph
+            .nodes
+            .iter()
+            .filter_map(|node| match &node.kind {
+                NodeKind::Comp(crate::ir::Comp {
+                    indices,
+                    reduce: None,
+                    body: crate::ir::Expr::Read { node, at },
+                }) if indices.len() == 1
+                    && at.len() == 2
+                    && at.iter().all(|e| *e == crate::ir::Expr::Index(indices[0])) =>
+                {
+                    Some(*node)
+                }
+                _ => None,
+            })
+            .collect();
+        lower::original_ids(&self.map, &sources)
+    }
+
     /// Whether node `id`'s kernel runs in SIMD lanes.
     pub fn is_vectorised(&self, id: NodeId) -> bool {
         self.map
