@@ -5,7 +5,10 @@ use std::fmt::Write;
 
 fn main() {
     println!("cargo:rerun-if-changed=losses");
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("losses");
+    // Cargo's value when it runs the script (not the one baked in when the
+    // script was compiled, which a moved checkout would not have).
+    let manifest = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    let dir = std::path::Path::new(&manifest).join("losses");
     let mut names: Vec<String> = std::fs::read_dir(&dir)
         .expect("losses/ exists")
         .filter_map(|e| e.ok())

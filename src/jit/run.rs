@@ -448,7 +448,17 @@ impl Schedule {
                 Step::Whole(id) => vec![*id],
                 Step::Pass(p) => p.nodes.iter().map(|(id, _)| *id).collect(),
             };
-            for id in nodes {
+            // An empty slice, reshape or concat copies nothing, so reads
+            // nothing. (An empty comprehension's kernel may still read
+            // what depends on its outer indices only.)
+            let copies_nothing = |id: &NodeId| {
+                elems[id.index()] == 0
+                    && matches!(
+                        graph.node(*id).kind,
+                        NodeKind::Slice { .. } | NodeKind::Reshape { .. } | NodeKind::Concat { .. }
+                    )
+            };
+            for id in nodes.into_iter().filter(|id| !copies_nothing(id)) {
                 for op in &operands[id.index()] {
                     last_use[op.index()] = s;
                 }
@@ -807,31 +817,44 @@ impl<F: Real> Run<'_, F> {
                         self.elems[s], self.shapes[i]
                     )));
                 }
-                if self.bufs[s].is_none() && !self.ptrs[s].is_null() && !self.keep[i] {
-                    // An input read in place: so is its reshape (kernels
-                    // never write through another node's pointer).
-                    self.ptrs[i] = self.ptrs[s];
+                if self.take_over(id, *src) {
                     return Ok(());
-                }
-                if self.dying.contains(&s) {
-                    if let Some(buf) = self.bufs[s].take() {
-                        // Its last reader: the buffer changes hands.
-                        self.ptrs[i] = self.ptrs[s];
-                        self.bufs[i] = Some(buf);
-                        return Ok(());
-                    }
                 }
                 let bytes = self.elems[i] * self.bytes(id);
                 self.allocate_unfilled(id);
                 // SAFETY: both buffers have room for `elems` elements of one
                 // dtype, and the copy writes all of them.
                 unsafe {
-                    std::ptr::copy_nonoverlapping(self.ptrs[s], self.ptrs[i], bytes);
+                    // Empty, it reads nothing: its source may be gone.
+                    if bytes > 0 {
+                        std::ptr::copy_nonoverlapping(self.ptrs[s], self.ptrs[i], bytes);
+                    }
                     self.filled(id);
                 }
                 Ok(())
             }
         }
+    }
+
+    /// Node `id`, whose elements are exactly `src`'s in order (a reshape, a
+    /// slice or concat that is all of one value), without a copy where that
+    /// is safe: an input read in place is read in place by `id` too (kernels
+    /// never write through another node's pointer) unless `id` is returned,
+    /// and a buffer whose last reader is `id` changes hands. `false`: copy.
+    fn take_over(&mut self, id: NodeId, src: NodeId) -> bool {
+        let (i, s) = (id.index(), src.index());
+        if self.bufs[s].is_none() && !self.ptrs[s].is_null() && !self.keep[i] {
+            self.ptrs[i] = self.ptrs[s];
+            return true;
+        }
+        if self.dying.contains(&s) {
+            if let Some(buf) = self.bufs[s].take() {
+                self.ptrs[i] = self.ptrs[s];
+                self.bufs[i] = Some(buf);
+                return true;
+            }
+        }
+        false
     }
 
     /// A comprehension's buffer before it runs: zeroed when it accumulates
@@ -1599,13 +1622,20 @@ impl<F: Real> Run<'_, F> {
                 "concat of shape {joined:?} where {shape:?} was expected"
             )));
         }
+        // All of one part (MNRL without negatives: `docs` is the positives).
+        let mut full = parts.iter().filter(|p| self.elems[p.index()] > 0);
+        if let (Some(p), None) = (full.next(), full.next()) {
+            if self.elems[p.index()] == self.elems[i] && self.take_over(id, *p) {
+                return Ok(());
+            }
+        }
         let esize = self.bytes(id);
         let outer: usize = shape[..axis].iter().product();
         let inner: usize = shape[axis + 1..].iter().product();
         self.allocate_unfilled(id);
         let mut at = 0;
         for o in 0..outer {
-            for p in parts {
+            for p in parts.iter().filter(|p| self.elems[p.index()] > 0) {
                 let rows = self.shapes[p.index()][axis] * inner * esize;
                 // SAFETY: part `p` holds `outer * rows` bytes; the output
                 // holds the sum over parts, filled in order.
@@ -1648,12 +1678,18 @@ impl<F: Real> Run<'_, F> {
                 shape[axis]
             )));
         }
+        // All of it (MNRL without negatives slices all of `docs`' gradient).
+        if shape == s && self.take_over(id, src) {
+            return Ok(());
+        }
         let esize = self.bytes(id);
         let outer: usize = s[..axis].iter().product();
         let inner = s[axis + 1..].iter().product::<usize>() * esize;
         let (row, start, len) = (s[axis] * inner, begin as usize * inner, shape[axis] * inner);
         self.allocate_unfilled(id);
-        for o in 0..outer {
+        // An empty slice reads nothing: its source may be gone already
+        // (`Schedule::new` does not count it as a reader).
+        for o in (0..outer).filter(|_| len > 0) {
             // SAFETY: the source holds `outer * row` bytes and
             // `start + len <= row`; the output holds `outer * len`.
             unsafe {
