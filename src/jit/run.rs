@@ -593,6 +593,8 @@ fn two_sided_products(
             && !cr.batched
             && cl.a.node == cr.a.node
             && cl.b.node == cr.b.node
+            // `M` read as `X` too would change under the GEMM reading it.
+            && cl.a.node != cl.b.node
             && cl.a.roles == [Outer, K]
             && cr.a.roles == [K, Outer]
             && cl.b.roles == [K, Outer]
