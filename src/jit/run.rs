@@ -661,6 +661,12 @@ unsafe fn symmetrize<F: Real>(src: *const F, dst: *mut F, n: usize, team: Option
     }
 }
 
+/// A GEMM operand's shape at these sizes, as `gemm::run` reads it: `None`
+/// where the node's buffer does not have its node's rank.
+fn operand_shape(graph: &Graph, shapes: &[Vec<usize>], n: NodeId) -> Option<Vec<usize>> {
+    (graph.node(n).shape.len() == shapes[n.index()].len()).then(|| shapes[n.index()].clone())
+}
+
 /// The last schedule a program ran, reused while sizes and options repeat.
 pub(super) type LastSchedule = Mutex<Option<std::sync::Arc<Schedule>>>;
 
@@ -906,12 +912,8 @@ impl<F: Real> Run<'_, F> {
     fn two_sided(&mut self, t: TwoSided) -> Result<bool, Diagnostic> {
         let (l, r, m) = (t.left.index(), t.right.index(), t.matrix.index());
         let n = self.shapes[m].first().copied().unwrap_or(0);
-        let graph = self.graph;
-        let shapes = self.shapes;
-        let operand_shape = |n: NodeId| -> Option<Vec<usize>> {
-            (graph.node(n).shape.len() == shapes[n.index()].len())
-                .then(|| shapes[n.index()].clone())
-        };
+        let (graph, shapes) = (self.graph, self.shapes);
+        let operand_shape = |n: NodeId| operand_shape(graph, shapes, n);
         let accepted = self.code.contractions[l]
             .as_ref()
             .is_some_and(|con| gemm::accepts(con, &self.bound.sizes, &shapes[l], &operand_shape));
@@ -1153,12 +1155,8 @@ impl<F: Real> Run<'_, F> {
         let Some(con) = &self.code.contractions[id.index()] else {
             return false;
         };
-        let shapes = &self.shapes;
-        let graph = self.graph;
-        let operand_shape = |n: NodeId| -> Option<Vec<usize>> {
-            (graph.node(n).shape.len() == shapes[n.index()].len())
-                .then(|| shapes[n.index()].clone())
-        };
+        let (graph, shapes) = (self.graph, self.shapes);
+        let operand_shape = |n: NodeId| operand_shape(graph, shapes, n);
         let shape = &self.shapes[id.index()];
         let rows = match (part, con.batched, shape.as_slice()) {
             (gemm::Part::Whole | gemm::Part::K(..), false, [m, _]) => Some((0, *m)),
