@@ -1436,14 +1436,15 @@ const PAIRS: &str = r#"
 loss Pairs() {
     input s: [B]
     input lab: [B]
-    let r[i] = sum(j | lab[i] < lab[j]) exp(s[i] - s[j])
-    let c[j] = sum(i | lab[i] < lab[j]) (-2.0 * exp(s[i] - s[j]))
+    let r[i] = sum(j | lab[i] < lab[j]) exp(s[i] * s[j])
+    let c[j] = sum(i | lab[i] < lab[j]) (-2.0 * exp(s[i] * s[j]))
     sum(i) (r[i] * s[i]) + sum(j) (c[j] * lab[j])
 }
 "#;
 
 /// A row sum and a column sum over one domain and filter (a pairwise term's
-/// gradient with respect to both sides, CoSENT's) run as one pass: each
+/// gradient with respect to both sides; CoSENT's, whose body separates,
+/// runs sorted instead: `ranked`) run as one pass: each
 /// `(i, j)` adds to its row and, into a buffer of the thread's own, to its
 /// column. Rows split across three threads at B = 700 (uneven blocks) and
 /// odd sizes agree with the interpreter, in lanes and the scalar tail.
@@ -1463,22 +1464,84 @@ fn a_row_sum_and_a_column_sum_of_one_domain_run_as_one_pass() {
         code.fused_groups()
     );
     for b in [1usize, 5, 17, 700] {
-        let s: Vec<f64> = (0..b)
-            .map(|k| ((k * 31 % 23) as f64 * 0.37).sin() * 4.0)
-            .collect();
-        let lab: Vec<f64> = (0..b).map(|k| (k * 7 % 5) as f64).collect();
-        let tensors = TensorMap::from([
-            (
-                "s".to_string(),
-                lossc::tensor_io::HostTensor::f64(vec![b], s),
-            ),
-            (
-                "lab".to_string(),
-                lossc::tensor_io::HostTensor::f64(vec![b], lab),
-            ),
-        ]);
-        let bound = bind_or(&full, &tensors).unwrap();
+        let bound = bind_or(&full, &scores_and_labels(b, None)).unwrap();
         both_on_one_and_three_threads(&full, &bound, &code, &format!("B={b}"));
+    }
+}
+
+/// Inputs `s` (scores in [-4, 4]) and `lab` (labels 0..4, with ties) of `b`
+/// elements; `lab[b / 2]` is `negative` where given.
+fn scores_and_labels(b: usize, negative: Option<f64>) -> TensorMap {
+    let s: Vec<f64> = (0..b)
+        .map(|k| ((k * 31 % 23) as f64 * 0.37).sin() * 4.0)
+        .collect();
+    let lab: Vec<f64> = (0..b)
+        .map(|k| match negative {
+            Some(v) if k == b / 2 => v,
+            _ => (k * 7 % 5) as f64,
+        })
+        .collect();
+    TensorMap::from([
+        (
+            "s".to_string(),
+            lossc::tensor_io::HostTensor::f64(vec![b], s),
+        ),
+        (
+            "lab".to_string(),
+            lossc::tensor_io::HostTensor::f64(vec![b], lab),
+        ),
+    ])
+}
+
+const RANKED: &str = r#"
+loss Ranked() {
+    input s: [B]
+    input lab: [B]
+    let r[i] = sum(j | lab[i] < lab[j]) exp(s[i] - s[j])
+    let c[j] = sum(i | lab[i] <= lab[j]) (-2.0 * s[i] * exp(s[j] - 2.0 * s[i] + 0.5))
+    let m[i] = logsumexp(j | log(lab[j]) > log(lab[i])) (3.0 * s[j] - s[i])
+    let t = logsumexp(i, j | lab[i] >= lab[j] + 1.0) (s[i] - s[j])
+    sum(i) (r[i] * s[i]) + sum(j) (c[j] * lab[j]) + sum(i) exp(m[i] - 4.0) + softplus(t)
+}
+"#;
+
+/// Pair reductions filtered by a rank comparison, with a body that
+/// separates into a part of each side (CoSENT's loss and gradient), run as
+/// a sort and a running logsumexp (`ranked_nodes`); the others as loops.
+/// Every comparison, keys computed from a label (`lab[j] + 1.0`,
+/// `log(lab[i])`), rows with no passing pair, ties, and a NaN key (`log` of
+/// a negative label: the loop nest runs instead) agree with the
+/// interpreter, forward and gradient.
+#[test]
+fn a_rank_filtered_pair_reduction_runs_sorted() {
+    let (full, code) = jit_of(RANKED, None);
+    let named = |names: &[&str]| {
+        nodes_where(&full, |id| {
+            full.node(*id)
+                .name
+                .as_deref()
+                .is_some_and(|n| names.contains(&n))
+        })
+    };
+    let ranked = code.ranked_nodes();
+    for id in named(&["r", "m", "t"]) {
+        assert!(
+            ranked.contains(&id),
+            "%{} not sorted: {ranked:?}",
+            id.index()
+        );
+    }
+    // `c`'s factor `-2.0 * s[i]` is of the reduced side: it does not
+    // separate. Of the gradient's pair sums, four do (`t`'s two, one each
+    // of `m`'s and `r`'s): seven in all.
+    assert!(!ranked.contains(&named(&["c"])[0]), "{ranked:?}");
+    assert_eq!(ranked.len(), 7, "{ranked:?}");
+    for b in [1usize, 5, 17, 300] {
+        for nan in [false, true] {
+            let tensors = scores_and_labels(b, nan.then_some(-1.0));
+            let bound = bind_or(&full, &tensors).unwrap();
+            both_on_one_and_three_threads(&full, &bound, &code, &format!("B={b} nan={nan}"));
+        }
     }
 }
 

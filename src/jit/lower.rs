@@ -1,5 +1,7 @@
-//! Lowering before code generation: contraction operands become nodes, and
-//! reductions on a diagonal become vectors (`Diagonal`).
+//! Lowering before code generation: contraction operands become nodes,
+//! reductions on a diagonal become vectors (`Diagonal`), and pair
+//! reductions filtered by a rank comparison become a sorted pass
+//! (`ranked.rs`).
 //!
 //! The elaborator inlines functions at the expression level, so a
 //! similarity of transformed embeddings (Matryoshka's
@@ -42,6 +44,12 @@ pub(super) fn lower(graph: &Graph) -> (Graph, Vec<NodeId>) {
             diag.node = NodeId(out.nodes.len() as u32 - 1);
             map.push(diag.node);
             diagonals.push(diag);
+            continue;
+        }
+        if let Some((helpers, rewritten)) = super::ranked::rewrite(&mut out, &node) {
+            out.nodes.extend(helpers);
+            out.nodes.push(rewritten);
+            map.push(NodeId(out.nodes.len() as u32 - 1));
             continue;
         }
         if let Some((factors, body)) = split(&out, &node) {

@@ -77,6 +77,7 @@ mod gemm;
 mod helpers;
 mod lower;
 mod plan;
+mod ranked;
 mod run;
 mod team;
 mod translate;
@@ -189,6 +190,9 @@ struct Code {
     /// Comprehensions that run as GEMM when their operands fit (`gemm.rs`);
     /// their kernels stay compiled for when they do not.
     contractions: Vec<Option<contraction::Contraction>>,
+    /// Rank-filtered logsumexps that run sorted when their inputs allow
+    /// (`ranked.rs`); their kernels stay compiled for when they do not.
+    ranked: Vec<Option<ranked::Ranked>>,
     /// What may stream, and which kernels accumulate (`stream.rs`).
     stream: stream::Analysis,
     /// Kernels whose innermost loop runs in SIMD lanes (`translate/simd.rs`).
@@ -319,8 +323,9 @@ impl JitProgram {
 
 impl JitProgram {
     /// The nodes whose values may differ from the interpreter's in reduction
-    /// order: contractions run as GEMM, and sums, logsumexps and max/min
-    /// whose innermost loop runs in SIMD lanes (partials per lane). Their
+    /// order: contractions run as GEMM, sums, logsumexps and max/min
+    /// whose innermost loop runs in SIMD lanes (partials per lane), and the
+    /// rank-filtered pair reductions run sorted (`ranked_nodes`). Their
     /// values agree to the rounding of a sum (for max/min: the same value,
     /// the sign of a zero aside), not of the same operations in order.
     pub fn reordered_nodes(&self) -> Vec<NodeId> {
@@ -328,6 +333,7 @@ impl JitProgram {
         let ids: Vec<NodeId> = (0..self.graph.nodes.len())
             .filter(|&i| {
                 code.contractions[i].is_some()
+                    || self.reads_ranked(i)
                     || code.split[i]
                     || code
                         .groups
@@ -345,6 +351,31 @@ impl JitProgram {
             .map(|i| NodeId(i as u32))
             .collect();
         lower::original_ids(&self.map, &ids)
+    }
+
+    /// The pair reductions filtered by a rank comparison that run as a sort
+    /// and a running logsumexp (`ranked.rs`): each reads a `Ranked` node of
+    /// the lowered graph.
+    pub fn ranked_nodes(&self) -> Vec<NodeId> {
+        let ids: Vec<NodeId> = (0..self.graph.nodes.len())
+            .filter(|&i| self.reads_ranked(i))
+            .map(|i| NodeId(i as u32))
+            .collect();
+        lower::original_ids(&self.map, &ids)
+    }
+
+    /// Whether lowered node `i` reads a `Ranked` node.
+    fn reads_ranked(&self, i: usize) -> bool {
+        match &self.graph.nodes[i].kind {
+            NodeKind::Comp(c) => {
+                let mut reads = c.body.reads();
+                if let Some(f) = c.reduce.as_ref().and_then(|r| r.filter.as_ref()) {
+                    reads.extend(f.reads());
+                }
+                reads.iter().any(|r| self.code.ranked[r.index()].is_some())
+            }
+            _ => false,
+        }
     }
 
     /// How many kernels run their innermost loop in SIMD lanes.
@@ -553,6 +584,7 @@ fn compile_code(graph: &Graph, p: Precision) -> Result<Code, String> {
     let mut defined = Vec::new();
     let mut contractions: Vec<Option<contraction::Contraction>> =
         (0..graph.nodes.len()).map(|_| None).collect();
+    let mut ranked = vec![None; graph.nodes.len()];
     let mut vector = vec![None; graph.nodes.len()];
     let mut split = vec![false; graph.nodes.len()];
     for (i, node) in graph.nodes.iter().enumerate() {
@@ -560,6 +592,7 @@ fn compile_code(graph: &Graph, p: Precision) -> Result<Code, String> {
             continue;
         };
         contractions[i] = contraction::recognise(graph, comp, node.dtype);
+        ranked[i] = ranked::recognise(graph, node);
         split[i] = analysis.ranged_red[i].is_none() && splits(comp, node.dtype);
         let spec = Spec {
             id: NodeId(i as u32),
@@ -640,6 +673,7 @@ fn compile_code(graph: &Graph, p: Precision) -> Result<Code, String> {
         module: Some(module),
         kernels,
         contractions,
+        ranked,
         stream: analysis,
         vector,
         split,
@@ -830,6 +864,7 @@ fn fusion_groups(graph: &Graph, analysis: &stream::Analysis) -> Vec<Vec<NodeId>>
                     && !node.shape.is_empty()
                     && analysis.ranged_red[id.index()].is_none()
                     && contraction::recognise(graph, c, node.dtype).is_none()
+                    && ranked::recognise(graph, node).is_none()
             }
             _ => false,
         }

@@ -18,7 +18,7 @@
 //!   later element than the interpreter's first).
 
 use super::team::Team;
-use super::{gemm, kernel_error, Code, CompiledKernel, Group, Precision};
+use super::{gemm, kernel_error, ranked, Code, CompiledKernel, Group, Precision};
 use crate::bind::Bound;
 use crate::interp::{Evaluation, Real, Tensor};
 use crate::ir::{BinOp, Comp, DType, Expr, Graph, NodeId, NodeKind, RedOp};
@@ -809,7 +809,7 @@ impl<F: Real> Run<'_, F> {
                     return self.interpret(id);
                 }
                 self.allocate_for(id);
-                let done = self.gemm(id, gemm::Part::Whole);
+                let done = self.gemm(id, gemm::Part::Whole) || self.ranked(id);
                 self.complete(id, kernel, done)
             }
             NodeKind::Concat { axis, parts } => self.concat(id, *axis, parts),
@@ -960,6 +960,38 @@ impl<F: Real> Run<'_, F> {
         result?;
         self.allocate(t.right);
         Ok(true)
+    }
+
+    /// A `Ranked` node by sorting (`ranked::evaluate`), where its vectors
+    /// are whole and hold numbers. `false`: nothing written, its kernel runs.
+    fn ranked(&mut self, id: NodeId) -> bool {
+        let Some(r) = self.code.ranked[id.index()] else {
+            return false;
+        };
+        let (Some(kx), Some(ky), Some(g)) = (
+            self.float_vector(r.key_x),
+            self.float_vector(r.key_y),
+            self.float_vector(r.values),
+        ) else {
+            return false;
+        };
+        let i = id.index();
+        if kx.len() != self.elems[i] || ky.len() != g.len() || self.ptrs[i].is_null() {
+            return false;
+        }
+        // SAFETY: the node's own buffer, `elems` floats in precision `F`,
+        // distinct from its inputs' buffers.
+        let out = unsafe { std::slice::from_raw_parts_mut(self.ptrs[i] as *mut F, self.elems[i]) };
+        ranked::evaluate(kx, ky, g, r.cmp, out)
+    }
+
+    /// The elements of float node `v`, computed whole (`None` if not).
+    fn float_vector(&self, v: NodeId) -> Option<&[F]> {
+        let p = self.ptrs[v.index()];
+        // SAFETY: a non-null pointer of a computed float node holds its
+        // `elems` elements in the run's precision `F`.
+        (!p.is_null())
+            .then(|| unsafe { std::slice::from_raw_parts(p as *const F, self.elems[v.index()]) })
     }
 
     /// A fusion group's members at once (each whole, when the group's
