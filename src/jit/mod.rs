@@ -838,9 +838,17 @@ impl Emitter<'_> {
         translator.translate(config);
         let disasm = std::env::var_os("LOSSC_JIT_DISASM").is_some();
         ctx.set_disasm(disasm);
+        // The IR as translated, then as Cranelift's optimiser left it.
+        let clif = std::env::var_os("LOSSC_JIT_CLIF").is_some();
+        if clif {
+            eprintln!("; clif {name}\n{}", ctx.func.display());
+        }
         module
             .define_function(func_id, ctx)
             .map_err(|e| format!("%{i}: code generation failed: {e:?}"))?;
+        if clif {
+            eprintln!("; optimised clif {name}\n{}", ctx.func.display());
+        }
         if disasm {
             if let Some(code) = ctx.compiled_code().and_then(|c| c.vcode.as_ref()) {
                 eprintln!("; {name}\n{code}");

@@ -32,7 +32,10 @@ use super::plan::{Dag, DimTable, Op, Ty};
 use super::{ErrorSite, Precision};
 use crate::ir::{BinOp, Comp, DType, Dim, Graph, IdxVar, NodeId, RedOp, Reduce, UnOp};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
-use cranelift_codegen::ir::{types, BlockArg, InstBuilder, MemFlagsData, Type, Value};
+use cranelift_codegen::ir::{
+    types, BlockArg, InstBuilder, MemFlagsData, StackSlot, StackSlotData, StackSlotKind, Type,
+    Value,
+};
 use cranelift_codegen::isa::TargetFrontendConfig;
 use cranelift_frontend::{FunctionBuilder, Variable};
 use std::collections::HashMap;
@@ -111,6 +114,8 @@ pub(super) struct Translator<'a, 'f> {
     also: Vec<(Value, usize)>,
     /// The base and body term of the column partner (`Kernel::column`).
     column: Option<(Value, usize)>,
+    /// A scratch slot that hoisted values are stored to (`hoist`).
+    anchor: Option<StackSlot>,
 }
 
 /// Accumulators of one reduction.
@@ -287,6 +292,7 @@ impl<'a, 'f> Translator<'a, 'f> {
             split_lse,
             also,
             column,
+            anchor: None,
         }
     }
 
@@ -355,13 +361,37 @@ impl<'a, 'f> Translator<'a, 'f> {
     /// Evaluates, once per iteration of level `level`, every safe term that
     /// depends on no deeper loop. Safe terms cannot fail, so evaluating them
     /// early (or when a branch would skip them) never changes an outcome.
+    ///
+    /// Cranelift places a pure instruction at its uses (its loop-invariant
+    /// code motion left them inside the inner loops here), so each hoisted
+    /// value is also stored to a scratch slot: a store stays where it is,
+    /// the value is computed before it, and every use the store dominates
+    /// reuses that value.
     fn hoist(&mut self, level: i32) {
         let dag = self.dag;
         for (id, t) in dag.terms.iter().enumerate() {
             if t.level == level && t.safe && !t.is_leaf() {
-                self.translate_expr(id);
+                let v = self.translate_expr(id);
+                self.anchor(v);
             }
         }
+    }
+
+    /// Stores `v` to the scratch slot (`hoist`).
+    fn anchor(&mut self, v: Value) {
+        let slot = match self.anchor {
+            Some(s) => s,
+            None => {
+                let s = self.b.create_sized_stack_slot(StackSlotData::new(
+                    StackSlotKind::ExplicitSlot,
+                    16,
+                    4,
+                ));
+                self.anchor = Some(s);
+                s
+            }
+        };
+        self.b.ins().stack_store(types::I64, v, slot, 0);
     }
 
     // ---- loops -------------------------------------------------------------
