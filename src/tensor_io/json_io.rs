@@ -241,3 +241,49 @@ fn array_of(len: usize) -> String {
         n => format!("an array of {n} elements"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A number written with the fewest digits that identify it (Rust's and
+    /// Python's `repr`) reads back as the same double: the parser rounds
+    /// correctly (serde_json's `float_roundtrip`), where its fast path could
+    /// land an ulp away and a JSON input then differed from the same tensor
+    /// in safetensors.
+    #[test]
+    fn shortest_decimal_numbers_read_back_bit_for_bit() {
+        // The positive embedding of a fixture case that once read an ulp off.
+        let mut values = vec![
+            f64::from_bits(13832447363862993606),
+            0.1 + 0.2,
+            5e-324,
+            1.7976931348623157e308,
+        ];
+        let mut state = 0x9e3779b97f4a7c15u64;
+        for _ in 0..20000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let x = f64::from_bits(state);
+            if x.is_finite() {
+                values.push(x);
+            }
+        }
+        let text = format!(
+            "{{\"x\": [{}]}}",
+            values
+                .iter()
+                .map(|v| format!("{v:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let tensors = read_json_str(&text, "test.json").unwrap();
+        let TensorData::F64(read) = &tensors["x"].data else {
+            panic!("a float tensor");
+        };
+        for (v, r) in values.iter().zip(read) {
+            assert_eq!(v.to_bits(), r.to_bits(), "{v:?} read as {r:?}");
+        }
+    }
+}
