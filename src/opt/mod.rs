@@ -8,8 +8,14 @@
 //! - `cse`: nodes equal up to renaming of index variables are merged;
 //! - `inline`: an elementwise node read once, at no amplification, is
 //!   substituted into its reader;
+//! - `factor`: a contraction's factors that are not plain reads become
+//!   nodes of their own (GEMM operands, with an `O(I·K)` gradient each);
+//! - `hoist`: factors and `if` conditions free of a sum's reduced indices
+//!   are applied once to the sum instead of to every term;
 //! - `dce`: nodes no output or gradient needs are dropped, ids renumbered.
 
+pub mod factor;
+pub mod hoist;
 pub mod rules;
 
 use crate::ir::{verify, Comp, Expr, Graph, IdxVar, Node, NodeId, NodeKind, RedOp};
@@ -40,6 +46,9 @@ pub fn optimize(graph: &Graph) -> (Graph, Report) {
         ("cse", cse),
         ("inline", inline),
         ("simplify", simplify),
+        ("cse", cse),
+        ("factor", factor::factor),
+        ("hoist", hoist::hoist),
         ("cse", cse),
         ("dce", dce),
     ];
@@ -311,6 +320,35 @@ pub fn inline(g: &Graph, report: &mut Report) -> Graph {
         *report.fired.entry("inline").or_insert(0) += 1;
     }
     dce(&out, &mut Report::default())
+}
+
+/// Rebuilds `g` node by node, letting `rewrite` push new nodes before each
+/// one (into the graph built so far) and change it; counts the rewrites
+/// under `rule`. References are renumbered.
+fn insert_before(
+    g: &Graph,
+    report: &mut Report,
+    rule: &'static str,
+    mut rewrite: impl FnMut(&mut Graph, &mut Node) -> bool,
+) -> Graph {
+    let mut out = Graph {
+        nodes: Vec::with_capacity(g.nodes.len()),
+        ..g.clone()
+    };
+    let mut map: Vec<NodeId> = Vec::with_capacity(g.nodes.len());
+    for node in &g.nodes {
+        let mut node = node.clone();
+        node.remap(&map);
+        if rewrite(&mut out, &mut node) {
+            *report.fired.entry(rule).or_insert(0) += 1;
+        }
+        out.nodes.push(node);
+        map.push(NodeId(out.nodes.len() as u32 - 1));
+    }
+    for (_, id) in out.outputs.iter_mut().chain(out.grads.iter_mut()) {
+        *id = map[id.index()];
+    }
+    out
 }
 
 /// Drops nodes that no output or gradient needs; inputs always stay.
