@@ -1738,3 +1738,43 @@ fn diagonal_reads_of_a_square_node_agree() {
         }
     }
 }
+
+const HOISTED: &str = r#"
+loss Hoisted() {
+    input x: [B, D]
+    input w: [B]
+    let n[i] = sum(k) x[i, k] * x[i, k]
+    let s[i] = sum(k) (if w[i] > 0.0 then x[i, k] * w[i] / sqrt(n[i]) else 0.0)
+    sum(i) s[i] * w[i]
+}
+"#;
+
+/// A sum whose factors and condition do not depend on its reduced index
+/// (`opt::hoist`) runs as a plain sum with the factors applied once: the
+/// same values as the terms' sum on both backends, forward and gradient,
+/// and over an empty range (D = 0) its empty value 0, not the NaN that
+/// `0 / sqrt(0)` would give.
+#[test]
+fn factors_free_of_a_sums_index_are_applied_once() {
+    let (full, code) = jit_of(HOISTED, None);
+    let hoisted = nodes_where(&full, |id| {
+        full.node(*id)
+            .name
+            .as_deref()
+            .is_some_and(|n| n.ends_with(".sum"))
+    });
+    assert!(!hoisted.is_empty(), "nothing hoisted");
+    for (b, d) in [(1i64, 1i64), (3, 5), (17, 4), (4, 0)] {
+        let dims = BTreeMap::from([("B".to_string(), b), ("D".to_string(), d)]);
+        let tensors = bind::random_inputs(&full, 11, &dims).unwrap();
+        let bound = bind_or(&full, &tensors).unwrap();
+        let (got, _) = both::<f64>(&full, &bound, &code, RTOL_F64)
+            .unwrap_or_else(|e| panic!("B={b} D={d}: {e}"));
+        let loss = got.outputs[0].1;
+        if d == 0 {
+            assert_eq!(loss, 0.0, "B={b} D=0: an empty sum is 0");
+        } else {
+            assert!(loss.is_finite(), "B={b} D={d}: {loss}");
+        }
+    }
+}
