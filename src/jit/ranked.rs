@@ -153,9 +153,15 @@ pub(super) fn evaluate<F: Real>(
     {
         return false;
     }
-    let mut order: Vec<usize> = (0..key_y.len()).collect();
-    order.sort_by(|&p, &q| f(key_y[p]).total_cmp(&f(key_y[q])));
-    let sorted: Vec<f64> = order.iter().map(|&p| f(key_y[p])).collect();
+    // Keys with their values, sorted by key (ties in any order: a tie
+    // passes or fails for every `x` alike).
+    let mut pairs: Vec<(f64, f64)> = key_y
+        .iter()
+        .zip(values)
+        .map(|(k, v)| (f(*k), f(*v)))
+        .collect();
+    pairs.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
+    let sorted: Vec<f64> = pairs.iter().map(|p| p.0).collect();
     let n = sorted.len();
     // `running[k]`: the logsumexp of the values at sorted positions `k..n`
     // (`<`, `<=`: the keys above `x`'s) or `0..k` (`>`, `>=`).
@@ -168,7 +174,7 @@ pub(super) fn evaluate<F: Real>(
         } else {
             (step, step + 1)
         };
-        let g = f(values[order[pos]]);
+        let g = pairs[pos].1;
         if g > m {
             s = s * (m - g).exp() + 1.0;
             m = g;
