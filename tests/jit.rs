@@ -1005,9 +1005,8 @@ fn simd_lanes_agree_bit_for_bit_with_the_interpreter() {
 const GUARDED_LANES: &str = r#"
 loss Guarded() {
     input x: [B, N]
-    let y = truncate(x, 5)
-    let z = truncate(x, 2)
-    sum(i, j) exp(y[i, j]) * 0.5 + sum(i, j) z[i, j] * z[i, j]
+    let z = truncate(x, 3)
+    sum(i, j) exp(x[i, j]) * 0.5 + sum(i, j) z[i, j] * z[i, j]
 }
 loss Rows() {
     input x: [B, N]
@@ -1022,11 +1021,11 @@ loss Mixed() {
 "#;
 
 /// A vector step that may not run every lane hands the rest of its row to
-/// the scalar loop. The gradient of `truncate` reads `if j < 2 then dz[i,
-/// j]` (`dz` has 2 columns): lanes where `j < 2` and `j >= 2` meet in one
-/// step for f32 (and `j < 5` in one step for both precisions), so the steps
-/// before run in lanes and the rest of the row runs scalar, bit for bit as
-/// the interpreter. A read whose leading index is out of range (`x[lab[i],
+/// the scalar loop. The gradient of `truncate` reads `if j < 3 then dz[i,
+/// j]` (`dz` has 3 columns; one `if`, so `opt::piecewise` leaves it): lanes
+/// where `j < 3` and `j >= 3` meet in one step for both precisions, so the
+/// steps before run in lanes and the rest of the row runs scalar, bit for
+/// bit as the interpreter. A read whose leading index is out of range (`x[lab[i],
 /// j]`) leaves the vector loop too, and the scalar code raises the
 /// interpreter's error.
 #[test]
@@ -1776,5 +1775,160 @@ fn factors_free_of_a_sums_index_are_applied_once() {
         } else {
             assert!(loss.is_finite(), "B={b} D={d}: {loss}");
         }
+    }
+}
+
+/// The widths of a graph's score contractions: float sums over one literal
+/// extent into a matrix of symbolic shape (the backward GEMMs reduce over a
+/// symbolic batch dim instead).
+fn literal_contraction_widths(graph: &Graph) -> Vec<i64> {
+    let mut widths: Vec<i64> = graph
+        .nodes
+        .iter()
+        .filter_map(|node| {
+            let lossc::ir::NodeKind::Comp(c) = &node.kind else {
+                return None;
+            };
+            let r = c.reduce.as_ref()?;
+            let symbolic = node.shape.len() == 2 && node.shape.iter().all(|d| d.as_lit().is_none());
+            // Two different matrices (a norm reads one node twice).
+            let matrix = |e: &lossc::ir::Expr| matches!(e, lossc::ir::Expr::Read { at, .. } if at.len() == 2);
+            let two = match &c.body {
+                lossc::ir::Expr::Binary(lossc::ir::BinOp::Mul, a, b) => {
+                    matrix(a) && matrix(b) && a.reads() != b.reads()
+                }
+                _ => false,
+            };
+            (symbolic && two && r.op == lossc::ir::RedOp::Sum && r.over.len() == 1)
+                .then(|| r.over[0].1.as_lit())
+                .flatten()
+        })
+        .collect();
+    widths.sort_unstable();
+    widths
+}
+
+/// Matryoshka's truncated score contractions share their work
+/// (`opt::prefix`): the widths 32, 16, 8 and 4 cost one contraction per
+/// block between them, 32 columns in all instead of 60, and the gradient of
+/// the truncations runs in pieces (`opt::piecewise`). Both backends agree,
+/// with embeddings wider than the largest width (the last piece not empty),
+/// and the gradient matches central differences.
+#[test]
+fn prefix_contractions_cost_the_largest_width_once() {
+    let params =
+        params_of(r#"{"loss":"MultipleNegativesRankingLoss","matryoshka_dims":[32,16,8,4]}"#);
+    let graph = compile_std("MatryoshkaLoss", &params).unwrap();
+    let full = lossc::differentiate(&graph).0;
+    assert_eq!(literal_contraction_widths(&full), vec![4, 4, 8, 16]);
+    let pieces = nodes_where(&full, |id| {
+        full.node(*id)
+            .name
+            .as_deref()
+            .is_some_and(|n| n.ends_with(".piece"))
+    });
+    assert!(pieces.len() >= 10, "{} pieces", pieces.len());
+    let code = jit::compile(&full, Precision::F64).unwrap();
+    for (b, d, k) in [(1i64, 32i64, 0i64), (3, 37, 1), (17, 33, 3)] {
+        let dims = BTreeMap::from([
+            ("B".to_string(), b),
+            ("D".to_string(), d),
+            ("K".to_string(), k),
+        ]);
+        let tensors = bind::random_inputs(&full, 5, &dims).unwrap();
+        let bound = bind_or(&full, &tensors).unwrap();
+        both_on_one_and_three_threads(&full, &bound, &code, &format!("B={b} D={d} K={k}"));
+    }
+    let dims = BTreeMap::from([
+        ("B".to_string(), 3),
+        ("D".to_string(), 34),
+        ("K".to_string(), 1),
+    ]);
+    let tensors = bind::random_inputs(&full, 9, &dims).unwrap();
+    let (_, grads) = grads_of::<f64>(&graph, &tensors).unwrap();
+    let fd = fd_grads(&graph, &tensors, 1e-6);
+    for (name, shape, got) in grads {
+        let want = &fd.iter().find(|(n, _)| *n == name).expect("a difference").1;
+        let err = grad_error(&got, want, &shape, 1e-6, false);
+        assert!(err <= 1.0, "d {name}: {err} of the allowance");
+        if name == "anchor" {
+            // Columns past the largest width get no gradient.
+            assert!(got
+                .chunks(34)
+                .all(|row| row[32..].iter().all(|x| *x == 0.0)));
+        }
+    }
+}
+
+const STEPS: &str = r#"
+loss Truncated() {
+    input x: [B, N]
+    let a = truncate(x, 2)
+    let b = truncate(x, 5)
+    sum(i, j) a[i, j] * a[i, j] + sum(i, j) exp(b[i, j])
+}
+loss Unbounded() {
+    input x: [B, N]
+    sum(i, j) ((if j < 2 then x[i, j] * x[i, j] else 0.0) + (if j < 5 then exp(x[i, j]) else 0.0))
+}
+"#;
+
+/// `opt::piecewise` splits a gradient whose terms switch at fixed columns
+/// into pieces, and only where every run that gets there has the columns:
+/// the truncations read `x[i, j]` for `j < 5`, so `N >= 5`; with the same
+/// `if`s and no such read, `N = 3` must still run, so nothing is split.
+#[test]
+fn terms_that_switch_at_fixed_columns_run_in_pieces() {
+    let (full, code) = jit_of(STEPS, Some("Truncated"));
+    let grad = full.grads[0].1;
+    let lossc::ir::NodeKind::Concat { axis: 1, parts } = &full.node(grad).kind else {
+        panic!("the gradient is not split: {:?}", full.node(grad).kind);
+    };
+    assert_eq!(parts.len(), 3, "pieces 0..2, 2..5 and 5..N");
+    for n in [5usize, 6, 9] {
+        let x: Vec<f64> = (0..3 * n).map(|k| (k as f64 * 0.41).cos()).collect();
+        let tensors = TensorMap::from([(
+            "x".to_string(),
+            lossc::tensor_io::HostTensor::f64(vec![3, n], x.clone()),
+        )]);
+        let bound = bind_or(&full, &tensors).unwrap();
+        both_on_one_and_three_threads(&full, &bound, &code, &format!("N={n}"));
+        let got = code.run::<f64>(&bound).unwrap();
+        let Tensor::F(g) = &got.values[grad.index()] else {
+            panic!("a float gradient");
+        };
+        for (e, (v, x)) in g.iter().zip(&x).enumerate() {
+            let j = e % n;
+            let want: f64 = if j < 2 { 2.0 * x } else { 0.0 } + if j < 5 { x.exp() } else { 0.0 };
+            assert!(
+                (v - want).abs() <= 1e-12 * want.abs().max(1.0),
+                "N={n} [{e}]: {v} vs {want}"
+            );
+        }
+    }
+    // Too few columns: the truncation's own error on both backends, no panic.
+    let tensors = TensorMap::from([(
+        "x".to_string(),
+        lossc::tensor_io::HostTensor::f64(vec![3, 4], vec![0.5; 12]),
+    )]);
+    let bound = bind_or(&full, &tensors).unwrap();
+    match both::<f64>(&full, &bound, &code, RTOL_F64) {
+        Err(e) => assert!(e.starts_with("SAME-ERROR"), "{e}"),
+        Ok(_) => panic!("N=4 ran"),
+    }
+
+    let (full, code) = jit_of(STEPS, Some("Unbounded"));
+    let grad = full.grads[0].1;
+    assert!(
+        matches!(full.node(grad).kind, lossc::ir::NodeKind::Comp(_)),
+        "split without a bound on N"
+    );
+    let tensors = TensorMap::from([(
+        "x".to_string(),
+        lossc::tensor_io::HostTensor::f64(vec![2, 3], vec![0.5, -1.0, 2.0, 0.25, 0.0, 1.5]),
+    )]);
+    let bound = bind_or(&full, &tensors).unwrap();
+    if let Err(e) = both::<f64>(&full, &bound, &code, RTOL_F64) {
+        panic!("N=3: {e}");
     }
 }

@@ -426,7 +426,13 @@ fn empty_tensor<F: Real>(dtype: DType) -> Tensor<F> {
     }
 }
 
+/// Each node's shape at the bound sizes; one that cannot be evaluated
+/// reports the interpreter's first error (`interp::first_error`).
 fn node_shapes(graph: &Graph, bound: &Bound) -> Result<Vec<Vec<usize>>, Diagnostic> {
+    evaluate_shapes(graph, bound).map_err(|e| crate::interp::first_error(graph, bound, e))
+}
+
+fn evaluate_shapes(graph: &Graph, bound: &Bound) -> Result<Vec<Vec<usize>>, Diagnostic> {
     graph
         .nodes
         .iter()

@@ -56,6 +56,14 @@ pub struct Evaluation<F> {
 
 type Rt<T> = Result<T, Diagnostic>;
 
+/// The error a run of `graph` reports, for a backend that found `fallback`
+/// before running anything (a size it cannot evaluate): the interpreter's
+/// first error in node order, which an earlier node may raise (an index out
+/// of range that makes the size negative), else `fallback`.
+pub fn first_error(graph: &Graph, bound: &Bound, fallback: Diagnostic) -> Diagnostic {
+    evaluate::<f64>(graph, bound).err().unwrap_or(fallback)
+}
+
 pub fn evaluate<F: Real>(graph: &Graph, bound: &Bound) -> Rt<Evaluation<F>> {
     let mut values: Vec<Tensor<F>> = Vec::with_capacity(graph.nodes.len());
     for (i, node) in graph.nodes.iter().enumerate() {

@@ -249,6 +249,21 @@ impl Builder<'_> {
                 None => (Dim::lit(1), self.conditional > 0),
             },
             Op::Int(c) if c >= 0 => (Dim::lit(c + 1), self.conditional > 0),
+            // A loop variable plus a constant, `k + 96`: below extent + 96.
+            Op::Binary(BinOp::Add, a, b) => {
+                let (ta, tb) = (&self.dag.terms[a].op, &self.dag.terms[b].op);
+                let ((Op::Index(v), Op::Int(c)) | (Op::Int(c), Op::Index(v))) = (ta, tb) else {
+                    return false;
+                };
+                let (v, c) = (*v, *c);
+                match self.loops.level(v) {
+                    Some(l) if c >= 0 => (
+                        self.loops.levels[l].1.add(&Dim::lit(c)),
+                        self.guards.contains(&v),
+                    ),
+                    _ => return false,
+                }
+            }
             _ => return false,
         };
         if guarded && !dim.sub(&bound).is_non_negative() {

@@ -298,8 +298,17 @@ struct Run<'a, F> {
     group_proven: &'a [bool],
 }
 
-/// Each node's shape and element count at the bound sizes.
+/// Each node's shape and element count at the bound sizes. A size that
+/// cannot be evaluated reports the interpreter's first error
+/// (`interp::first_error`).
 fn node_sizes(graph: &Graph, bound: &Bound) -> Result<(Vec<Vec<usize>>, Vec<usize>), Diagnostic> {
+    evaluate_sizes(graph, bound).map_err(|e| crate::interp::first_error(graph, bound, e))
+}
+
+fn evaluate_sizes(
+    graph: &Graph,
+    bound: &Bound,
+) -> Result<(Vec<Vec<usize>>, Vec<usize>), Diagnostic> {
     let mut shapes = Vec::with_capacity(graph.nodes.len());
     let mut elems = Vec::with_capacity(graph.nodes.len());
     for node in &graph.nodes {

@@ -10,12 +10,20 @@
 //!   substituted into its reader;
 //! - `factor`: a contraction's factors that are not plain reads become
 //!   nodes of their own (GEMM operands, with an `O(I·K)` gradient each);
+//! - `prefix`: contractions of the same rows over several prefix widths
+//!   (Matryoshka) become contractions over the blocks between the widths
+//!   and running sums, so the widths cost the largest one's work;
 //! - `hoist`: factors and `if` conditions free of a sum's reduced indices
 //!   are applied once to the sum instead of to every term;
+//! - `piecewise`: an elementwise node whose `if`s switch at fixed positions
+//!   of its last index (a truncation's gradient) becomes a concat of pieces
+//!   with those `if`s decided;
 //! - `dce`: nodes no output or gradient needs are dropped, ids renumbered.
 
 pub mod factor;
 pub mod hoist;
+pub mod piecewise;
+pub mod prefix;
 pub mod rules;
 
 use crate::ir::{verify, Comp, Expr, Graph, IdxVar, Node, NodeId, NodeKind, RedOp};
@@ -48,7 +56,9 @@ pub fn optimize(graph: &Graph) -> (Graph, Report) {
         ("simplify", simplify),
         ("cse", cse),
         ("factor", factor::factor),
+        ("prefix", prefix::prefix),
         ("hoist", hoist::hoist),
+        ("piecewise", piecewise::piecewise),
         ("cse", cse),
         ("dce", dce),
     ];

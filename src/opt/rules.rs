@@ -224,6 +224,24 @@ pub const SIMPLIFY: &[Rule] = &[
             _ => None,
         },
     },
+    // `false and x` is false, `true or x` true, where `x` cannot fail (it
+    // is evaluated, and could raise an error).
+    Rule {
+        name: "and-false",
+        apply: |e| match e {
+            Expr::Binary(BinOp::And, f, x)
+                if matches!(f.as_ref(), Expr::Bool(false)) && super::factor::infallible(x) =>
+            {
+                Some(Expr::Bool(false))
+            }
+            Expr::Binary(BinOp::Or, t, x)
+                if matches!(t.as_ref(), Expr::Bool(true)) && super::factor::infallible(x) =>
+            {
+                Some(Expr::Bool(true))
+            }
+            _ => None,
+        },
+    },
     Rule {
         name: "float-const",
         apply: |e| match e {

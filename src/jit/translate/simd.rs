@@ -303,7 +303,22 @@ fn side(
     }
 }
 
-/// A read whose last index is the vector loop's variable (unchecked, unless
+/// `Some(c)` when index term `t` is the vector loop's variable plus a
+/// constant `c >= 0` (`k`, `k + 96`: a block of a wider row).
+pub(super) fn lane_offset(dag: &Dag, var: crate::ir::IdxVar, t: usize) -> Option<i64> {
+    match &dag.terms[t].op {
+        Op::Index(v) if *v == var => Some(0),
+        Op::Binary(BinOp::Add, a, b) => match (&dag.terms[*a].op, &dag.terms[*b].op) {
+            (Op::Index(v), Op::Int(c)) | (Op::Int(c), Op::Index(v)) if *v == var && *c >= 0 => {
+                Some(*c)
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// A read whose last index is the vector loop's variable (plus a constant) (unchecked, unless
 /// `checked_ok`), and whose other indices do not vary along it: its lanes
 /// are contiguous.
 fn contiguous_read(
@@ -317,7 +332,7 @@ fn contiguous_read(
         return false;
     };
     at.len().checked_sub(1).is_some_and(|l| {
-        dag.terms[at[l]].op == Op::Index(var)
+        lane_offset(dag, var, at[l]).is_some()
             && (checked_ok || !dag.terms[t].checked[l])
             && at[..l].iter().all(|ix| !varies[*ix])
     })
@@ -973,7 +988,7 @@ impl Translator<'_, '_> {
         let last = at.len() - 1;
         if checked.get(last).copied().unwrap_or(true) {
             // Every lane in range, or the scalar code takes over.
-            let i = self.b.use_var(self.loop_vars[self.vlevel]);
+            let i = self.lane_index(at[last]);
             let top = self.b.ins().iadd_imm_s(i, i64::from(self.lanes.n) - 1);
             let dim = self.read_dims[&node][last];
             let out = self
@@ -1022,7 +1037,7 @@ impl Translator<'_, '_> {
                 }
             });
         }
-        let i = self.b.use_var(self.loop_vars[self.vlevel]);
+        let i = self.lane_index(at[last]);
         let offset = match offset {
             None => i,
             Some(o) => {
@@ -1032,6 +1047,16 @@ impl Translator<'_, '_> {
         };
         let base = self.bases[&node];
         self.element_addr(base, offset, ty)
+    }
+
+    /// The first lane's value of a read's last index: the vector loop's
+    /// counter plus the index's constant (`lane_offset`).
+    fn lane_index(&mut self, t: usize) -> Value {
+        let i = self.b.use_var(self.loop_vars[self.vlevel]);
+        match lane_offset(self.dag, self.levels[self.vlevel].0, t) {
+            Some(0) | None => i,
+            Some(c) => self.b.ins().iadd_imm_s(i, c),
+        }
     }
 
     /// A math helper applied to each lane (the scalar code's own function).
