@@ -26,7 +26,7 @@ use crate::stream::{self, Mode, Pass, Step, Streaming};
 use crate::syntax::{codes, Diagnostic};
 use crate::tensor_io::TensorData;
 use ndarray::{ArrayD, IxDyn};
-use std::any::Any;
+use std::any::{Any, TypeId};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 
@@ -117,8 +117,14 @@ fn keep_freed_memory() {
 /// O(B·D) losses costs more than the arithmetic.
 #[derive(Default)]
 pub(super) struct Pool {
-    bufs: Vec<Box<dyn Any + Send>>,
+    /// Per element type, `(capacity, Vec<T>)` in increasing capacity: a
+    /// node's buffer is a binary search away (a run takes one per node).
+    bufs: Vec<(TypeId, Vec<Pooled>)>,
+    count: usize,
 }
+
+/// A pooled `Vec<T>` and its capacity.
+type Pooled = (usize, Box<dyn Any + Send>);
 
 /// Buffers smaller than this are not worth keeping (a fresh zeroed
 /// allocation of a larger one costs a memset on every run).
@@ -142,24 +148,17 @@ impl Pool {
     /// (NaN, -1, `true`), so an element a kernel fails to write shows in
     /// the tests' values instead of passing as a zero.
     fn take_empty<T: Copy + Default + Send + 'static>(&mut self, n: usize) -> Vec<T> {
-        let mut best: Option<(usize, usize)> = None;
-        for (i, b) in self.bufs.iter().enumerate() {
-            if let Some(v) = b.downcast_ref::<Vec<T>>() {
-                let c = v.capacity();
-                if c >= n && best.is_none_or(|(_, bc)| c < bc) {
-                    best = Some((i, c));
-                }
+        let pooled = self.of::<T>().and_then(|list| {
+            let at = list.partition_point(|(c, _)| *c < n);
+            (at < list.len()).then(|| list.remove(at).1)
+        });
+        let mut v: Vec<T> = match pooled.map(|b| b.downcast::<Vec<T>>()) {
+            Some(Ok(mut v)) => {
+                self.count -= 1;
+                v.clear();
+                *v
             }
-        }
-        let mut v: Vec<T> = match best {
-            Some((i, _)) => match self.bufs.swap_remove(i).downcast::<Vec<T>>() {
-                Ok(mut v) => {
-                    v.clear();
-                    *v
-                }
-                Err(_) => Vec::with_capacity(n),
-            },
-            None => Vec::with_capacity(n),
+            _ => Vec::with_capacity(n),
         };
         if cfg!(debug_assertions) {
             // SAFETY: the vector has room for `n` elements; raw bytes
@@ -170,10 +169,31 @@ impl Pool {
         v
     }
 
+    /// The pooled vectors of `T`, if any were given.
+    fn of<T: 'static>(&mut self) -> Option<&mut Vec<Pooled>> {
+        let id = TypeId::of::<T>();
+        self.bufs
+            .iter_mut()
+            .find(|(t, _)| *t == id)
+            .map(|(_, list)| list)
+    }
+
     fn give<T: Send + 'static>(&mut self, v: Vec<T>) {
-        if v.capacity() >= POOL_MIN_ELEMS && self.bufs.len() < POOL_MAX_BUFS {
-            self.bufs.push(Box::new(v));
+        let c = v.capacity();
+        if c < POOL_MIN_ELEMS || self.count >= POOL_MAX_BUFS {
+            return;
         }
+        if self.of::<T>().is_none() {
+            self.bufs.push((TypeId::of::<T>(), Vec::new()));
+        }
+        let list = self.of::<T>().expect("just added");
+        let at = list.partition_point(|(k, _)| *k < c);
+        list.insert(at, (c, Box::new(v)));
+        self.count += 1;
+    }
+
+    fn is_empty(&self) -> bool {
+        self.count == 0
     }
 }
 
@@ -799,7 +819,7 @@ pub(super) fn execute<F: Real>(
     // A run that fails drops its buffers instead: errors are rare.
     run.finish(keep).map(|(e, spare)| {
         let mut p = pool.lock().unwrap_or_else(|e| e.into_inner());
-        if p.bufs.is_empty() {
+        if p.is_empty() {
             *p = spare;
         }
         e
@@ -1750,6 +1770,9 @@ impl<F: Real> Run<'_, F> {
     /// the pool, which is returned).
     fn finish(mut self, keep: &[bool]) -> Result<(Evaluation<F>, Pool), Diagnostic> {
         let mut values = Vec::with_capacity(self.bufs.len());
+        // One empty tensor cloned for every node not returned: cheaper than
+        // building each one's shape and strides.
+        let empty = Tensor::F(ArrayD::zeros(IxDyn(&[0])));
         for (i, buf) in std::mem::take(&mut self.bufs).into_iter().enumerate() {
             let t = match buf {
                 Some(b) if keep[i] => b
@@ -1757,9 +1780,9 @@ impl<F: Real> Run<'_, F> {
                     .map_err(|e| shape_error(format!("internal shape error: {e}")))?,
                 Some(b) => {
                     b.recycle(&mut self.pool);
-                    Tensor::F(ArrayD::zeros(IxDyn(&[0])))
+                    empty.clone()
                 }
-                None => Tensor::F(ArrayD::zeros(IxDyn(&[0]))),
+                None => empty.clone(),
             };
             values.push(t);
         }
