@@ -302,16 +302,27 @@ impl JitProgram {
                 }
             }
         };
-        let mut e = run::execute::<F>(&self.graph, &code, bound, opts, &self.pool, &self.schedule)?;
-        // Values by the ids of the graph given to `compile`.
+        let e = run::execute::<F>(&self.graph, &code, bound, opts, &self.pool, &self.schedule)?;
+        // Values by the ids of the graph given to `compile`: each moved out
+        // at its last use (several ids may share a lowered node).
+        let mut uses = vec![0usize; e.values.len()];
+        for l in &self.map {
+            uses[l.index()] += 1;
+        }
+        let mut slots: Vec<Option<crate::interp::Tensor<F>>> =
+            e.values.into_iter().map(Some).collect();
         let values = self
             .map
             .iter()
             .map(|l| {
-                std::mem::replace(
-                    &mut e.values[l.index()],
-                    crate::interp::Tensor::I(Default::default()),
-                )
+                let i = l.index();
+                uses[i] -= 1;
+                let value = if uses[i] == 0 {
+                    slots[i].take()
+                } else {
+                    slots[i].clone()
+                };
+                value.expect("a lowered node's value is moved out at its last use only")
             })
             .collect();
         Ok(Evaluation {
