@@ -1858,6 +1858,28 @@ fn prefix_contractions_cost_the_largest_width_once() {
                 .all(|row| row[32..].iter().all(|x| *x == 0.0)));
         }
     }
+
+    // Matryoshka2d with every width: each layer read at a fixed index
+    // (`x[L - 1, b, t]`, `x[2, b, t]`) is its own group.
+    let params = params_of(
+        r#"{"loss":"MultipleNegativesRankingLoss","matryoshka_dims":[32,16,8,4],"n_dims_per_step":-1}"#,
+    );
+    let graph = compile_std("Matryoshka2dLoss", &params).unwrap();
+    let full = lossc::differentiate(&graph).0;
+    assert_eq!(
+        literal_contraction_widths(&full),
+        vec![4, 4, 4, 4, 8, 8, 16, 16]
+    );
+    let code = jit::compile(&full, Precision::F64).unwrap();
+    let dims = BTreeMap::from([
+        ("B".to_string(), 5),
+        ("D".to_string(), 33),
+        ("K".to_string(), 1),
+        ("L".to_string(), 3),
+    ]);
+    let tensors = bind::random_inputs(&full, 3, &dims).unwrap();
+    let bound = bind_or(&full, &tensors).unwrap();
+    both_on_one_and_three_threads(&full, &bound, &code, "Matryoshka2d");
 }
 
 const STEPS: &str = r#"

@@ -30,8 +30,9 @@
 //! (plain reads, as `factor` leaves them), grouped by the unscaled rows of
 //! both operands; a group needs two different widths. An operand's rows are
 //! looked through elementwise nodes `M[.., k] * f` or `M[.., k] / f` with `f`
-//! free of `k` and unable to fail, and through reshapes and concats that
-//! keep the last dim. Block operands are copies `base[r, off + k]`: a width
+//! free of `k` and unable to fail (reading their source at their own
+//! indices, or at fixed ones elsewhere: a layer `x[L - 1, b, t]` of
+//! Matryoshka2d), and through reshapes and concats that keep the last dim. Block operands are copies `base[r, off + k]`: a width
 //! larger than the rows fails as the truncated read did, with an index out
 //! of range. Values are the same products regrouped (the rounding of a
 //! reassociated sum).
@@ -67,9 +68,12 @@ pub fn prefix(g: &Graph, report: &mut Report) -> Graph {
 
 /// How a node's rows relate to the rows of the node it reads.
 enum Step {
-    /// `out[.., k] = src[.., k]` times factors free of `k` (`true`: divide).
+    /// `out[.., k] = src[.., k]` times factors free of `k` (`true`: divide);
+    /// `fixed` gives the read's indices that are not the node's own, by
+    /// position (a layer, `x[L - 1, b, t]`; `None`: the next variable).
     Scaled {
         src: NodeId,
+        fixed: Vec<Option<Expr>>,
         factors: Vec<(Expr, bool)>,
         vars: Vec<IdxVar>,
     },
@@ -94,16 +98,27 @@ fn step(g: &Graph, id: NodeId) -> Step {
         NodeKind::Comp(c) if c.reduce.is_none() => {
             let last = c.indices[rank - 1];
             let mut factors = Vec::new();
-            let Some(src) = scaled_read(&c.body, &c.indices, last, &mut factors) else {
+            let Some((src, fixed)) = scaled_read(&c.body, &c.indices, last, &mut factors) else {
                 return Step::Leaf;
             };
-            let src_shape = &g.node(src).shape;
-            if g.node(src).dtype != DType::Float || src_shape[..rank - 1] != node.shape[..rank - 1]
-            {
+            let own: Vec<&Dim> = g
+                .node(src)
+                .shape
+                .iter()
+                .zip(&fixed)
+                .filter(|(_, f)| f.is_none())
+                .map(|(d, _)| d)
+                .collect();
+            let rows_agree = own[..rank - 1]
+                .iter()
+                .zip(&node.shape)
+                .all(|(a, b)| *a == b);
+            if g.node(src).dtype != DType::Float || !rows_agree {
                 return Step::Leaf;
             }
             Step::Scaled {
                 src,
+                fixed,
                 factors,
                 vars: c.indices[..rank - 1].to_vec(),
             }
@@ -124,20 +139,35 @@ fn step(g: &Graph, id: NodeId) -> Step {
     }
 }
 
-/// `e` as a read of one node at exactly `vars`, multiplied and divided by
-/// factors free of `last` that cannot fail (collected into `factors`).
+/// `e` as a read of one node at `vars` in order, the last one last, and
+/// otherwise at fixed indices (free of index variables and unable to fail),
+/// multiplied and divided by factors free of `last` that cannot fail
+/// (collected into `factors`): the node and the fixed indices by position.
 fn scaled_read(
     e: &Expr,
     vars: &[IdxVar],
     last: IdxVar,
     factors: &mut Vec<(Expr, bool)>,
-) -> Option<NodeId> {
+) -> Option<(NodeId, Vec<Option<Expr>>)> {
     let free = |f: &Expr| !f.vars().contains(&last) && infallible(f);
     match e {
         Expr::Read { node, at } => {
-            let plain =
-                at.len() == vars.len() && at.iter().zip(vars).all(|(a, v)| *a == Expr::Index(*v));
-            plain.then_some(*node)
+            let mut next = vars.iter();
+            let mut want = next.next();
+            let mut fixed = Vec::with_capacity(at.len());
+            for a in at {
+                match (a, want) {
+                    (Expr::Index(v), Some(w)) if v == w => {
+                        fixed.push(None);
+                        want = next.next();
+                    }
+                    _ if a.vars().is_empty() && a.reads().is_empty() && infallible(a) => {
+                        fixed.push(Some(a.clone()));
+                    }
+                    _ => return None,
+                }
+            }
+            (want.is_none() && at.last() == Some(&Expr::Index(last))).then(|| (*node, fixed))
         }
         Expr::Binary(BinOp::Div, a, f) if free(f) => {
             let src = scaled_read(a, vars, last, factors)?;
@@ -166,12 +196,17 @@ fn scaled_read(
 #[derive(Clone, Debug, PartialEq)]
 enum Base {
     Leaf(NodeId),
+    /// A node read at fixed indices in some positions (`Step::Scaled`).
+    Fixed(NodeId, Vec<Option<Expr>>),
     Reshape(Box<Base>, Vec<Dim>),
     Concat(usize, Vec<Base>),
 }
 
 fn base(g: &Graph, id: NodeId) -> Base {
     match step(g, id) {
+        Step::Scaled { src, fixed, .. } if fixed.iter().any(Option::is_some) => {
+            Base::Fixed(src, fixed)
+        }
         Step::Scaled { src, .. } => base(g, src),
         Step::Reshape { src } => {
             let shape = &g.node(id).shape;
@@ -250,6 +285,22 @@ fn groups(g: &Graph) -> BTreeMap<usize, (usize, Vec<i64>)> {
 fn emit_base(out: &mut Graph, b: &Base) -> Option<NodeId> {
     let (kind, shape) = match b {
         Base::Leaf(id) => return Some(*id),
+        Base::Fixed(src, fixed) => {
+            let (mut shape, mut vars, mut at) = (Vec::new(), Vec::new(), Vec::new());
+            for (d, f) in out.node(*src).shape.clone().iter().zip(fixed) {
+                match f {
+                    Some(e) => at.push(e.clone()),
+                    None => {
+                        let v = out.new_index("r");
+                        shape.push(d.clone());
+                        vars.push(v);
+                        at.push(Expr::Index(v));
+                    }
+                }
+            }
+            let body = Expr::read(*src, at);
+            return Some(push_comp(out, vars, shape, None, body, None));
+        }
         Base::Reshape(inner, lead) => {
             let src = emit_base(out, inner)?;
             let mut shape = lead.clone();
@@ -294,8 +345,17 @@ fn emit_scale(out: &mut Graph, id: NodeId) -> Option<NodeId> {
     let rows = shape[..shape.len() - 1].to_vec();
     match step(out, id) {
         Step::Leaf => None,
-        Step::Scaled { src, factors, vars } => {
-            let inner = emit_scale(out, src);
+        Step::Scaled {
+            src,
+            fixed,
+            factors,
+            vars,
+        } => {
+            let inner = if fixed.iter().all(Option::is_none) {
+                emit_scale(out, src)
+            } else {
+                None
+            };
             let fresh: Vec<IdxVar> = vars.iter().map(|_| out.new_index("r")).collect();
             let rename: BTreeMap<IdxVar, Expr> = vars
                 .iter()
