@@ -167,7 +167,7 @@ fn scaled_read(
                     _ => return None,
                 }
             }
-            (want.is_none() && at.last() == Some(&Expr::Index(last))).then(|| (*node, fixed))
+            (want.is_none() && at.last() == Some(&Expr::Index(last))).then_some((*node, fixed))
         }
         Expr::Binary(BinOp::Div, a, f) if free(f) => {
             let src = scaled_read(a, vars, last, factors)?;
