@@ -837,8 +837,23 @@ impl<F: Real> Run<'_, F> {
                 if !self.proven[i] {
                     return self.interpret(id);
                 }
-                self.allocate_for(id);
+                // An accumulating contraction run whole by GEMM overwrites
+                // every element: its buffer is zeroed only if GEMM declines.
+                let whole_gemm = self.accumulating(id) && self.code.contractions[i].is_some();
+                if whole_gemm {
+                    self.allocate_unfilled(id);
+                } else {
+                    self.allocate_for(id);
+                }
                 let done = self.gemm(id, gemm::Part::Whole) || self.ranked(id);
+                if whole_gemm {
+                    if done {
+                        // SAFETY: a whole GEMM wrote every element.
+                        unsafe { self.filled(id) };
+                    } else {
+                        self.zero_unfilled(id);
+                    }
+                }
                 self.complete(id, kernel, done)
             }
             NodeKind::Concat { axis, parts } => self.concat(id, *axis, parts),
@@ -1082,6 +1097,18 @@ impl<F: Real> Run<'_, F> {
         let mut buf = Buf::unfilled(&mut self.pool, self.graph.node(id).dtype, self.elems[i]);
         self.ptrs[i] = buf.ptr();
         self.bufs[i] = Some(buf);
+    }
+
+    /// Fills node `id`'s `allocate_unfilled` buffer with zeros, as
+    /// `allocate` would have (the buffer and its pointer stay).
+    fn zero_unfilled(&mut self, id: NodeId) {
+        let n = self.elems[id.index()];
+        match self.bufs[id.index()].as_mut() {
+            Some(Buf::F(v)) => v.resize(n, F::zero()),
+            Some(Buf::I(v)) => v.resize(n, 0),
+            Some(Buf::B(v)) => v.resize(n, 0),
+            None => {}
+        }
     }
 
     /// Declares node `id`'s `allocate_unfilled` buffer written.
