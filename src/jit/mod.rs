@@ -590,6 +590,7 @@ fn compile_code(graph: &Graph, p: Precision) -> Result<Code, String> {
         sites: Vec::new(),
         ctx: None,
         fctx: FunctionBuilderContext::new(),
+        pending: Vec::new(),
     };
     e.ctx = Some(e.module.make_context());
     let mut defined = Vec::new();
@@ -652,8 +653,10 @@ fn compile_code(graph: &Graph, p: Precision) -> Result<Code, String> {
         mut module,
         dims,
         sites,
+        pending,
         ..
     } = e;
+    compile_pending(&mut module, pending)?;
     module
         .finalize_definitions()
         .map_err(|e| format!("finalizing code: {e}"))?;
@@ -718,6 +721,8 @@ struct Emitter<'g> {
     sites: Vec<ErrorSite>,
     ctx: Option<cranelift_codegen::Context>,
     fctx: FunctionBuilderContext,
+    /// Functions translated and not yet compiled (`compile_pending`).
+    pending: Vec<(cranelift_module::FuncId, cranelift_codegen::ir::Function)>,
 }
 
 impl Emitter<'_> {
@@ -854,6 +859,13 @@ impl Emitter<'_> {
         if clif {
             eprintln!("; clif {name}\n{}", ctx.func.display());
         }
+        if !(clif || disasm) {
+            // Compiled with the others, in parallel (`compile_pending`).
+            let func = std::mem::replace(&mut ctx.func, cranelift_codegen::ir::Function::new());
+            self.pending.push((func_id, func));
+            module.clear_context(ctx);
+            return Ok(Some((func_id, proofs, vector)));
+        }
         module
             .define_function(func_id, ctx)
             .map_err(|e| format!("%{i}: code generation failed: {e:?}"))?;
@@ -868,6 +880,97 @@ impl Emitter<'_> {
         module.clear_context(ctx);
         Ok(Some((func_id, proofs, vector)))
     }
+}
+
+/// Cranelift's code generation of the translated functions, split over the
+/// machine's cores (each function on its own `Context`; the ISA is shared),
+/// then defined in the module in their order.
+fn compile_pending(
+    module: &mut JITModule,
+    pending: Vec<(cranelift_module::FuncId, cranelift_codegen::ir::Function)>,
+) -> Result<(), String> {
+    type Compiled = Result<(u64, Vec<u8>, Vec<cranelift_module::ModuleReloc>), String>;
+    let compile = |isa: &dyn cranelift_codegen::isa::TargetIsa,
+                   id: cranelift_module::FuncId,
+                   func: cranelift_codegen::ir::Function|
+     -> Compiled {
+        let mut ctx = cranelift_codegen::Context::for_function(func);
+        let mut plane = cranelift_codegen::control::ControlPlane::default();
+        let alignment = ctx
+            .compile(isa, &mut plane)
+            .map_err(|e| format!("code generation failed: {:?}", e.inner))?
+            .buffer
+            .alignment;
+        let alignment = u64::from(alignment);
+        let code = ctx.compiled_code().expect("just compiled");
+        let bytes = code.code_buffer().to_vec();
+        let relocs = code
+            .buffer
+            .relocs()
+            .iter()
+            .map(|r| cranelift_module::ModuleReloc::from_mach_reloc(r, &ctx.func, id))
+            .collect();
+        Ok((alignment, bytes, relocs))
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 8)
+        .min(pending.len().max(1));
+    let ids: Vec<cranelift_module::FuncId> = pending.iter().map(|(id, _)| *id).collect();
+    let mut slots: Vec<Option<(cranelift_module::FuncId, cranelift_codegen::ir::Function)>> =
+        pending.into_iter().map(Some).collect();
+    let isa = module.isa();
+    let results: Vec<Compiled> = if threads <= 1 {
+        slots
+            .iter_mut()
+            .map(|s| {
+                let (id, f) = s.take().expect("each function once");
+                compile(isa, id, f)
+            })
+            .collect()
+    } else {
+        // Function `j` goes to thread `j % threads`.
+        let mut shares: Vec<
+            Vec<(
+                usize,
+                cranelift_module::FuncId,
+                cranelift_codegen::ir::Function,
+            )>,
+        > = (0..threads).map(|_| Vec::new()).collect();
+        for (j, s) in slots.iter_mut().enumerate() {
+            let (id, f) = s.take().expect("each function once");
+            shares[j % threads].push((j, id, f));
+        }
+        let mut out: Vec<Option<Compiled>> = (0..ids.len()).map(|_| None).collect();
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = shares
+                .into_iter()
+                .map(|share| {
+                    scope.spawn(move || {
+                        share
+                            .into_iter()
+                            .map(|(j, id, f)| (j, compile(isa, id, f)))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            for h in handles {
+                for (j, r) in h.join().expect("a compile thread panicked") {
+                    out[j] = Some(r);
+                }
+            }
+        });
+        out.into_iter()
+            .map(|r| r.expect("every function compiled"))
+            .collect()
+    };
+    for (id, result) in ids.into_iter().zip(results) {
+        let (alignment, bytes, relocs) = result?;
+        module
+            .define_function_bytes(id, alignment, &bytes, &relocs)
+            .map_err(|e| format!("defining compiled code: {e:?}"))?;
+    }
+    Ok(())
 }
 
 /// Runs of consecutive float nodes with the same loops (`Graph::same_loops`),
