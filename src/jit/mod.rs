@@ -916,54 +916,45 @@ fn compile_pending(
         .map_or(1, |n| n.get())
         .clamp(1, 8)
         .min(pending.len().max(1));
+    // Function `j` goes to share `j % threads`; results come back in order.
+    type Share = Vec<(
+        usize,
+        cranelift_module::FuncId,
+        cranelift_codegen::ir::Function,
+    )>;
+    let mut shares: Vec<Share> = (0..threads).map(|_| Vec::new()).collect();
     let ids: Vec<cranelift_module::FuncId> = pending.iter().map(|(id, _)| *id).collect();
-    let mut slots: Vec<Option<(cranelift_module::FuncId, cranelift_codegen::ir::Function)>> =
-        pending.into_iter().map(Some).collect();
+    for (j, (id, f)) in pending.into_iter().enumerate() {
+        shares[j % threads].push((j, id, f));
+    }
     let isa = module.isa();
-    let results: Vec<Compiled> = if threads <= 1 {
-        slots
-            .iter_mut()
-            .map(|s| {
-                let (id, f) = s.take().expect("each function once");
-                compile(isa, id, f)
-            })
+    let run = |share: Share| -> Vec<(usize, Compiled)> {
+        share
+            .into_iter()
+            .map(|(j, id, f)| (j, compile(isa, id, f)))
             .collect()
+    };
+    let mut results: Vec<Option<Compiled>> = (0..ids.len()).map(|_| None).collect();
+    let done: Vec<Vec<(usize, Compiled)>> = if threads == 1 {
+        shares.into_iter().map(run).collect()
     } else {
-        // Function `j` goes to thread `j % threads`.
-        let mut shares: Vec<
-            Vec<(
-                usize,
-                cranelift_module::FuncId,
-                cranelift_codegen::ir::Function,
-            )>,
-        > = (0..threads).map(|_| Vec::new()).collect();
-        for (j, s) in slots.iter_mut().enumerate() {
-            let (id, f) = s.take().expect("each function once");
-            shares[j % threads].push((j, id, f));
-        }
-        let mut out: Vec<Option<Compiled>> = (0..ids.len()).map(|_| None).collect();
         std::thread::scope(|scope| {
             let handles: Vec<_> = shares
                 .into_iter()
-                .map(|share| {
-                    scope.spawn(move || {
-                        share
-                            .into_iter()
-                            .map(|(j, id, f)| (j, compile(isa, id, f)))
-                            .collect::<Vec<_>>()
-                    })
-                })
+                .map(|share| scope.spawn(move || run(share)))
                 .collect();
-            for h in handles {
-                for (j, r) in h.join().expect("a compile thread panicked") {
-                    out[j] = Some(r);
-                }
-            }
-        });
-        out.into_iter()
-            .map(|r| r.expect("every function compiled"))
-            .collect()
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a compile thread panicked"))
+                .collect()
+        })
     };
+    for (j, r) in done.into_iter().flatten() {
+        results[j] = Some(r);
+    }
+    let results = results
+        .into_iter()
+        .map(|r| r.expect("every function compiled"));
     for (id, result) in ids.into_iter().zip(results) {
         let (alignment, bytes, relocs) = result?;
         module
