@@ -189,10 +189,9 @@ fn contains_detach(e: &Expr) -> bool {
 pub fn freeze_detached(g: &Graph) -> Graph {
     let n = g.nodes.len() as u32;
     let mut out = Graph {
-        nodes: Vec::new(),
         outputs: Vec::new(),
         grads: Vec::new(),
-        ..g.clone()
+        ..g.without_nodes(g.nodes.len())
     };
     for node in &g.nodes {
         let mut copy = node.clone();

@@ -1954,3 +1954,50 @@ fn terms_that_switch_at_fixed_columns_run_in_pieces() {
         panic!("N=3: {e}");
     }
 }
+
+/// `p` and `q` compute the same thing on different inputs, so their kernels
+/// share one native function; each still reports its own node's error.
+const TWO_GATHERS: &str = r#"
+loss TwoGathers() {
+    input u: [B, C]
+    input v: [B, E]
+    input lu: int[B]
+    input lv: int[B]
+    let p[i] = exp(u[i, lu[i]])
+    let q[i] = exp(v[i, lv[i]])
+    sum(i) p[i] * q[i]
+}
+"#;
+
+#[test]
+fn kernels_that_compute_the_same_on_other_nodes_share_a_function() {
+    let (full, code) = jit_of(TWO_GATHERS, None);
+    let (kernels, functions) = code.kernel_counts();
+    assert!(
+        functions < kernels,
+        "{kernels} kernels compiled to {functions} functions"
+    );
+    let run = |lu: &str, lv: &str| {
+        let tensors = tensors_of(&format!(
+            r#"{{"u": [[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]],
+                "v": [[1.0, 2.0], [3.0, 4.0]], "lu": {lu}, "lv": {lv}}}"#
+        ));
+        let bound = bind_or(&full, &tensors).unwrap();
+        both::<f32>(&full, &bound, &code, RTOL_F32).map(|_| ())?;
+        both::<f64>(&full, &bound, &code, RTOL_F64).map(|(e, _)| e.outputs[0].1)
+    };
+    let want = 0.3f64.exp() * 1.0f64.exp() + 0.5f64.exp() * 4.0f64.exp();
+    let got = run("[2, 1]", "[0, 1]").unwrap();
+    assert!((got - want).abs() < 1e-12 * want, "{got} vs {want}");
+    // Column 2 is in range for `u` but not for `v`, and the other way round.
+    let err = run("[2, 1]", "[2, 1]").unwrap_err();
+    assert!(
+        err.starts_with("SAME-ERROR LC0506: index 2 is out of range for dim 1 (size 2) of `v`"),
+        "{err}"
+    );
+    let err = run("[3, 1]", "[0, 1]").unwrap_err();
+    assert!(
+        err.starts_with("SAME-ERROR LC0506: index 3 is out of range for dim 1 (size 3) of `u`"),
+        "{err}"
+    );
+}

@@ -994,7 +994,9 @@ fn bench(args: &BenchArgs) -> Result<(), Failure> {
     }
     let opts = args.exec.options()?;
     let (program, graph, tensors) = prepare(&args.loss, &args.inputs, &args.dims, args.seed)?;
+    let start = std::time::Instant::now();
     let (full, _) = lossc::differentiate(&graph);
+    let differentiate_ms = start.elapsed().as_secs_f64() * 1e3;
     let mut bound = bind::bind(&full, &tensors).map_err(|diags| {
         report(&program, &diags);
         Failure::Diagnostics
@@ -1101,12 +1103,18 @@ fn bench(args: &BenchArgs) -> Result<(), Failure> {
         "median_ms": median,
         "first_call_ms": first_call_ms,
         "compile_ms": compile_ms,
+        "differentiate_ms": differentiate_ms,
         "peak_rss_mb": peak_rss,
         "baseline_rss_mb": baseline_rss,
         "inputs_mb": bound.inputs.iter().map(|i| i.tensor.bytes()).sum::<usize>() as f64 / MIB,
         "gradients_mb": grads.iter().map(|(_, t)| t.bytes()).sum::<usize>() as f64 / MIB,
         "passes": passes,
     });
+    if let Engine::Jit(program) = &jit {
+        let (kernels, functions) = program.kernel_counts();
+        json["kernels"] = serde_json::Value::from(kernels);
+        json["functions"] = serde_json::Value::from(functions);
+    }
     if let Engine::Cuda(program) = &jit {
         // Node buffers only (inputs included), freed as soon as they are dead.
         json["peak_device_mb"] = json_number(program.peak_device_bytes() as f64 / MIB);
@@ -1148,7 +1156,17 @@ fn bench(args: &BenchArgs) -> Result<(), Failure> {
                 args.repeats,
                 args.warmup
             );
-            outln!("  first call {first_call_ms:.1} ms (compile {compile_ms:.1} ms)");
+            match &jit {
+                Engine::Jit(program) => {
+                    let (kernels, functions) = program.kernel_counts();
+                    outln!(
+                        "  first call {first_call_ms:.1} ms (compile {compile_ms:.1} ms: \
+                         {kernels} kernels in {functions} functions)"
+                    );
+                }
+                _ => outln!("  first call {first_call_ms:.1} ms (compile {compile_ms:.1} ms)"),
+            }
+            outln!("  gradient program derived and optimised in {differentiate_ms:.1} ms");
             outln!("  peak RSS {peak_rss:.0} MiB (before the first call {baseline_rss:.0} MiB)");
             if let Engine::Cuda(program) = &jit {
                 outln!(

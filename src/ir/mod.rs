@@ -471,6 +471,20 @@ pub struct Graph {
 }
 
 impl Graph {
+    /// This graph's name, outputs, gradients, index names and hints, and no
+    /// nodes: the start of a rewritten copy (cheaper than cloning the nodes
+    /// only to replace them).
+    pub fn without_nodes(&self, capacity: usize) -> Graph {
+        Graph {
+            name: self.name.clone(),
+            nodes: Vec::with_capacity(capacity),
+            outputs: self.outputs.clone(),
+            grads: self.grads.clone(),
+            index_names: self.index_names.clone(),
+            hints: self.hints.clone(),
+        }
+    }
+
     /// The renaming of `b`'s loop variables (output indices, then reduced
     /// ones) to `a`'s, position by position.
     pub fn renaming(&self, a: NodeId, b: NodeId) -> BTreeMap<IdxVar, Expr> {

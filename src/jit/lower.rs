@@ -11,10 +11,7 @@ use crate::ir::{BinOp, Comp, DType, Dim, Expr, Graph, IdxVar, Node, NodeId, Node
 
 /// The lowered graph and, for each node of the original, its id there.
 pub(super) fn lower(graph: &Graph) -> (Graph, Vec<NodeId>) {
-    let mut out = Graph {
-        nodes: Vec::with_capacity(graph.nodes.len()),
-        ..graph.clone()
-    };
+    let mut out = graph.without_nodes(graph.nodes.len());
     let mut map: Vec<NodeId> = Vec::with_capacity(graph.nodes.len());
     let mut diagonals: Vec<Diagonal> = Vec::new();
     // For each node of `out` whose diagonal some node reads, its vector.

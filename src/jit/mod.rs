@@ -96,6 +96,8 @@ use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{default_libcall_names, Linkage, Module};
 use std::any::TypeId;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
@@ -157,6 +159,10 @@ struct CompiledKernel {
     f: KernelFn,
     /// Unchecked read indices stay in range when each proof holds.
     proofs: Vec<plan::Proof>,
+    /// The nodes and dims of its `bufs` and `dims` tables (`translate.rs`).
+    slots: translate::Slots,
+    /// Its error sites: a status `s + 1` failed at `sites[s]`.
+    sites: Vec<ErrorSite>,
 }
 
 /// Consecutive nodes of one shape running the same loops (elementwise, or
@@ -205,8 +211,9 @@ struct Code {
     groups: Vec<Group>,
     group_at: Vec<Option<usize>>,
     dims: Vec<Dim>,
-    sites: Vec<ErrorSite>,
     compile_ms: f64,
+    /// How many kernels there are, and how many functions they call.
+    counts: (usize, usize),
 }
 
 // SAFETY: after `finalize_definitions` the module is never touched again
@@ -261,6 +268,13 @@ impl JitProgram {
     /// the cache, the time it took when first compiled).
     pub fn compile_ms(&self) -> f64 {
         self.code.compile_ms
+    }
+
+    /// How many kernels the code has, and how many native functions they
+    /// call: kernels that compute the same thing on other nodes (a layer's
+    /// or a truncation's copy of a term) share one function.
+    pub fn kernel_counts(&self) -> (usize, usize) {
+        self.code.counts
     }
 
     pub fn precision(&self) -> Precision {
@@ -587,10 +601,10 @@ fn compile_code(graph: &Graph, p: Precision) -> Result<Code, String> {
         module,
         declared,
         dims: plan::DimTable::default(),
-        sites: Vec::new(),
         ctx: None,
         fctx: FunctionBuilderContext::new(),
         pending: Vec::new(),
+        shared: HashMap::new(),
     };
     e.ctx = Some(e.module.make_context());
     let mut defined = Vec::new();
@@ -613,11 +627,11 @@ fn compile_code(graph: &Graph, p: Precision) -> Result<Code, String> {
             ranged_red: analysis.ranged_red[i],
             split_red: split[i],
         };
-        let (func_id, proofs, v) = e
+        let d = e
             .define(&format!("node{i}"), &spec)?
             .ok_or_else(|| format!("internal error: %{i} not compiled"))?;
-        vector[i] = v;
-        defined.push((i, func_id, proofs));
+        vector[i] = d.vector;
+        defined.push((i, d));
     }
     // Elementwise siblings fused: one loop nest storing every member.
     let mut group_specs = Vec::new();
@@ -630,8 +644,8 @@ fn compile_code(graph: &Graph, p: Precision) -> Result<Code, String> {
             split_red: false,
         };
         let name = format!("group{}", members[0].index());
-        if let Some((func_id, proofs, _)) = e.define(&name, &spec)? {
-            group_specs.push((members, None, func_id, proofs));
+        if let Some(d) = e.define(&name, &spec)? {
+            group_specs.push((members, None, d));
         }
     }
     for (row, col) in row_column_pairs(graph, &group_specs) {
@@ -643,43 +657,58 @@ fn compile_code(graph: &Graph, p: Precision) -> Result<Code, String> {
             split_red: false,
         };
         let name = format!("pair{}", row.index());
-        if let Some((func_id, proofs, _)) = e.define(&name, &spec)? {
+        if let Some(d) = e.define(&name, &spec)? {
             let mut members = vec![row, col];
             members.sort();
-            group_specs.push((members, Some((row, col)), func_id, proofs));
+            group_specs.push((members, Some((row, col)), d));
         }
     }
     let Emitter {
         mut module,
         dims,
-        sites,
         pending,
         ..
     } = e;
+    let kernel_count = defined.len() + group_specs.len();
+    let function_count = {
+        let mut funcs: Vec<_> = defined
+            .iter()
+            .map(|(_, d)| d.func)
+            .chain(group_specs.iter().map(|g| g.2.func))
+            .collect();
+        funcs.sort();
+        funcs.dedup();
+        funcs.len()
+    };
     compile_pending(&mut module, pending)?;
     module
         .finalize_definitions()
         .map_err(|e| format!("finalizing code: {e}"))?;
-    let finalized = |module: &JITModule, func_id, proofs| {
-        let ptr = module.get_finalized_function(func_id);
+    let finalized = |module: &JITModule, d: Defined| {
+        let ptr = module.get_finalized_function(d.func);
         // SAFETY: the function was declared with exactly this signature
         // (four pointer-sized integers in, one i64 out, default call
         // convention, which is the platform's C convention).
         let f = unsafe { std::mem::transmute::<*const u8, KernelFn>(ptr) };
-        CompiledKernel { f, proofs }
+        CompiledKernel {
+            f,
+            proofs: d.proofs,
+            slots: d.slots,
+            sites: d.sites,
+        }
     };
     let mut kernels: Vec<Option<CompiledKernel>> = (0..graph.nodes.len()).map(|_| None).collect();
-    for (i, func_id, proofs) in defined {
-        kernels[i] = Some(finalized(&module, func_id, proofs));
+    for (i, d) in defined {
+        kernels[i] = Some(finalized(&module, d));
     }
     let mut group_at = vec![None; graph.nodes.len()];
     let mut groups = Vec::new();
-    for (members, pair, func_id, proofs) in group_specs {
+    for (members, pair, d) in group_specs {
         group_at[members[0].index()] = Some(groups.len());
         groups.push(Group {
             members,
             pair,
-            kernel: finalized(&module, func_id, proofs),
+            kernel: finalized(&module, d),
         });
     }
     Ok(Code {
@@ -694,8 +723,8 @@ fn compile_code(graph: &Graph, p: Precision) -> Result<Code, String> {
         groups,
         group_at,
         dims: dims.dims,
-        sites,
         compile_ms: start.elapsed().as_secs_f64() * 1e3,
+        counts: (kernel_count, function_count),
     })
 }
 
@@ -711,6 +740,17 @@ struct Spec {
     split_red: bool,
 }
 
+/// A kernel translated: its function and what calling it needs.
+struct Defined {
+    func: cranelift_module::FuncId,
+    /// The proofs its unchecked reads need.
+    proofs: Vec<plan::Proof>,
+    /// How it vectorised.
+    vector: Option<translate::VectorLoop>,
+    slots: translate::Slots,
+    sites: Vec<ErrorSite>,
+}
+
 /// The state of compiling one graph's kernels into one module.
 struct Emitter<'g> {
     graph: &'g Graph,
@@ -718,32 +758,22 @@ struct Emitter<'g> {
     module: JITModule,
     declared: helpers::Declared,
     dims: plan::DimTable,
-    sites: Vec<ErrorSite>,
     ctx: Option<cranelift_codegen::Context>,
     fctx: FunctionBuilderContext,
     /// Functions translated and not yet compiled (`compile_pending`).
     pending: Vec<(cranelift_module::FuncId, cranelift_codegen::ir::Function)>,
+    /// The pending functions by the hash of their code: a kernel translated
+    /// to the same code as an earlier one (the same computation on other
+    /// nodes: a layer's or a width's copy of a term) calls that one's.
+    shared: HashMap<u64, Vec<usize>>,
 }
 
 impl Emitter<'_> {
-    /// Plans, translates and defines one kernel function: its id, the
-    /// proofs its unchecked reads need, and how it vectorised. A group whose
+    /// Plans, translates and defines one kernel function. A group whose
     /// members can raise an error is not defined (`None`): the interpreter
     /// raises the first member's errors before the second's, and the
     /// group's elements interleave them.
-    #[allow(clippy::type_complexity)]
-    fn define(
-        &mut self,
-        name: &str,
-        spec: &Spec,
-    ) -> Result<
-        Option<(
-            cranelift_module::FuncId,
-            Vec<plan::Proof>,
-            Option<translate::VectorLoop>,
-        )>,
-        String,
-    > {
+    fn define(&mut self, name: &str, spec: &Spec) -> Result<Option<Defined>, String> {
         let graph = self.graph;
         let i = spec.id.index();
         let node = graph.node(spec.id);
@@ -826,6 +856,7 @@ impl Emitter<'_> {
         let imported = helpers::import(module, &self.declared, &mut ctx.func);
         let config = module.target_config();
         let fb = FunctionBuilder::new(&mut ctx.func, &mut self.fctx);
+        let mut sites = Vec::new();
         let translator = translate::Translator::new(
             translate::Kernel {
                 graph,
@@ -845,9 +876,10 @@ impl Emitter<'_> {
             fb,
             &mut self.dims,
             imported,
-            &mut self.sites,
+            &mut sites,
         );
         let vector = translator.vector_loop();
+        let slots = translator.slots();
         if std::env::var_os("LOSSC_JIT_PROFILE").is_some() {
             eprintln!("profile: {name} simd {vector:?}");
         }
@@ -859,12 +891,34 @@ impl Emitter<'_> {
         if clif {
             eprintln!("; clif {name}\n{}", ctx.func.display());
         }
+        let defined = |func| Defined {
+            func,
+            proofs,
+            vector,
+            slots,
+            sites,
+        };
         if !(clif || disasm) {
-            // Compiled with the others, in parallel (`compile_pending`).
+            // Compiled with the others, in parallel (`compile_pending`),
+            // unless an earlier kernel has this code.
             let func = std::mem::replace(&mut ctx.func, cranelift_codegen::ir::Function::new());
-            self.pending.push((func_id, func));
             module.clear_context(ctx);
-            return Ok(Some((func_id, proofs, vector)));
+            let key = {
+                let mut h = rustc_hash::FxHasher::default();
+                func.stencil.hash(&mut h);
+                h.finish()
+            };
+            let same = self.shared.entry(key).or_default();
+            let pending = &self.pending;
+            if let Some(&j) = same.iter().find(|&&j| {
+                let f = &pending[j].1;
+                f.stencil == func.stencil && f.params == func.params
+            }) {
+                return Ok(Some(defined(pending[j].0)));
+            }
+            same.push(self.pending.len());
+            self.pending.push((func_id, func));
+            return Ok(Some(defined(func_id)));
         }
         module
             .define_function(func_id, ctx)
@@ -878,7 +932,7 @@ impl Emitter<'_> {
             }
         }
         module.clear_context(ctx);
-        Ok(Some((func_id, proofs, vector)))
+        Ok(Some(defined(func_id)))
     }
 }
 
@@ -1013,12 +1067,7 @@ fn pair_renaming(
 /// whole steps, and a whole sum with empty value 0 needs no counts.
 fn row_column_pairs(
     graph: &Graph,
-    taken: &[(
-        Vec<NodeId>,
-        Option<(NodeId, NodeId)>,
-        cranelift_module::FuncId,
-        Vec<plan::Proof>,
-    )],
+    taken: &[(Vec<NodeId>, Option<(NodeId, NodeId)>, Defined)],
 ) -> Vec<(NodeId, NodeId)> {
     let sum1 = |id: NodeId| match &graph.node(id).kind {
         NodeKind::Comp(c) => {
@@ -1090,14 +1139,14 @@ fn splits(comp: &crate::ir::Comp, dtype: crate::ir::DType) -> bool {
 /// The interpreter's diagnostic for a kernel's failure.
 fn kernel_error(
     graph: &Graph,
-    code: &Code,
+    kernel: &CompiledKernel,
     shapes: &[Vec<usize>],
     status: i64,
     err: [i64; 2],
 ) -> Diagnostic {
     let site = usize::try_from(status - 1)
         .ok()
-        .and_then(|s| code.sites.get(s));
+        .and_then(|s| kernel.sites.get(s));
     match site {
         Some(ErrorSite::Index { node, dim }) => {
             let size = shapes

@@ -1450,30 +1450,41 @@ impl<F: Real> Run<'_, F> {
     }
 
     /// `kernel` once per block on the pool: block `c` with control `ctls[c]`
-    /// and the run's pointer table, or with `own = (node, bases)` a copy
-    /// whose entry for `node` is `bases[c]` (the block's own slot or
-    /// buffer); the first failing block's error, in block order (the
-    /// interpreter's first).
+    /// and the kernel's tables gathered from the run's pointers and dim
+    /// values, or with `own = (node, bases)` a copy whose entry for `node` is
+    /// `bases[c]` (the block's own slot or buffer); the first failing
+    /// block's error, in block order (the interpreter's first).
     fn run_blocks(
         &self,
         kernel: &CompiledKernel,
         own: Option<(usize, &[usize])>,
         ctls: &[[i64; 7]],
     ) -> Result<(), Diagnostic> {
+        let slots = &kernel.slots;
+        let table: Vec<usize> = slots
+            .bufs
+            .iter()
+            .map(|n| self.ptrs[n.index()] as usize)
+            .collect();
+        let dims: Vec<i64> = slots.dims.iter().map(|d| self.dim_values[*d]).collect();
         let tables: Vec<Vec<usize>> = own
             .map(|(node, bases)| {
                 bases
                     .iter()
                     .map(|b| {
-                        let mut t: Vec<usize> = self.ptrs.iter().map(|p| *p as usize).collect();
-                        t[node] = *b;
+                        let mut t = table.clone();
+                        for (k, n) in slots.bufs.iter().enumerate() {
+                            if n.index() == node {
+                                t[k] = *b;
+                            }
+                        }
                         t
                     })
                     .collect()
             })
             .unwrap_or_default();
-        let shared = Ptrs(self.ptrs.as_ptr());
-        let (f, dims) = (kernel.f, self.dim_values.as_ptr() as usize);
+        let shared = Ptrs(table.as_ptr() as *const *mut u8);
+        let (f, dims) = (kernel.f, dims.as_ptr() as usize);
         let run_block = |c: usize| -> (i64, [i64; 2]) {
             let whole = shared;
             let table = match tables.get(c) {
@@ -1483,10 +1494,10 @@ impl<F: Real> Run<'_, F> {
             let mut err = [0i64; 2];
             // SAFETY: the table holds the base of every node the kernel reads
             // (each exactly its shape's elements at these sizes, or a tile
-            // covering the rows it is given) and of its own output; `dims`
-            // has every slot of the dim table; block `c` writes only the rows
-            // `ctls[c]` gives it (and their counts), or its own slot or
-            // buffer, which no other block writes.
+            // covering the rows it is given) and of its own output, in the
+            // kernel's order; `dims` its dims' values; block `c` writes only
+            // the rows `ctls[c]` gives it (and their counts), or its own slot
+            // or buffer, which no other block writes.
             let status = unsafe {
                 f(
                     table,
@@ -1512,13 +1523,7 @@ impl<F: Real> Run<'_, F> {
         };
         match results.into_iter().find(|(s, _)| *s != 0) {
             None => Ok(()),
-            Some((status, err)) => Err(kernel_error(
-                self.graph,
-                self.code,
-                &self.shapes,
-                status,
-                err,
-            )),
+            Some((status, err)) => Err(kernel_error(self.graph, kernel, &self.shapes, status, err)),
         }
     }
 

@@ -3,11 +3,15 @@
 //! steps and invariants).
 //!
 //! Kernel signature: `fn(bufs: *const *mut u8, dims: *const i64,
-//! err: *mut i64, ctl: *const i64) -> i64`. `bufs[n]` is node `n`'s row-major
-//! buffer (float of the compiled precision, i64, or u8 for bool), `dims[s]`
-//! the runtime value of dim-table slot `s`. The kernel returns 0, or
-//! `site + 1` after storing the offending index and the dim size in
-//! `err[0]`, `err[1]`.
+//! err: *mut i64, ctl: *const i64) -> i64`. `bufs[k]` is the row-major
+//! buffer (float of the compiled precision, i64, or u8 for bool) of the
+//! kernel's `k`-th node, `dims[k]` the runtime value of its `k`-th dim-table
+//! slot, both numbered in the order the kernel first uses them (`Slots`).
+//! The kernel returns 0, or `site + 1` after storing the offending index and
+//! the dim size in `err[0]`, `err[1]`, `site` numbering the kernel's own
+//! error sites. So nothing in the code names a node, a dim or a site, and
+//! kernels that compute the same thing on different nodes compile to one
+//! function (`Emitter::define` in `mod.rs`).
 //!
 //! `ctl` ranges the loops (`Ctl` in `mod.rs`): the outermost output loop runs
 //! over `ctl[0] .. ctl[1]` (clamped to `0 .. extent`), so threads split a node
@@ -69,6 +73,29 @@ pub(super) struct Kernel<'a> {
     pub column: Option<(NodeId, usize)>,
 }
 
+/// The nodes and dim-table slots a kernel's `bufs` and `dims` tables hold,
+/// in the kernel's own order: the run gathers each call's tables from its
+/// pointers and dim values through these.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Slots {
+    pub bufs: Vec<NodeId>,
+    pub dims: Vec<usize>,
+}
+
+impl Slots {
+    /// The table entry of node `n`'s base, a new one at its first use.
+    fn buf(&mut self, n: NodeId) -> i32 {
+        let k = match self.bufs.iter().position(|m| *m == n) {
+            Some(k) => k,
+            None => {
+                self.bufs.push(n);
+                self.bufs.len() - 1
+            }
+        };
+        (k * 8) as i32
+    }
+}
+
 /// One comprehension being translated into one function.
 pub(super) struct Translator<'a, 'f> {
     b: FunctionBuilder<'f>,
@@ -116,6 +143,7 @@ pub(super) struct Translator<'a, 'f> {
     column: Option<(Value, usize)>,
     /// A scratch slot that hoisted values are stored to (`hoist`).
     anchor: Option<StackSlot>,
+    slots: Slots,
 }
 
 /// Accumulators of one reduction.
@@ -147,66 +175,62 @@ impl<'a, 'f> Translator<'a, 'f> {
         b.seal_block(entry);
         let params = b.block_params(entry).to_vec();
         let (bufs, dims_ptr, err, ctl) = (params[0], params[1], params[2], params[3]);
+        let mut slots = Slots::default();
         let mut dim_vals: HashMap<usize, Value> = HashMap::new();
         fn load_slot(
             b: &mut FunctionBuilder,
             dim_vals: &mut HashMap<usize, Value>,
+            slots: &mut Slots,
             dims_ptr: Value,
             slot: usize,
         ) -> Value {
             *dim_vals.entry(slot).or_insert_with(|| {
-                b.ins()
-                    .load(types::I64, TRUSTED, dims_ptr, (slot * 8) as i32)
+                slots.dims.push(slot);
+                let at = ((slots.dims.len() - 1) * 8) as i32;
+                b.ins().load(types::I64, TRUSTED, dims_ptr, at)
             })
         }
         let extents: Vec<Value> = k
             .levels
             .iter()
-            .map(|(_, d)| load_slot(&mut b, &mut dim_vals, dims_ptr, dims.slot(d)))
+            .map(|(_, d)| load_slot(&mut b, &mut dim_vals, &mut slots, dims_ptr, dims.slot(d)))
             .collect();
         let mut bases = HashMap::new();
         let mut read_dims = HashMap::new();
         for term in &k.dag.terms {
             match &term.op {
                 Op::Read(n, _) if !bases.contains_key(n) => {
-                    let base = b
-                        .ins()
-                        .load(types::I64, TRUSTED, bufs, (n.index() * 8) as i32);
+                    let at = slots.buf(*n);
+                    let base = b.ins().load(types::I64, TRUSTED, bufs, at);
                     bases.insert(*n, base);
                     let ds: Vec<Value> = k
                         .graph
                         .node(*n)
                         .shape
                         .iter()
-                        .map(|d| load_slot(&mut b, &mut dim_vals, dims_ptr, dims.slot(d)))
+                        .map(|d| {
+                            load_slot(&mut b, &mut dim_vals, &mut slots, dims_ptr, dims.slot(d))
+                        })
                         .collect();
                     read_dims.insert(*n, ds);
                 }
                 Op::Size(slot) => {
-                    load_slot(&mut b, &mut dim_vals, dims_ptr, *slot);
+                    load_slot(&mut b, &mut dim_vals, &mut slots, dims_ptr, *slot);
                 }
                 _ => {}
             }
         }
-        let out_base = b
-            .ins()
-            .load(types::I64, TRUSTED, bufs, (k.node.index() * 8) as i32);
+        let mut load_base = |b: &mut FunctionBuilder, n: NodeId| {
+            let at = slots.buf(n);
+            b.ins().load(types::I64, TRUSTED, bufs, at)
+        };
+        let out_base = load_base(&mut b, k.node);
         let also: Vec<(Value, usize)> = k
             .also
             .iter()
-            .map(|(n, body)| {
-                let base = b
-                    .ins()
-                    .load(types::I64, TRUSTED, bufs, (n.index() * 8) as i32);
-                (base, *body)
-            })
+            .map(|(n, body)| (load_base(&mut b, *n), *body))
             .collect();
-        let column = k.column.map(|(n, body)| {
-            let base = b
-                .ins()
-                .load(types::I64, TRUSTED, bufs, (n.index() * 8) as i32);
-            (base, body)
-        });
+        let column = k.column.map(|(n, body)| (load_base(&mut b, n), body));
         let loop_vars: Vec<Variable> = k.levels.iter().map(|_| b.declare_var(types::I64)).collect();
         let n_out = k.comp.indices.len();
         let zero = b.ins().iconst(types::I64, 0);
@@ -293,7 +317,13 @@ impl<'a, 'f> Translator<'a, 'f> {
             also,
             column,
             anchor: None,
+            slots,
         }
+    }
+
+    /// The nodes and dims the kernel's tables hold (`Slots`).
+    pub fn slots(&self) -> Slots {
+        self.slots.clone()
     }
 
     /// How the kernel's innermost loop runs vectorised, if it does.

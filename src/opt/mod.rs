@@ -27,7 +27,7 @@ pub mod prefix;
 pub mod rules;
 
 use crate::ir::{verify, Comp, Expr, Graph, IdxVar, Node, NodeId, NodeKind, RedOp};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 /// Which rules and passes fired, for `lossc ir --explain`.
 #[derive(Debug, Default, Clone)]
@@ -74,18 +74,32 @@ pub fn optimize(graph: &Graph) -> (Graph, Report) {
 }
 
 fn map_exprs(g: &Graph, f: &mut impl FnMut(&Expr) -> Expr) -> Graph {
-    let mut out = g.clone();
-    for node in &mut out.nodes {
-        if let NodeKind::Comp(c) = &mut node.kind {
-            c.body = f(&c.body);
-            if let Some(r) = &mut c.reduce {
-                r.filter = r
-                    .filter
-                    .as_ref()
-                    .map(|x| f(x))
-                    .filter(|x| *x != Expr::Bool(true));
-            }
-        }
+    let mut out = g.without_nodes(g.nodes.len());
+    for node in &g.nodes {
+        let kind = match &node.kind {
+            NodeKind::Comp(c) => NodeKind::Comp(Comp {
+                indices: c.indices.clone(),
+                reduce: c.reduce.as_ref().map(|r| crate::ir::Reduce {
+                    op: r.op,
+                    over: r.over.clone(),
+                    filter: r
+                        .filter
+                        .as_ref()
+                        .map(|x| f(x))
+                        .filter(|x| *x != Expr::Bool(true)),
+                    empty: r.empty,
+                }),
+                body: f(&c.body),
+            }),
+            other => other.clone(),
+        };
+        out.nodes.push(Node {
+            kind,
+            dtype: node.dtype,
+            shape: node.shape.clone(),
+            name: node.name.clone(),
+            span: node.span,
+        });
     }
     out
 }
@@ -240,7 +254,7 @@ fn canonical_key(node: &Node) -> String {
 
 pub fn cse(g: &Graph, report: &mut Report) -> Graph {
     let mut out = g.clone();
-    let mut seen: HashMap<String, NodeId> = HashMap::new();
+    let mut seen: rustc_hash::FxHashMap<String, NodeId> = Default::default();
     let mut map: Vec<NodeId> = (0..g.nodes.len() as u32).map(NodeId).collect();
     for i in 0..out.nodes.len() {
         out.nodes[i].remap(&map);
@@ -261,7 +275,7 @@ pub fn cse(g: &Graph, report: &mut Report) -> Graph {
     for (_, id) in out.outputs.iter_mut().chain(out.grads.iter_mut()) {
         *id = map[id.index()];
     }
-    dce(&out, &mut Report::default())
+    dce_owned(out, &mut Report::default())
 }
 
 /// How many times each node is read (by any node), and where.
@@ -341,10 +355,7 @@ fn insert_before(
     rule: &'static str,
     mut rewrite: impl FnMut(&mut Graph, &mut Node) -> bool,
 ) -> Graph {
-    let mut out = Graph {
-        nodes: Vec::with_capacity(g.nodes.len()),
-        ..g.clone()
-    };
+    let mut out = g.without_nodes(g.nodes.len());
     let mut map: Vec<NodeId> = Vec::with_capacity(g.nodes.len());
     for node in &g.nodes {
         let mut node = node.clone();
@@ -363,6 +374,24 @@ fn insert_before(
 
 /// Drops nodes that no output or gradient needs; inputs always stay.
 pub fn dce(g: &Graph, report: &mut Report) -> Graph {
+    let live = live_nodes(g);
+    keep_live(
+        g.without_nodes(g.nodes.len()),
+        g.nodes.iter().cloned(),
+        &live,
+        report,
+    )
+}
+
+/// `dce` of a graph that is not needed afterwards: its nodes move.
+fn dce_owned(mut g: Graph, report: &mut Report) -> Graph {
+    let live = live_nodes(&g);
+    let nodes = std::mem::take(&mut g.nodes);
+    keep_live(g, nodes.into_iter(), &live, report)
+}
+
+/// Which nodes an output, a gradient or an input needs.
+fn live_nodes(g: &Graph) -> Vec<bool> {
     let mut live = vec![false; g.nodes.len()];
     let mut stack: Vec<NodeId> = g
         .outputs
@@ -380,17 +409,22 @@ pub fn dce(g: &Graph, report: &mut Report) -> Graph {
         live[id.index()] = true;
         stack.extend(g.operands(id));
     }
-    let mut map = vec![NodeId(u32::MAX); g.nodes.len()];
-    let mut out = Graph {
-        nodes: Vec::new(),
-        ..g.clone()
-    };
-    for (i, node) in g.nodes.iter().enumerate() {
+    live
+}
+
+/// `out` (a graph without nodes) with the live ones of `nodes`, renumbered.
+fn keep_live(
+    mut out: Graph,
+    nodes: impl Iterator<Item = Node>,
+    live: &[bool],
+    report: &mut Report,
+) -> Graph {
+    let mut map = vec![NodeId(u32::MAX); live.len()];
+    for (i, mut n) in nodes.enumerate() {
         if !live[i] {
             *report.fired.entry("dce").or_insert(0) += 1;
             continue;
         }
-        let mut n = node.clone();
         n.remap(&map);
         map[i] = out.push(n);
     }
