@@ -277,6 +277,10 @@ fn shape_error(msg: impl Into<String>) -> Diagnostic {
     Diagnostic::error(codes::TENSOR_SHAPE, msg)
 }
 
+/// Kernels reading at most this many nodes (and dims) get their tables
+/// gathered on the stack (`run_blocks`).
+const GATHERED: usize = 24;
+
 /// The base pointers of the node buffers, shared read-only by the threads
 /// of one kernel call.
 #[derive(Clone, Copy)]
@@ -1461,18 +1465,37 @@ impl<F: Real> Run<'_, F> {
         ctls: &[[i64; 7]],
     ) -> Result<(), Diagnostic> {
         let slots = &kernel.slots;
-        let table: Vec<usize> = slots
-            .bufs
-            .iter()
-            .map(|n| self.ptrs[n.index()] as usize)
-            .collect();
-        let dims: Vec<i64> = slots.dims.iter().map(|d| self.dim_values[*d]).collect();
+        // Gathered on the stack unless the kernel reads many nodes or dims.
+        let (mut table_at, mut dims_at) = ([0usize; GATHERED], [0i64; GATHERED]);
+        let (table_heap, dims_heap): (Vec<usize>, Vec<i64>);
+        let table: &[usize] = if slots.bufs.len() <= GATHERED {
+            for (t, n) in table_at.iter_mut().zip(&slots.bufs) {
+                *t = self.ptrs[n.index()] as usize;
+            }
+            &table_at[..slots.bufs.len()]
+        } else {
+            table_heap = slots
+                .bufs
+                .iter()
+                .map(|n| self.ptrs[n.index()] as usize)
+                .collect();
+            &table_heap
+        };
+        let dims: &[i64] = if slots.dims.len() <= GATHERED {
+            for (v, d) in dims_at.iter_mut().zip(&slots.dims) {
+                *v = self.dim_values[*d];
+            }
+            &dims_at[..slots.dims.len()]
+        } else {
+            dims_heap = slots.dims.iter().map(|d| self.dim_values[*d]).collect();
+            &dims_heap
+        };
         let tables: Vec<Vec<usize>> = own
             .map(|(node, bases)| {
                 bases
                     .iter()
                     .map(|b| {
-                        let mut t = table.clone();
+                        let mut t = table.to_vec();
                         for (k, n) in slots.bufs.iter().enumerate() {
                             if n.index() == node {
                                 t[k] = *b;

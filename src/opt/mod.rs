@@ -223,12 +223,77 @@ fn strip_log(e: &Expr, id: NodeId) -> Expr {
     })
 }
 
-/// A key equal for nodes equal up to renaming of index variables.
-fn canonical_key(node: &Node) -> String {
+/// What makes two nodes compute the same values: their kind, dtype and
+/// shape, with a comprehension's loop variables renumbered in order.
+#[derive(PartialEq, Eq, Hash)]
+enum NodeKey {
+    Input(String),
+    Other(String),
+    Comp {
+        dtype: crate::ir::DType,
+        shape: Vec<crate::ir::Dim>,
+        reduce: Option<(RedOp, Vec<crate::ir::Dim>, Option<Bitwise>, u64)>,
+        body: Bitwise,
+    },
+}
+
+/// An expression compared and hashed by structure, floats by their bits
+/// (so `0.0` and `-0.0` stay apart, as the values they give do).
+struct Bitwise(Expr);
+
+impl PartialEq for Bitwise {
+    fn eq(&self, other: &Self) -> bool {
+        fn same(a: &Expr, b: &Expr) -> bool {
+            match (a, b) {
+                (Expr::Float(x), Expr::Float(y)) => x.to_bits() == y.to_bits(),
+                (Expr::Int(x), Expr::Int(y)) => x == y,
+                (Expr::Bool(x), Expr::Bool(y)) => x == y,
+                (Expr::Index(x), Expr::Index(y)) => x == y,
+                (Expr::Size(x), Expr::Size(y)) => x == y,
+                (Expr::Read { node: m, at: a }, Expr::Read { node: n, at: b }) => {
+                    m == n && a.len() == b.len() && a.iter().zip(b).all(|(x, y)| same(x, y))
+                }
+                (Expr::Unary(o, x), Expr::Unary(p, y)) => o == p && same(x, y),
+                (Expr::Binary(o, x1, x2), Expr::Binary(p, y1, y2)) => {
+                    o == p && same(x1, y1) && same(x2, y2)
+                }
+                (Expr::Select(c, x1, x2), Expr::Select(d, y1, y2)) => {
+                    same(c, d) && same(x1, y1) && same(x2, y2)
+                }
+                _ => false,
+            }
+        }
+        same(&self.0, &other.0)
+    }
+}
+
+impl Eq for Bitwise {}
+
+impl std::hash::Hash for Bitwise {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.0.walk(&mut |e| {
+            std::mem::discriminant(e).hash(h);
+            match e {
+                Expr::Float(x) => x.to_bits().hash(h),
+                Expr::Int(x) => x.hash(h),
+                Expr::Bool(x) => x.hash(h),
+                Expr::Index(x) => x.hash(h),
+                Expr::Size(x) => x.hash(h),
+                Expr::Read { node, at } => (node, at.len()).hash(h),
+                Expr::Unary(o, _) => o.hash(h),
+                Expr::Binary(o, ..) => o.hash(h),
+                Expr::Select(..) => {}
+            }
+        });
+    }
+}
+
+/// `node`'s key: equal for nodes equal up to renaming of index variables.
+fn canonical_key(node: &Node) -> NodeKey {
     let NodeKind::Comp(c) = &node.kind else {
         return match &node.kind {
-            NodeKind::Input { name, .. } => format!("input {name}"),
-            other => format!("{other:?} {:?} {:?}", node.dtype, node.shape),
+            NodeKind::Input { name, .. } => NodeKey::Input(name.clone()),
+            other => NodeKey::Other(format!("{other:?} {:?} {:?}", node.dtype, node.shape)),
         };
     };
     let mut order: Vec<IdxVar> = c.indices.clone();
@@ -239,22 +304,27 @@ fn canonical_key(node: &Node) -> String {
     for (k, v) in order.iter().enumerate() {
         map.insert(*v, Expr::Index(IdxVar(k as u32)));
     }
-    let body = c.body.subst(&map);
+    let body = Bitwise(c.body.subst(&map));
     let reduce = c.reduce.as_ref().map(|r| {
         let over: Vec<_> = r.over.iter().map(|(_, d)| d.clone()).collect();
         (
             r.op,
             over,
-            r.filter.as_ref().map(|f| f.subst(&map)),
+            r.filter.as_ref().map(|f| Bitwise(f.subst(&map))),
             r.empty.to_bits(),
         )
     });
-    format!("{:?}|{:?}|{:?}|{:?}", node.dtype, node.shape, reduce, body)
+    NodeKey::Comp {
+        dtype: node.dtype,
+        shape: node.shape.clone(),
+        reduce,
+        body,
+    }
 }
 
 pub fn cse(g: &Graph, report: &mut Report) -> Graph {
     let mut out = g.clone();
-    let mut seen: rustc_hash::FxHashMap<String, NodeId> = Default::default();
+    let mut seen: rustc_hash::FxHashMap<NodeKey, NodeId> = Default::default();
     let mut map: Vec<NodeId> = (0..g.nodes.len() as u32).map(NodeId).collect();
     for i in 0..out.nodes.len() {
         out.nodes[i].remap(&map);
