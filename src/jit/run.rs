@@ -800,7 +800,20 @@ pub(super) fn execute<F: Real>(
         if let Some(t) = started {
             let what = match (group, &steps[s]) {
                 (Some(g), _) => format!("group of {:?}", g.members),
-                (None, Step::Whole(id)) => format!("%{} {:?}", id.index(), run.shapes[id.index()]),
+                (None, Step::Whole(id)) => format!(
+                    "%{} {:?}{}{}",
+                    id.index(),
+                    run.shapes[id.index()],
+                    match &run.graph.node(*id).name {
+                        Some(n) => format!(" {n}"),
+                        None => String::new(),
+                    },
+                    if run.code.contractions[id.index()].is_some() {
+                        " (contraction)"
+                    } else {
+                        ""
+                    }
+                ),
                 (None, Step::Pass(p)) => format!(
                     "pass over {:?} (streamed {:?})",
                     p.nodes.iter().map(|(id, _)| id.index()).collect::<Vec<_>>(),
