@@ -1277,3 +1277,55 @@ fn ir_prints_the_library_graph() {
     out2.expect(0, &[]);
     assert_eq!(out2.stdout, want, "{}", out2.show());
 }
+
+#[test]
+fn bench_json_reports_every_repeat_compile_and_kernel_counts() {
+    let params = r#"{"loss": "MultipleNegativesRankingLoss", "matryoshka_dims": [16, 8]}"#;
+    let common = [
+        "--loss",
+        "MatryoshkaLoss",
+        "--params",
+        params,
+        "--dims",
+        "B=6,D=16",
+    ];
+    let mut args = vec!["bench"];
+    args.extend_from_slice(&common);
+    args.extend_from_slice(&["--repeats", "3", "--warmup", "1", "--format", "json"]);
+    let out = lossc(&args);
+    out.expect(0, &[]);
+    let json = out.json();
+    let times: Vec<f64> = json["times_ms"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no times_ms\n{}", out.show()))
+        .iter()
+        .map(|t| t.as_f64().expect("a time"))
+        .collect();
+    assert_eq!(times.len(), 3, "{}", out.show());
+    let median = json["median_ms"].as_f64().expect("median_ms");
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    assert_eq!(median, sorted[1], "{}", out.show());
+    for key in ["first_call_ms", "compile_ms", "differentiate_ms"] {
+        let v = json[key].as_f64().unwrap_or(-1.0);
+        assert!(v > 0.0, "{key} = {v}\n{}", out.show());
+    }
+    // The widths' copies of each term share their native functions.
+    let kernels = json["kernels"].as_u64().expect("kernels");
+    let functions = json["functions"].as_u64().expect("functions");
+    assert!(
+        0 < functions && functions < kernels,
+        "{kernels} kernels in {functions} functions\n{}",
+        out.show()
+    );
+    // The loss timed is the loss `run` prints for the same seeded inputs.
+    let mut args = vec!["run"];
+    args.extend_from_slice(&common);
+    args.extend_from_slice(&["--backend", "interp", "--format", "json"]);
+    let want = lossc(&args).json_loss();
+    let got = out.json_loss();
+    assert!(
+        (got - want).abs() <= 1e-5 * want.abs(),
+        "bench {got} vs run {want}"
+    );
+}

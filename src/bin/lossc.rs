@@ -69,8 +69,10 @@ enum Command {
     /// Time forward + gradient of a loss after warm-up, with memory figures.
     ///
     /// Prints times of every repeat, their median, the first call (compile + run), the
-    /// compile time, peak RSS and the RSS before the first call. Compare backends in one
-    /// run; the numbers are for this machine only.
+    /// compile time (with the jit: how many kernels, in how many native functions), the
+    /// time taken to derive and optimise the gradient program (not part of the compile
+    /// time), peak RSS and the RSS before the first call. Compare backends in one run;
+    /// the numbers are for this machine only.
     Bench(BenchArgs),
     /// Print the CUDA C kernels the CUDA backend generates for a loss.
     ///
