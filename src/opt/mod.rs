@@ -413,7 +413,7 @@ pub fn inline(g: &Graph, report: &mut Report) -> Graph {
         }
         *report.fired.entry("inline").or_insert(0) += 1;
     }
-    dce(&out, &mut Report::default())
+    dce_owned(out, &mut Report::default())
 }
 
 /// Rebuilds `g` node by node, letting `rewrite` push new nodes before each
@@ -445,9 +445,10 @@ fn insert_before(
 /// Drops nodes that no output or gradient needs; inputs always stay.
 pub fn dce(g: &Graph, report: &mut Report) -> Graph {
     let live = live_nodes(g);
+    let nodes = g.nodes.iter().enumerate().filter(|(i, _)| live[*i]);
     keep_live(
         g.without_nodes(g.nodes.len()),
-        g.nodes.iter().cloned(),
+        nodes.map(|(i, n)| (i, n.clone())),
         &live,
         report,
     )
@@ -457,7 +458,8 @@ pub fn dce(g: &Graph, report: &mut Report) -> Graph {
 fn dce_owned(mut g: Graph, report: &mut Report) -> Graph {
     let live = live_nodes(&g);
     let nodes = std::mem::take(&mut g.nodes);
-    keep_live(g, nodes.into_iter(), &live, report)
+    let nodes = nodes.into_iter().enumerate().filter(|(i, _)| live[*i]);
+    keep_live(g, nodes, &live, report)
 }
 
 /// Which nodes an output, a gradient or an input needs.
@@ -482,19 +484,20 @@ fn live_nodes(g: &Graph) -> Vec<bool> {
     live
 }
 
-/// `out` (a graph without nodes) with the live ones of `nodes`, renumbered.
+/// `out` (a graph without nodes) with the live `nodes` (each with its index
+/// in the graph they came from), renumbered.
 fn keep_live(
     mut out: Graph,
-    nodes: impl Iterator<Item = Node>,
+    nodes: impl Iterator<Item = (usize, Node)>,
     live: &[bool],
     report: &mut Report,
 ) -> Graph {
+    let dead = live.iter().filter(|l| !**l).count();
+    if dead > 0 {
+        *report.fired.entry("dce").or_insert(0) += dead;
+    }
     let mut map = vec![NodeId(u32::MAX); live.len()];
-    for (i, mut n) in nodes.enumerate() {
-        if !live[i] {
-            *report.fired.entry("dce").or_insert(0) += 1;
-            continue;
-        }
+    for (i, mut n) in nodes {
         n.remap(&map);
         map[i] = out.push(n);
     }
