@@ -274,7 +274,7 @@ fn host_tensor<F: interp::Real>(shape: Vec<usize>, data: Vec<F>) -> tensor_io::H
 /// The optimised forward-plus-gradient program of a forward graph.
 pub fn differentiate(forward: &ir::Graph) -> (ir::Graph, opt::Report) {
     let (fwd, mut report) = opt::optimize(forward);
-    let (full, r2) = opt::optimize(&grad::grad(&fwd));
+    let (full, r2) = opt::optimize_gradient(&grad::grad(&fwd));
     for (k, v) in r2.fired {
         *report.fired.entry(k).or_insert(0) += v;
     }

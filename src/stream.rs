@@ -349,6 +349,38 @@ pub fn plan(
             mode[id.index()] = Some(*m);
         }
     }
+    // And the row-local followers of members: a node over the region's rows
+    // that reads members only at its own row (a softmax's factor from the
+    // row's maximum and sum) runs in the pass of the members it reads, so
+    // that it does not hold back what reads it to a later pass. One that
+    // would need a later pass than theirs runs whole instead.
+    let mut follower = vec![false; n];
+    for (i, node) in graph.nodes.iter().enumerate() {
+        let NodeKind::Comp(c) = &node.kind else {
+            continue;
+        };
+        let id = NodeId(i as u32);
+        if mode[i].is_some() || node.shape.first() != Some(&region.row) {
+            continue;
+        }
+        let row = c.indices.first().copied();
+        let members: Vec<NodeId> = graph
+            .operands(id)
+            .into_iter()
+            .filter(|d| mode[d.index()].is_some())
+            .collect();
+        let row_local = !members.is_empty()
+            && members.iter().all(|d| {
+                mode[d.index()] == Some(Mode::RowLocal)
+                    && reads_of(graph, id, *d).iter().all(|at| {
+                        matches!((at.first(), row), (Some(Expr::Index(w)), Some(v)) if *w == v)
+                    })
+            });
+        if row_local {
+            mode[i] = Some(Mode::RowLocal);
+            follower[i] = true;
+        }
+    }
     // `after[x]`: passes that must precede a whole node; `pass[x]`: a member's.
     let mut after = vec![0usize; n];
     let mut pass = vec![0usize; n];
@@ -364,24 +396,41 @@ pub fn plan(
             },
             _ => None,
         };
-        let mut need = 0;
-        for d in graph.operands(id) {
-            let j = d.index();
-            need = need.max(match (mode[i], mode[j]) {
-                (_, None) => after[j],
-                (None, Some(_)) => pass[j] + 1,
-                (Some(_), Some(Mode::Accumulate { .. })) => pass[j] + 1,
-                (Some(_), Some(Mode::RowLocal)) => {
-                    let same_row = reads_of(graph, id, d).iter().all(|at| {
+        let need_of = |mode: &[Option<Mode>], pass: &[usize], i: usize| {
+            let mut need = 0;
+            for d in graph.operands(id) {
+                let j = d.index();
+                need = need.max(match (mode[i], mode[j]) {
+                    (_, None) => after[j],
+                    (None, Some(_)) => pass[j] + 1,
+                    (Some(_), Some(Mode::Accumulate { .. })) => pass[j] + 1,
+                    (Some(_), Some(Mode::RowLocal)) => {
+                        let same_row = reads_of(graph, id, d).iter().all(|at| {
                         matches!((at.first(), ranged), (Some(Expr::Index(w)), Some(v)) if *w == v)
                     });
-                    if same_row || is_streamed(d) {
-                        pass[j]
-                    } else {
-                        pass[j] + 1
+                        if same_row || is_streamed(d) {
+                            pass[j]
+                        } else {
+                            pass[j] + 1
+                        }
                     }
-                }
-            });
+                });
+            }
+            need
+        };
+        let mut need = need_of(&mode, &pass, i);
+        if follower[i] {
+            let theirs = graph
+                .operands(id)
+                .iter()
+                .filter(|d| mode[d.index()].is_some())
+                .map(|d| pass[d.index()])
+                .max();
+            // (It reads no member if those it followed run whole.)
+            if theirs.is_none_or(|p| need > p) {
+                mode[i] = None;
+                need = need_of(&mode, &pass, i);
+            }
         }
         if mode[i].is_some() {
             pass[i] = need;

@@ -666,7 +666,19 @@ fn check_outputs<F: lossc::interp::Real>(
     let gw = lossc::gradient_tensors(full, bound, want);
     let gg = lossc::gradient_tensors(full, bound, got);
     for ((name, w), (_, g)) in gw.iter().zip(&gg) {
-        let err = grad_error(&g.to_f64_vec(), &w.to_f64_vec(), &w.shape, rtol, true);
+        let (shape, w, mut g) = (&w.shape, w.to_f64_vec(), g.to_f64_vec());
+        // Rows whose gradient cancels to almost nothing (a softmax row near
+        // one-hot: MNRL at scale 50, rows of 1e-9 against rows of 2) hold
+        // the rounding of the O(1) terms that cancelled, which the two
+        // backends round differently: differences below a thousandth of
+        // `rtol` times the tensor's largest element are that noise.
+        let largest = w.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        for (a, b) in g.iter_mut().zip(&w) {
+            if (*a - b).abs() <= rtol * 1e-3 * largest {
+                *a = *b;
+            }
+        }
+        let err = grad_error(&g, &w, shape, rtol, true);
         if err > 1.0 {
             return Err(format!("grad.{name}: error {err:.2} times the allowance"));
         }

@@ -18,13 +18,17 @@
 //! - `piecewise`: an elementwise node whose `if`s switch at fixed positions
 //!   of its last index (a truncation's gradient) becomes a concat of pieces
 //!   with those `if`s decided;
-//! - `dce`: nodes no output or gradient needs are dropped, ids renumbered.
+//! - `dce`: nodes no output or gradient needs are dropped, ids renumbered;
+//! - `softmax` (gradient programs only, `optimize_gradient`): a logsumexp
+//!   whose softmax a later node computes keeps its exponentials in a node of
+//!   their own, and the softmax reads them instead of computing them again.
 
 pub mod factor;
 pub mod hoist;
 pub mod piecewise;
 pub mod prefix;
 pub mod rules;
+pub mod softmax;
 
 use crate::ir::{verify, Comp, Expr, Graph, IdxVar, Node, NodeId, NodeKind, RedOp};
 use std::collections::BTreeMap;
@@ -68,6 +72,20 @@ pub fn optimize(graph: &Graph) -> (Graph, Report) {
             if let Err(e) = verify::verify(&g) {
                 panic!("internal error: pass `{name}` broke the IR: {e}");
             }
+        }
+    }
+    (g, report)
+}
+
+/// The pipeline for a gradient program, which nothing differentiates
+/// again: `optimize`, then `softmax` (whose max a gradient would run
+/// through).
+pub fn optimize_gradient(graph: &Graph) -> (Graph, Report) {
+    let (g, mut report) = optimize(graph);
+    let g = softmax::softmax(&g, &mut report);
+    if cfg!(debug_assertions) {
+        if let Err(e) = verify::verify(&g) {
+            panic!("internal error: pass `softmax` broke the IR: {e}");
         }
     }
     (g, report)
