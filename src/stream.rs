@@ -381,6 +381,22 @@ pub fn plan(
             follower[i] = true;
         }
     }
+    // Only followers that a member reads (or a follower that one reads):
+    // the others gain nothing in the pass and would hold their buffers
+    // through it.
+    let mut read_by_member = vec![false; n];
+    for i in (0..n).rev() {
+        let id = NodeId(i as u32);
+        if follower[i] && !read_by_member[i] {
+            follower[i] = false;
+            mode[i] = None;
+        }
+        if mode[i].is_some() {
+            for d in graph.operands(id) {
+                read_by_member[d.index()] = true;
+            }
+        }
+    }
     // `after[x]`: passes that must precede a whole node; `pass[x]`: a member's.
     let mut after = vec![0usize; n];
     let mut pass = vec![0usize; n];
