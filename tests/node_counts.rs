@@ -145,3 +145,29 @@ fn gradient_program_is_at_most_three_times_the_forward_program() {
         );
     }
 }
+
+/// Matryoshka(MNRL) normalises each truncation, and `cos_sim` takes the
+/// norms of those normalised rows again: the optimiser computes those norms
+/// from the sums of squares it already has (`hoist`'s squared norms, through
+/// the concat of positives and negatives), so no normalised copy of an
+/// input is left in the forward program, once `prefix` has taken the
+/// contractions to the raw inputs.
+#[test]
+fn matryoshka_keeps_no_normalised_copy_of_its_inputs() {
+    let params = params_of(
+        r#"{"loss": "MultipleNegativesRankingLoss", "matryoshka_dims": [768, 384, 192, 96]}"#,
+    );
+    let graph = compile_std("MatryoshkaLoss", &params).expect("compiles");
+    let (fwd, report) = lossc::opt::optimize(&graph);
+    assert!(report.fired.get("hoist-square").copied().unwrap_or(0) >= 4);
+    let inputs: Vec<&str> = fwd.inputs().map(|(_, _, name, _)| name).collect();
+    let copies: Vec<String> = fwd
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| matches!(n.kind, lossc::ir::NodeKind::Comp(_)))
+        .filter(|(_, n)| n.name.as_deref().is_some_and(|s| inputs.contains(&s)))
+        .map(|(i, n)| lossc::ir::print::print_node(&fwd, lossc::ir::NodeId(i as u32), n))
+        .collect();
+    assert!(copies.is_empty(), "normalised copies left:\n{}", copies.join("\n"));
+}

@@ -30,21 +30,212 @@
 
 use super::factor::infallible;
 use super::Report;
-use crate::ir::{BinOp, Comp, DType, Expr, Graph, IdxVar, Node, NodeId, NodeKind, RedOp, UnOp};
+use crate::ir::{
+    BinOp, Comp, DType, Dim, Expr, Graph, IdxVar, Node, NodeId, NodeKind, RedOp, UnOp,
+};
 
 /// Every sum with factors free of its reduced indices, split in two (module
 /// doc).
 pub fn hoist(g: &Graph, report: &mut Report) -> Graph {
-    super::insert_before(g, report, "hoist", |out, node| {
-        match split(node, NodeId(out.nodes.len() as u32)) {
-            Some((sum, outer)) => {
-                out.nodes.push(sum);
-                node.kind = NodeKind::Comp(outer);
-                true
+    let mut squares = 0;
+    let g = super::insert_before(g, report, "hoist", |out, node| {
+        let mut any = false;
+        if let Some(parts) = norms_of_parts(out, node) {
+            let mut ids = Vec::with_capacity(parts.len());
+            for (mut part, reshaped) in parts {
+                squares += expand_square(out, &mut part) as usize;
+                any |= hoist_into(out, &mut part);
+                let mut id = out.push(part);
+                if let Some(shape) = reshaped {
+                    id = out.push(Node {
+                        kind: NodeKind::Reshape { src: id },
+                        dtype: DType::Float,
+                        shape,
+                        name: node.name.clone(),
+                        span: node.span,
+                    });
+                }
+                ids.push(id);
             }
-            None => false,
+            node.kind = NodeKind::Concat {
+                axis: 0,
+                parts: ids,
+            };
+            squares += 1;
+            return any;
         }
-    })
+        squares += expand_square(out, node) as usize;
+        hoist_into(out, node)
+    });
+    if squares > 0 {
+        *report.fired.entry("hoist-square").or_insert(0) += squares;
+    }
+    g
+}
+
+/// `split` of `node`, its sum pushed into `out`; whether it split.
+fn hoist_into(out: &mut Graph, node: &mut Node) -> bool {
+    match split(node, NodeId(out.nodes.len() as u32)) {
+        Some((sum, outer)) => {
+            out.nodes.push(sum);
+            node.kind = NodeKind::Comp(outer);
+            true
+        }
+        None => false,
+    }
+}
+
+/// A squared norm of rows, `r[c] = sum(k) x[c, k] * x[c, k]`, of a concat
+/// of parts along its rows, as one such norm per part (to be joined by a
+/// concat): MNRL's documents are the positives and the negatives joined,
+/// and `cos_sim` takes their norms. A part that reshapes a node `[.., K]`
+/// into rows (the negatives, `[N, B, D]` as `[N·B, D]`) gets the norm of
+/// that node over its last index, reshaped (the second of each pair). So
+/// `expand_square` can see each part's scaled rows.
+fn norms_of_parts(graph: &mut Graph, node: &Node) -> Option<Vec<(Node, Option<Vec<Dim>>)>> {
+    let NodeKind::Comp(c) = &node.kind else {
+        return None;
+    };
+    let r = c.reduce.as_ref()?;
+    let ([row], [(k, extent)]) = (&c.indices[..], &r.over[..]) else {
+        return None;
+    };
+    if node.dtype != DType::Float || r.op != RedOp::Sum || r.filter.is_some() {
+        return None;
+    }
+    let Expr::Binary(BinOp::Mul, a, b) = &c.body else {
+        return None;
+    };
+    let at = vec![Expr::Index(*row), Expr::Index(*k)];
+    let concat = match (a.as_ref(), b.as_ref()) {
+        (Expr::Read { node: n, at: x }, Expr::Read { node: m, at: y })
+            if n == m && *x == at && *y == at =>
+        {
+            *n
+        }
+        _ => return None,
+    };
+    let NodeKind::Concat { axis: 0, parts } = &graph.node(concat).kind else {
+        return None;
+    };
+    // Each part's rows: the part, or the node a reshape of `[.., K]` whose
+    // last dim stays takes them from (the norm over it, reshaped).
+    let mut rows = Vec::with_capacity(parts.len());
+    for p in parts {
+        let part = graph.node(*p);
+        if part.shape.len() != 2 {
+            return None;
+        }
+        rows.push(match &part.kind {
+            NodeKind::Reshape { src }
+                if graph.node(*src).shape.len() >= 2
+                    && graph.node(*src).shape.last() == part.shape.last() =>
+            {
+                (*src, Some(vec![part.shape[0].clone()]))
+            }
+            _ => (*p, None),
+        });
+    }
+    // Only where some part's rows are scaled copies (else nothing to gain).
+    if !rows.iter().any(|(src, _)| scales_rows(graph, *src)) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(rows.len());
+    for (src, reshaped) in rows {
+        let src_shape = graph.node(src).shape.clone();
+        let lead: Vec<IdxVar> = src_shape[..src_shape.len() - 1]
+            .iter()
+            .map(|_| graph.new_index("c"))
+            .collect();
+        let kv = graph.new_index("k");
+        let mut read_at: Vec<Expr> = lead.iter().map(|v| Expr::Index(*v)).collect();
+        read_at.push(Expr::Index(kv));
+        let x = Expr::read(src, read_at);
+        out.push((
+            Node {
+                kind: NodeKind::Comp(Comp {
+                    indices: lead,
+                    reduce: Some(crate::ir::Reduce {
+                        op: RedOp::Sum,
+                        over: vec![(kv, extent.clone())],
+                        filter: None,
+                        empty: r.empty,
+                    }),
+                    body: Expr::binary(BinOp::Mul, x.clone(), x),
+                }),
+                dtype: DType::Float,
+                shape: src_shape[..src_shape.len() - 1].to_vec(),
+                name: node.name.clone(),
+                span: node.span,
+            },
+            reshaped,
+        ));
+    }
+    Some(out)
+}
+
+/// Whether node `id` is elementwise `x[..] / f` or `x[..] * f` with `f`
+/// free of its last index: rows scaled by a factor each (`expand_square`).
+fn scales_rows(graph: &Graph, id: NodeId) -> bool {
+    let NodeKind::Comp(c) = &graph.node(id).kind else {
+        return false;
+    };
+    let (Expr::Binary(BinOp::Div | BinOp::Mul, x, f), None, Some(last)) =
+        (&c.body, &c.reduce, c.indices.last())
+    else {
+        return false;
+    };
+    let plain = matches!(x.as_ref(), Expr::Read { at, .. } if at.iter().all(|i| matches!(i, Expr::Index(_))));
+    plain && !mentions(f, &[*last]) && infallible(f)
+}
+
+/// `sum(k) n[.., k] * n[.., k]`, the squared norm of rows that an
+/// elementwise `n = x[..] / f` (or `x[..] * f`) scales by a factor `f` free
+/// of the sum's reduced indices, with `n`'s body in place of both reads:
+/// `split` then takes `f` out, leaving `sum(k) x * x`, which `cse` merges
+/// with the norm `f` itself was made from. A Matryoshka truncation
+/// normalises its rows, and the inner loss's `cos_sim` takes their norms
+/// again: this keeps the normalised copy from being made only for that.
+fn expand_square(graph: &Graph, node: &mut Node) -> bool {
+    let NodeKind::Comp(c) = &mut node.kind else {
+        return false;
+    };
+    let Some(r) = &c.reduce else { return false };
+    if node.dtype != DType::Float || r.op != RedOp::Sum || r.filter.is_some() {
+        return false;
+    }
+    let Expr::Binary(BinOp::Mul, a, b) = &c.body else {
+        return false;
+    };
+    let (Expr::Read { node: n, at }, Expr::Read { node: m, at: at2 }) = (a.as_ref(), b.as_ref())
+    else {
+        return false;
+    };
+    if n != m || at != at2 {
+        return false;
+    }
+    let NodeKind::Comp(scaled) = &graph.node(*n).kind else {
+        return false;
+    };
+    let (Expr::Binary(BinOp::Div | BinOp::Mul, x, f), None) = (&scaled.body, &scaled.reduce) else {
+        return false;
+    };
+    let reduced: Vec<IdxVar> = r.over.iter().map(|(v, _)| *v).collect();
+    let map = scaled
+        .indices
+        .iter()
+        .copied()
+        .zip(at.iter().cloned())
+        .collect();
+    let (x, f) = (x.subst(&map), f.subst(&map));
+    let plain =
+        matches!(&x, Expr::Read { at, .. } if at.iter().all(|i| matches!(i, Expr::Index(_))));
+    if !plain || mentions(&f, &reduced) || !infallible(&f) {
+        return false;
+    }
+    let body = scaled.body.subst(&map);
+    c.body = Expr::binary(BinOp::Mul, body.clone(), body);
+    true
 }
 
 /// Whether `e` mentions one of `vars`.
