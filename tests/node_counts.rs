@@ -169,5 +169,9 @@ fn matryoshka_keeps_no_normalised_copy_of_its_inputs() {
         .filter(|(_, n)| n.name.as_deref().is_some_and(|s| inputs.contains(&s)))
         .map(|(i, n)| lossc::ir::print::print_node(&fwd, lossc::ir::NodeId(i as u32), n))
         .collect();
-    assert!(copies.is_empty(), "normalised copies left:\n{}", copies.join("\n"));
+    assert!(
+        copies.is_empty(),
+        "normalised copies left:\n{}",
+        copies.join("\n")
+    );
 }
