@@ -211,28 +211,25 @@ fn expand_square(graph: &Graph, node: &mut Node) -> bool {
     else {
         return false;
     };
-    if n != m || at != at2 {
+    // Rows of `n` scaled each by a factor; read at plain indices, the
+    // reduced ones last, so the factor stays free of them.
+    let reduced: Vec<IdxVar> = r.over.iter().map(|(v, _)| *v).collect();
+    let plain = at.iter().all(|e| matches!(e, Expr::Index(_)));
+    let lead_free = at.split_last().is_some_and(|(last, lead)| {
+        mentions(last, &reduced) && !lead.iter().any(|e| mentions(e, &reduced))
+    });
+    if n != m || at != at2 || !plain || !lead_free || !scales_rows(graph, *n) {
         return false;
     }
     let NodeKind::Comp(scaled) = &graph.node(*n).kind else {
         return false;
     };
-    let (Expr::Binary(BinOp::Div | BinOp::Mul, x, f), None) = (&scaled.body, &scaled.reduce) else {
-        return false;
-    };
-    let reduced: Vec<IdxVar> = r.over.iter().map(|(v, _)| *v).collect();
     let map = scaled
         .indices
         .iter()
         .copied()
         .zip(at.iter().cloned())
         .collect();
-    let (x, f) = (x.subst(&map), f.subst(&map));
-    let plain =
-        matches!(&x, Expr::Read { at, .. } if at.iter().all(|i| matches!(i, Expr::Index(_))));
-    if !plain || mentions(&f, &reduced) || !infallible(&f) {
-        return false;
-    }
     let body = scaled.body.subst(&map);
     c.body = Expr::binary(BinOp::Mul, body.clone(), body);
     true
