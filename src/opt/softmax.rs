@@ -77,6 +77,8 @@ pub fn softmax(g: &Graph, report: &mut Report) -> Graph {
 /// The logsumexp facts the pass needs.
 struct Lse {
     indices: Vec<IdxVar>,
+    /// Its shape, the extents of `indices`.
+    shape: Vec<Dim>,
     /// The reduced variable and its extent.
     var: IdxVar,
     extent: Dim,
@@ -102,11 +104,23 @@ impl Lse {
                 .is_none_or(|f| matches!(f, Expr::Read { .. }) && infallible(f));
         ok.then(|| Lse {
             indices: c.indices.clone(),
+            shape: node.shape.clone(),
             var: *var,
             extent: extent.clone(),
             filter: r.filter.clone(),
             body: c.body.clone(),
         })
+    }
+
+    /// What its softmax looks like in a reader.
+    fn pattern(&self) -> Pattern {
+        let mut dims = self.shape.clone();
+        dims.push(self.extent.clone());
+        Pattern {
+            vars: self.vars(),
+            dims,
+            body: self.body.clone(),
+        }
     }
 
     /// The body's variables: the output indices, then the reduced one.
@@ -145,8 +159,7 @@ impl Lse {
     fn rewrite(&self, out: &mut Graph, node: &mut Node) -> Shared {
         let name = node.name.clone().unwrap_or_else(|| "logsumexp".into());
         let vars = self.vars();
-        let mut dims: Vec<Dim> = node.shape.clone();
-        dims.push(self.extent.clone());
+        let pattern = self.pattern();
         let layout = self.layout();
         let comp = |indices: Vec<IdxVar>, reduce: Option<Reduce>, body: Expr| {
             NodeKind::Comp(Comp {
@@ -218,7 +231,7 @@ impl Lse {
             );
         }
         let e_indices: Vec<IdxVar> = layout.iter().map(|p| fv[*p]).collect();
-        let e_shape: Vec<Dim> = layout.iter().map(|p| dims[*p].clone()).collect();
+        let e_shape: Vec<Dim> = layout.iter().map(|p| pattern.dims[*p].clone()).collect();
         let exps = push(out, comp(e_indices, None, e), e_shape, "exp");
 
         // S: their sum, in the reduced variable's order.
@@ -264,9 +277,7 @@ impl Lse {
         node.kind = comp(fv, None, value);
 
         Shared {
-            vars,
-            body: self.body.clone(),
-            dims,
+            pattern,
             layout,
             exps,
             inv,
@@ -287,14 +298,41 @@ fn fresh(out: &mut Graph, vars: &[IdxVar]) -> (Vec<IdxVar>, BTreeMap<IdxVar, Exp
     (fv, sub)
 }
 
-/// A rewritten logsumexp: what its readers' softmax becomes.
-struct Shared {
+/// What a softmax of a logsumexp looks like in a reader: the body at the
+/// reader's own loop variables.
+struct Pattern {
     /// The body's variables (output indices, then the reduced one), their
     /// extents, and the body.
     vars: Vec<IdxVar>,
     dims: Vec<Dim>,
     body: Expr,
-    /// `E`'s dims as positions into `vars`.
+}
+
+impl Pattern {
+    /// For `exp(g - L[at])` read at loop levels `levels`: the expression of
+    /// each of `vars` there, when `g` is the body at those and each is a
+    /// loop variable of the reader over the same extent (so `E` is read in
+    /// range).
+    fn sigma(&self, g: &Expr, at: &[Expr], levels: &[(IdxVar, Dim)]) -> Option<Vec<Expr>> {
+        let n = self.vars.len() - 1;
+        let mut sigma: Vec<Option<Expr>> = at.iter().cloned().map(Some).collect();
+        sigma.push(None);
+        if at.len() != n || !unify(&self.body, g, &self.vars, &mut sigma) {
+            return None;
+        }
+        let sigma: Vec<Expr> = sigma.into_iter().collect::<Option<_>>()?;
+        let in_range = sigma.iter().zip(&self.dims).all(|(e, d)| match e {
+            Expr::Index(w) => levels.iter().any(|(v, x)| v == w && x == d),
+            _ => false,
+        });
+        in_range.then_some(sigma)
+    }
+}
+
+/// A rewritten logsumexp: what its readers' softmax becomes.
+struct Shared {
+    pattern: Pattern,
+    /// `E`'s dims as positions into the pattern's `vars`.
     layout: Vec<usize>,
     exps: NodeId,
     inv: NodeId,
@@ -304,26 +342,12 @@ impl Shared {
     /// `E[..] * Q[..]` for `exp(g - L[at])` read at loop levels `levels`,
     /// where `g` is the body there (module doc).
     fn reuse(&self, g: &Expr, at: &[Expr], levels: &[(IdxVar, Dim)]) -> Option<Expr> {
-        let n = self.vars.len() - 1;
-        let mut sigma: Vec<Option<Expr>> = at.iter().cloned().map(Some).collect();
-        sigma.push(None);
-        if at.len() != n || !unify(&self.body, g, &self.vars, &mut sigma) {
-            return None;
-        }
-        let sigma: Vec<Expr> = sigma.into_iter().collect::<Option<_>>()?;
-        // Each variable at a loop variable of the reader over the same extent.
-        let in_range = sigma.iter().zip(&self.dims).all(|(e, d)| match e {
-            Expr::Index(w) => levels.iter().any(|(v, x)| v == w && x == d),
-            _ => false,
-        });
-        if !in_range {
-            return None;
-        }
+        let sigma = self.pattern.sigma(g, at, levels)?;
         let e_at = self.layout.iter().map(|p| sigma[*p].clone()).collect();
         Some(Expr::binary(
             BinOp::Mul,
             Expr::read(self.exps, e_at),
-            Expr::read(self.inv, sigma[..n].to_vec()),
+            Expr::read(self.inv, sigma[..at.len()].to_vec()),
         ))
     }
 }
@@ -380,24 +404,10 @@ fn exprs(c: &Comp) -> impl Iterator<Item = &Expr> {
 /// node computing their softmax where `reuse` would take it.
 fn wanted(g: &Graph) -> Vec<bool> {
     let mut wanted = vec![false; g.nodes.len()];
-    let shapes: Vec<Option<Shared>> = g
+    let patterns: Vec<Option<Pattern>> = g
         .nodes
         .iter()
-        .map(|n| {
-            Lse::of(n).map(|l| {
-                let mut dims = n.shape.clone();
-                dims.push(l.extent.clone());
-                Shared {
-                    vars: l.vars(),
-                    dims,
-                    layout: l.layout(),
-                    body: l.body,
-                    // Placeholders: only whether `reuse` applies matters here.
-                    exps: NodeId(0),
-                    inv: NodeId(0),
-                }
-            })
-        })
+        .map(|n| Lse::of(n).map(|l| l.pattern()))
         .collect();
     for node in &g.nodes {
         let NodeKind::Comp(c) = &node.kind else {
@@ -406,8 +416,8 @@ fn wanted(g: &Graph) -> Vec<bool> {
         let levels = c.levels(&node.shape);
         for e in exprs(c) {
             softmaxes(e, &mut |lse, g, at| {
-                if let Some(s) = &shapes[lse.index()] {
-                    if s.reuse(g, at, &levels).is_some() {
+                if let Some(p) = &patterns[lse.index()] {
+                    if p.sigma(g, at, &levels).is_some() {
                         wanted[lse.index()] = true;
                     }
                 }
