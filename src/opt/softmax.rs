@@ -39,6 +39,9 @@
 //! * Layout. When the body is a plain read `X[..]` of the variables, `E` has
 //!   `X`'s layout (a logsumexp down the columns of `X` gets a row-major `E`
 //!   like `X`'s, read contiguously by the readers that read `X`).
+//! * Memory. `E` is one more node of the scores' shape, freed after its
+//!   last reader; where the scores are streamed (`stream.rs`), so is `E`,
+//!   tiles only.
 //!
 //! The pass runs on gradient programs only (`super::optimize_gradient`): a
 //! graph still to be differentiated would carry the max into its gradient.
