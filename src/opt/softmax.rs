@@ -202,21 +202,21 @@ impl Lse {
             None => real,
         };
         let n = fv.len() - 1;
-        let max = push(
-            out,
+        // A reduction over the last of `fv`, its output over the others.
+        let over_last = |fv: &[IdxVar], op: RedOp, filter: Option<Expr>, empty: f64, body: Expr| {
             comp(
                 fv[..n].to_vec(),
                 Some(Reduce {
-                    op: RedOp::Max,
+                    op,
                     over: vec![(fv[n], self.extent.clone())],
-                    filter: Some(keep),
-                    empty: f64::NEG_INFINITY,
+                    filter,
+                    empty,
                 }),
-                f,
-            ),
-            node.shape.clone(),
-            "max",
-        );
+                body,
+            )
+        };
+        let max_node = over_last(&fv, RedOp::Max, Some(keep), f64::NEG_INFINITY, f);
+        let max = push(out, max_node, node.shape.clone(), "max");
 
         // E: the shifted exponentials (0 where the filter fails).
         let (fv, sub) = fresh(out, &vars);
@@ -240,21 +240,14 @@ impl Lse {
         // S: their sum, in the reduced variable's order.
         let (fv, _) = fresh(out, &vars);
         let e_at: Vec<Expr> = layout.iter().map(|p| Expr::Index(fv[*p])).collect();
-        let sum = push(
-            out,
-            comp(
-                fv[..n].to_vec(),
-                Some(Reduce {
-                    op: RedOp::Sum,
-                    over: vec![(fv[n], self.extent.clone())],
-                    filter: None,
-                    empty: RedOp::Sum.identity(),
-                }),
-                Expr::read(exps, e_at),
-            ),
-            node.shape.clone(),
-            "sum",
+        let sum_node = over_last(
+            &fv,
+            RedOp::Sum,
+            None,
+            RedOp::Sum.identity(),
+            Expr::read(exps, e_at),
         );
+        let sum = push(out, sum_node, node.shape.clone(), "sum");
 
         // Q: the softmax's factor, 1 where the shift is no number.
         let (fv, _) = fresh(out, &vars[..n]);
